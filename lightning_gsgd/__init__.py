@@ -1,0 +1,21 @@
+"""lightning-gsgd: G-SGD (SGD in the positively scale-invariant space of ReLU networks) for Lightning."""
+
+from lightning_gsgd.detect import detect_topology
+from lightning_gsgd.optim import GSGD
+from lightning_gsgd.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
+from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
+
+__all__ = [
+    "GSGD",
+    "Chain",
+    "ChainLayer",
+    "Excluded",
+    "Topology",
+    "TopologyError",
+    "detect_topology",
+    "init_skeleton_",
+    "random_unit_factors",
+    "rescale_hidden_units_",
+]
+
+__version__ = "0.1.0"

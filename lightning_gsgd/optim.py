@@ -1,0 +1,344 @@
+"""``GSGD``: a ``torch.optim.Optimizer`` that runs SGD on the basis-path values of ReLU chains."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_gsgd.functional import (
+    Hyper,
+    LayerIndex,
+    build_layer_index,
+    gsgd_chain_step,
+)
+from lightning_gsgd.topology import Chain, Topology, TopologyError
+
+_STATE_KEY = "gsgd"
+
+
+class GSGD(Optimizer):
+    """G-SGD (Meng et al., ICLR 2019): SGD in the positively scale-invariant space of a ReLU net.
+
+    Parameters that belong to a ReLU chain of ``topology`` are updated by SGD on their basis-path
+    values, with momentum and weight decay acting on path values and every sigma weight held
+    fixed; every other parameter (and each chain's output bias) gets plain SGD with the same
+    hyper-parameters, exactly like ``torch.optim.SGD``.
+
+    Per-group hyper-parameters (``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``,
+    ``min_ratio``) apply per layer, so LR schedulers work as usual.
+
+    A step whose gradients contain NaN or inf is skipped as a whole (weights and momentum buffers
+    untouched) and counted in :attr:`skipped_steps`. A step that would shrink a free tau path value
+    below ``min_ratio`` times its value (or flip its sign) is clamped there and counted in
+    :attr:`guard_hits`.
+
+    Args:
+        params: Parameters or parameter groups, as for any torch optimizer.
+        lr: Learning rate in path space.
+        momentum: Momentum factor (buffer kept in path coordinates).
+        dampening: Dampening for momentum.
+        weight_decay: L2 penalty on path values (on weights for parameters outside chains).
+        nesterov: Use Nesterov momentum.
+        topology: The model's topology from :func:`lightning_gsgd.detect_topology`. May be left out
+            and supplied later with :meth:`bind` (the Lightning callback and mixin do this).
+        min_ratio: Guard on free tau path values: the smallest factor a step may shrink one by, in
+            ``(0, 1)``.
+
+    Example:
+        >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
+        >>> init_skeleton_(topo)  # doctest: +SKIP
+        >>> opt = GSGD(model.parameters(), lr=0.1, momentum=0.9, topology=topo)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        topology: Topology | None = None,
+        min_ratio: float = 0.01,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("GSGD: a tensor lr must have exactly one element")
+        if lr < 0.0:
+            raise ValueError(f"GSGD: invalid learning rate lr={lr}; it must be >= 0")
+        if momentum < 0.0:
+            raise ValueError(f"GSGD: invalid momentum={momentum}; it must be >= 0")
+        if weight_decay < 0.0:
+            raise ValueError(f"GSGD: invalid weight_decay={weight_decay}; it must be >= 0")
+        if not 0.0 <= dampening <= 1.0:
+            raise ValueError(f"GSGD: invalid dampening={dampening}; it must be in [0, 1]")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("GSGD: nesterov=True requires momentum > 0 and dampening = 0")
+        if not 0.0 < min_ratio < 1.0:
+            raise ValueError(f"GSGD: invalid min_ratio={min_ratio}; it must be in (0, 1)")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "min_ratio": min_ratio,
+        }
+        super().__init__(params, defaults)
+        self.topology: Topology | None = None
+        self._index: dict[int, list[LayerIndex]] = {}
+        self._pending_fingerprint: list[Any] | None = None
+        self._counters: dict[str, Tensor] = {}
+        if topology is not None:
+            self.bind(topology)
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, topology: Topology) -> GSGD:
+        """Attach the model's topology; every chain parameter must be in this optimizer.
+
+        Args:
+            topology: From :func:`lightning_gsgd.detect_topology` on the model being optimized.
+
+        Returns:
+            ``self``, for chaining.
+
+        Raises:
+            TopologyError: A chain parameter is not in this optimizer's parameter groups, is
+                frozen, or is listed twice; or saved state does not fit the topology.
+        """
+        owned = {id(p) for group in self.param_groups for p in group["params"]}
+        for chain in topology.chains:
+            for layer in chain.layers:
+                for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
+                    if p is None:
+                        continue
+                    if id(p) not in owned:
+                        raise TopologyError(
+                            f"GSGD: the {kind} of layer '{layer.name}' is not among this optimizer's "
+                            "parameters: was the topology built for a different model, or were "
+                            "parameters left out of the optimizer?"
+                        )
+                    if not p.requires_grad:
+                        raise TopologyError(
+                            f"GSGD: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
+                            "exclude that layer from the topology"
+                        )
+        if self._pending_fingerprint is not None and self._pending_fingerprint != _fingerprint(topology):
+            raise TopologyError(
+                "GSGD: the loaded optimizer state was saved for a different topology "
+                f"(saved {self._pending_fingerprint}, now {_fingerprint(topology)})"
+            )
+        self._pending_fingerprint = None
+        self.topology = topology
+        self._index = {}
+        return self
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether a topology is attached."""
+        return self.topology is not None
+
+    def _chain_index(self, ci: int, chain: Chain) -> list[LayerIndex]:
+        device = chain.layers[0].weight.device
+        cached = self._index.get(ci)
+        if cached is None or (cached[0].sig_rows is not None and cached[0].sig_rows.device != device):
+            last = len(chain.layers) - 1
+            cached = [
+                build_layer_index(
+                    layer.n_out, layer.n_in, layer.centre, hidden_out=l < last, hidden_in=l > 0, device=device
+                )
+                for l, layer in enumerate(chain.layers)
+            ]
+            self._index[ci] = cached
+        return cached
+
+    # ------------------------------------------------------------------ counters
+    def _counter(self, name: str, device: torch.device) -> Tensor:
+        t = self._counters.get(name)
+        if t is None:
+            t = torch.zeros((), dtype=torch.int64, device=device)
+            self._counters[name] = t
+        elif t.device != device:
+            t = t.to(device)
+            self._counters[name] = t
+        return t
+
+    @property
+    def guard_hits(self) -> Tensor:
+        """Total number of tau path values the guard clamped (a 0-d int64 tensor)."""
+        return self._counters.get("guard_hits", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Number of steps skipped because a gradient was not finite (a 0-d int64 tensor)."""
+        return self._counters.get("skipped_steps", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def steps(self) -> Tensor:
+        """Number of steps taken, skipped ones excluded (a 0-d int64 tensor)."""
+        return self._counters.get("steps", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus G-SGD counters and the topology fingerprint."""
+        sd = super().state_dict()
+        fp = _fingerprint(self.topology) if self.topology is not None else self._pending_fingerprint
+        sd[_STATE_KEY] = {
+            "fingerprint": fp,
+            "counters": {k: v.detach().clone() for k, v in self._counters.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state saved by :meth:`state_dict`; refuses state saved for another topology.
+
+        Raises:
+            TopologyError: The saved fingerprint (chain layer names and shapes) differs.
+        """
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(_STATE_KEY, None)
+        if extra is not None:
+            saved_fp = extra.get("fingerprint")
+            if saved_fp is not None:
+                saved_fp = [(name, tuple(shape)) for name, shape in saved_fp]
+                if self.topology is not None and saved_fp != _fingerprint(self.topology):
+                    raise TopologyError(
+                        "GSGD: this optimizer state was saved for a different topology "
+                        f"(saved {saved_fp}, now {_fingerprint(self.topology)})"
+                    )
+                if self.topology is None:
+                    self._pending_fingerprint = saved_fp
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._counters = {k: v.detach().clone() for k, v in extra.get("counters", {}).items()}
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one G-SGD step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (run under ``torch.enable_grad``).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: The optimizer has no topology (see :meth:`bind`).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.topology is None:
+            raise RuntimeError(
+                "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) "
+                "to GSGD(...), call optimizer.bind(topology), or use GSGDCallback / GSGDMixin in Lightning"
+            )
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return loss
+        device = grads[0].device
+        ok = torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
+        skipped = self._counter("skipped_steps", device)
+        # On the CPU reading a flag costs nothing; on an accelerator it would stall the host, so
+        # there the step is computed and discarded with torch.where instead.
+        eager = device.type == "cpu"
+        if eager and not bool(ok):
+            skipped += 1
+            return loss
+        where_ok = None if eager else ok
+        in_chain: set[int] = set()
+        hits = self._counter("guard_hits", device)
+        for ci, chain in enumerate(self.topology.chains):
+            for layer in chain.layers:
+                in_chain.add(id(layer.weight))
+                if layer.bias is not None:
+                    in_chain.add(id(layer.bias))
+            hits += self._chain_step(ci, chain, group_of, where_ok)
+        for group in self.param_groups:
+            hp = _hyper(group)
+            for p in group["params"]:
+                if p.grad is None or id(p) in in_chain:
+                    continue
+                self._plain_sgd(p, hp, where_ok)
+        self._counter("steps", device).add_(1 if where_ok is None else where_ok.long())
+        if where_ok is not None:
+            skipped += (~where_ok).long()
+        return loss
+
+    def _chain_step(self, ci: int, chain: Chain, group_of: dict[int, dict[str, Any]], ok: Tensor | None) -> Tensor:
+        layers = chain.layers
+        if all(layer.weight.grad is None for layer in layers):
+            return torch.zeros((), dtype=torch.int64, device=layers[0].weight.device)
+        weights = [layer.weight3d() for layer in layers]
+        grads = [
+            layer.weight3d(layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight))
+            for layer in layers
+        ]
+        biases = [layer.bias for layer in layers]
+        bias_grads = [None if b is None else b.grad for b in biases]
+        wbufs = [self.state[layer.weight].get("momentum_buffer") for layer in layers]
+        bbufs = [None if b is None else self.state[b].get("momentum_buffer") for b in biases]
+        whp = [_hyper(group_of[id(layer.weight)]) for layer in layers]
+        bhp = [None if b is None else _hyper(group_of[id(b)]) for b in biases]
+        min_ratio = group_of[id(layers[0].weight)]["min_ratio"]
+        res = gsgd_chain_step(
+            weights, grads, biases, bias_grads, wbufs, bbufs, self._chain_index(ci, chain), whp, bhp, min_ratio
+        )
+        for l, layer in enumerate(layers):
+            _write(weights[l], res.weights[l], ok)
+            if res.weight_bufs[l] is not None:
+                self.state[layer.weight]["momentum_buffer"] = _keep(res.weight_bufs[l], wbufs[l], ok)
+            bias = layer.bias
+            new_bias = res.biases[l]
+            if bias is not None and new_bias is not None:
+                _write(bias, new_bias, ok)
+                if res.bias_bufs[l] is not None:
+                    self.state[bias]["momentum_buffer"] = _keep(res.bias_bufs[l], bbufs[l], ok)
+        return res.guard_hits if ok is None else res.guard_hits * ok
+
+    def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
+        g = p.grad
+        assert g is not None
+        d = g + hp.weight_decay * p if hp.weight_decay != 0 else g
+        old = self.state[p].get("momentum_buffer")
+        if hp.momentum != 0:
+            buf = d.clone() if old is None else old * hp.momentum + d * (1 - hp.dampening)
+            direction = d + hp.momentum * buf if hp.nesterov else buf
+            self.state[p]["momentum_buffer"] = _keep(buf, old, ok)
+        else:
+            direction = d
+        _write(p, p - hp.lr * direction, ok)
+
+
+def _hyper(group: dict[str, Any]) -> Hyper:
+    return Hyper(
+        lr=group["lr"],
+        momentum=group["momentum"],
+        dampening=group["dampening"],
+        weight_decay=group["weight_decay"],
+        nesterov=group["nesterov"],
+    )
+
+
+def _write(dst: Tensor, new: Tensor, ok: Tensor | None) -> None:
+    if ok is None:
+        dst.copy_(new.view_as(dst))
+    else:
+        dst.copy_(torch.where(ok, new.view_as(dst), dst))
+
+
+def _keep(new: Tensor, old: Tensor | None, ok: Tensor | None) -> Tensor:
+    if ok is None:
+        return new
+    return torch.where(ok, new, torch.zeros_like(new) if old is None else old)
+
+
+def _fingerprint(topology: Topology) -> list[tuple[str, tuple[int, ...]]]:
+    return topology.fingerprint()

@@ -1,0 +1,58 @@
+"""Small float64 models used across the tests (module level so that DDP spawn can pickle them)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp_equal(bias: bool = True) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(4, 5, bias=bias), nn.ReLU(), nn.Linear(5, 5, bias=bias), nn.ReLU(),
+        nn.Linear(5, 5, bias=bias), nn.ReLU(), nn.Linear(5, 3, bias=bias),
+    )
+
+
+def mlp_unequal(bias: bool = True) -> nn.Sequential:
+    widths = [5, 7, 4, 9, 6, 3]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(widths) - 2:
+            layers.append(nn.LeakyReLU(0.1) if i % 2 else nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def cnn(bias: bool = True) -> nn.Sequential:
+    # 8x8 input: conv(pad 1) 8x8 -> maxpool 4x4 -> conv 2x2 -> avgpool(1) -> flatten 24 -> 5 -> 3
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=bias), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Sequential(nn.Conv2d(4, 6, 3, bias=bias), nn.ReLU(), nn.AvgPool2d(1), nn.Dropout(0.0)),
+        nn.Flatten(), nn.Linear(24, 5, bias=bias), nn.ReLU(), nn.Linear(5, 3, bias=bias),
+    )
+
+
+def cnn_strided_1d() -> nn.Sequential:
+    # Conv1d with stride and an even kernel, adaptive pooling to 1, flatten, linear head.
+    return nn.Sequential(
+        nn.Conv1d(1, 3, 4, stride=2), nn.ReLU(), nn.Conv1d(3, 5, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(10, 4),
+    )
+
+
+MODELS = {
+    "mlp_equal": (mlp_equal, (6, 4)),
+    "mlp_equal_nobias": (lambda: mlp_equal(False), (6, 4)),
+    "mlp_unequal": (mlp_unequal, (6, 5)),
+    "cnn": (cnn, (3, 2, 8, 8)),
+    "cnn_nobias": (lambda: cnn(False), (3, 2, 8, 8)),
+    "cnn1d": (cnn_strided_1d, (3, 1, 12)),
+}
+
+
+def make(name: str, seed: int = 0, dtype=torch.float64):
+    factory, shape = MODELS[name]
+    torch.manual_seed(seed)
+    model = factory().to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    return model, x
