@@ -64,7 +64,9 @@ def rescale_hidden_units_(topology: Topology, factors: list[list[Tensor]]) -> No
             nxt.weight3d().div_(c.view(1, -1, 1))
 
 
-def random_unit_factors(topology: Topology, spread: float, generator: torch.Generator | None = None) -> list[list[Tensor]]:
+def random_unit_factors(
+    topology: Topology, spread: float, generator: torch.Generator | None = None
+) -> list[list[Tensor]]:
     """Random per-node factors ``exp(U(-spread, spread))`` for :func:`rescale_hidden_units_`."""
     out: list[list[Tensor]] = []
     for chain in topology.chains:

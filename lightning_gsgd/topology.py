@@ -76,9 +76,7 @@ class Chain:
             raise TopologyError("a chain needs at least two weight layers (one hidden layer)")
         for prev, nxt in zip(self.layers[:-1], self.layers[1:]):
             if prev.n_out != nxt.n_in:
-                raise TopologyError(
-                    f"layer '{nxt.name}' reads {nxt.n_in} nodes but '{prev.name}' has {prev.n_out}"
-                )
+                raise TopologyError(f"layer '{nxt.name}' reads {nxt.n_in} nodes but '{prev.name}' has {prev.n_out}")
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -197,7 +195,9 @@ class Topology:
             for layer in chain.layers:
                 kind = "x".join(str(s) for s in layer.weight.shape)
                 bias = "+bias" if layer.bias is not None else ""
-                lines.append(f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)")
+                lines.append(
+                    f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
+                )
         if self.excluded:
             lines.append("  left to plain SGD:")
             for e in self.excluded:

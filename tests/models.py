@@ -8,8 +8,13 @@ from torch import nn
 
 def mlp_equal(bias: bool = True) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(4, 5, bias=bias), nn.ReLU(), nn.Linear(5, 5, bias=bias), nn.ReLU(),
-        nn.Linear(5, 5, bias=bias), nn.ReLU(), nn.Linear(5, 3, bias=bias),
+        nn.Linear(4, 5, bias=bias),
+        nn.ReLU(),
+        nn.Linear(5, 5, bias=bias),
+        nn.ReLU(),
+        nn.Linear(5, 5, bias=bias),
+        nn.ReLU(),
+        nn.Linear(5, 3, bias=bias),
     )
 
 
@@ -26,17 +31,27 @@ def mlp_unequal(bias: bool = True) -> nn.Sequential:
 def cnn(bias: bool = True) -> nn.Sequential:
     # 8x8 input: conv(pad 1) 8x8 -> maxpool 4x4 -> conv 2x2 -> avgpool(1) -> flatten 24 -> 5 -> 3
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, bias=bias), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2, 4, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Sequential(nn.Conv2d(4, 6, 3, bias=bias), nn.ReLU(), nn.AvgPool2d(1), nn.Dropout(0.0)),
-        nn.Flatten(), nn.Linear(24, 5, bias=bias), nn.ReLU(), nn.Linear(5, 3, bias=bias),
+        nn.Flatten(),
+        nn.Linear(24, 5, bias=bias),
+        nn.ReLU(),
+        nn.Linear(5, 3, bias=bias),
     )
 
 
 def cnn_strided_1d() -> nn.Sequential:
     # Conv1d with stride and an even kernel, adaptive pooling to 1, flatten, linear head.
     return nn.Sequential(
-        nn.Conv1d(1, 3, 4, stride=2), nn.ReLU(), nn.Conv1d(3, 5, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool1d(2), nn.Flatten(), nn.Linear(10, 4),
+        nn.Conv1d(1, 3, 4, stride=2),
+        nn.ReLU(),
+        nn.Conv1d(3, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(2),
+        nn.Flatten(),
+        nn.Linear(10, 4),
     )
 
 
