@@ -9,12 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd.functional import (
-    Hyper,
-    LayerIndex,
-    build_layer_index,
-    gsgd_chain_step,
-)
+from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
+from lightning_gsgd.chain_step import ChainWork, Prepared, Slot, apply_chain, prepare_chain
+from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain, Topology, TopologyError
 
 _STATE_KEY = "gsgd"
@@ -90,7 +87,11 @@ class GSGD(Optimizer):
         }
         super().__init__(params, defaults)
         self.topology: Topology | None = None
-        self._index: dict[int, list[LayerIndex]] = {}
+        self._plans: dict[int, ChainPlan] = {}
+        self._work: dict[int, ChainWork] = {}
+        # Whether step() may read device flags on the host (None: only on the CPU, where it is free).
+        # Tests set it to False to run the synchronization-free path on the CPU.
+        self._host_reads: bool | None = None
         self._pending_fingerprint: list[Any] | None = None
         self._counters: dict[str, Tensor] = {}
         if topology is not None:
@@ -134,7 +135,8 @@ class GSGD(Optimizer):
             )
         self._pending_fingerprint = None
         self.topology = topology
-        self._index = {}
+        self._plans = {}
+        self._work = {}
         return self
 
     @property
@@ -142,19 +144,17 @@ class GSGD(Optimizer):
         """Whether a topology is attached."""
         return self.topology is not None
 
-    def _chain_index(self, ci: int, chain: Chain) -> list[LayerIndex]:
-        device = chain.layers[0].weight.device
-        cached = self._index.get(ci)
-        if cached is None or (cached[0].sig_rows is not None and cached[0].sig_rows.device != device):
-            last = len(chain.layers) - 1
-            cached = [
-                build_layer_index(
-                    layer.n_out, layer.n_in, layer.centre, hidden_out=l < last, hidden_in=l > 0, device=device
-                )
-                for l, layer in enumerate(chain.layers)
-            ]
-            self._index[ci] = cached
-        return cached
+    def _chain_work(self, ci: int, chain: Chain) -> ChainWork:
+        w = chain.layers[0].weight
+        plan = self._plans.get(ci)
+        if plan is None or plan.device != w.device:
+            plan = build_chain_plan(chain, w.device)
+            self._plans[ci] = plan
+        work = self._work.get(ci)
+        if work is None or not work.fits(plan, w.dtype, w.device):
+            work = ChainWork(plan, w.dtype, w.device)
+            self._work[ci] = work
+        return work
 
     # ------------------------------------------------------------------ counters
     def _counter(self, name: str, device: torch.device) -> Tensor:
@@ -221,6 +221,12 @@ class GSGD(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one G-SGD step.
 
+        The step is skipped as a whole (counted in :attr:`skipped_steps`) when a gradient is not
+        finite, or when a per-node sum ``sum(w * grad)`` that the step needs is not (an overflow
+        there would make the step non-finite too). On the CPU this is decided before anything is
+        written; on other devices, where reading the flag would stall the host, the step is computed
+        on copies and applied with ``torch.where``, so ``step`` never synchronizes with the device.
+
         Args:
             closure: Re-evaluates the model and returns the loss (run under ``torch.enable_grad``).
 
@@ -240,81 +246,99 @@ class GSGD(Optimizer):
                 "to GSGD(...), call optimizer.bind(topology), or use GSGDCallback / GSGDMixin in Lightning"
             )
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        device = next((p.grad.device for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if device is None:
             return loss
-        device = grads[0].device
-        ok = torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
-        skipped = self._counter("skipped_steps", device)
-        # On the CPU reading a flag costs nothing; on an accelerator it would stall the host, so
-        # there the step is computed and discarded with torch.where instead.
-        eager = device.type == "cpu"
-        if eager and not bool(ok):
-            skipped += 1
-            return loss
-        where_ok = None if eager else ok
+        # Reading a device flag costs nothing on the CPU; elsewhere it would stall the host.
+        host_reads = device.type == "cpu" if self._host_reads is None else self._host_reads
         in_chain: set[int] = set()
-        hits = self._counter("guard_hits", device)
+        prepared: list[tuple[Prepared, float]] = []
+        checks: list[Tensor] = []
         for ci, chain in enumerate(self.topology.chains):
             for layer in chain.layers:
                 in_chain.add(id(layer.weight))
                 if layer.bias is not None:
                     in_chain.add(id(layer.bias))
-            hits += self._chain_step(ci, chain, group_of, where_ok)
-        for group in self.param_groups:
-            hp = _hyper(group)
-            for p in group["params"]:
-                if p.grad is None or id(p) in in_chain:
-                    continue
-                self._plain_sgd(p, hp, where_ok)
+            if all(layer.weight.grad is None for layer in chain.layers):
+                continue
+            prep = self._prepare(ci, chain, group_of)
+            prepared.append((prep, group_of[id(chain.layers[0].weight)]["min_ratio"]))
+            checks.append(prep.sums())
+        plain = [
+            (p, group)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and id(p) not in in_chain
+        ]
+        checks.extend(_minmax(p.grad) for p, _ in plain)
+        ok = torch.isfinite(torch.cat([c.to(device) for c in checks])).all()
+        skipped = self._counter("skipped_steps", device)
+        if host_reads and not bool(ok):
+            skipped += 1
+            return loss
+        where_ok = None if host_reads else ok
+        hits = self._counter("guard_hits", device)
+        for prep, min_ratio in prepared:
+            slots = [*prep.weights, *(b for b in prep.biases if b is not None)]
+            for s in slots:
+                if where_ok is not None:
+                    s.target = s.param.clone()
+                    s.buf_target = None if s.buf is None else s.buf.clone()
+                elif s.buf is not None:
+                    s.buf_target = s.buf
+            chain_hits = apply_chain(prep, min_ratio, unit_b=None if host_reads else False)
+            hits += chain_hits if where_ok is None else chain_hits * where_ok
+            for s in slots:
+                if where_ok is not None:
+                    _write(s.param, s.target, where_ok)
+                if s.buf_target is not None:
+                    state = self.state[_param_of(s)]
+                    state["momentum_buffer"] = _keep(s.buf_target, s.buf, where_ok)
+        for p, group in plain:
+            self._plain_sgd(p, _hyper(group), where_ok)
         self._counter("steps", device).add_(1 if where_ok is None else where_ok.long())
         if where_ok is not None:
             skipped += (~where_ok).long()
         return loss
 
-    def _chain_step(self, ci: int, chain: Chain, group_of: dict[int, dict[str, Any]], ok: Tensor | None) -> Tensor:
-        layers = chain.layers
-        if all(layer.weight.grad is None for layer in layers):
-            return torch.zeros((), dtype=torch.int64, device=layers[0].weight.device)
-        weights = [layer.weight3d() for layer in layers]
-        grads = [
-            layer.weight3d(layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight))
-            for layer in layers
-        ]
-        biases = [layer.bias for layer in layers]
-        bias_grads = [None if b is None else b.grad for b in biases]
-        wbufs = [self.state[layer.weight].get("momentum_buffer") for layer in layers]
-        bbufs = [None if b is None else self.state[b].get("momentum_buffer") for b in biases]
-        whp = [_hyper(group_of[id(layer.weight)]) for layer in layers]
-        bhp = [None if b is None else _hyper(group_of[id(b)]) for b in biases]
-        min_ratio = group_of[id(layers[0].weight)]["min_ratio"]
-        res = gsgd_chain_step(
-            weights, grads, biases, bias_grads, wbufs, bbufs, self._chain_index(ci, chain), whp, bhp, min_ratio
-        )
-        for l, layer in enumerate(layers):
-            _write(weights[l], res.weights[l], ok)
-            if res.weight_bufs[l] is not None:
-                self.state[layer.weight]["momentum_buffer"] = _keep(res.weight_bufs[l], wbufs[l], ok)
-            bias = layer.bias
-            new_bias = res.biases[l]
-            if bias is not None and new_bias is not None:
-                _write(bias, new_bias, ok)
-                if res.bias_bufs[l] is not None:
-                    self.state[bias]["momentum_buffer"] = _keep(res.bias_bufs[l], bbufs[l], ok)
-        return res.guard_hits if ok is None else res.guard_hits * ok
+    def _prepare(self, ci: int, chain: Chain, group_of: dict[int, dict[str, Any]]) -> Prepared:
+        weights: list[Slot] = []
+        biases: list[Slot | None] = []
+        for layer in chain.layers:
+            w = layer.weight
+            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            w3 = layer.weight3d()
+            buf = _buffer(self.state, w)
+            buf = None if buf is None else buf.view_as(w3)
+            weights.append(Slot(w3, layer.weight3d(grad), _hyper(group_of[id(w)]), buf, w3, owner=w))
+            b = layer.bias
+            if b is None or b.grad is None:
+                biases.append(None)
+            else:
+                biases.append(Slot(b, b.grad, _hyper(group_of[id(b)]), _buffer(self.state, b), b, owner=b))
+        return prepare_chain(self._chain_work(ci, chain), weights, biases)
 
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
+        """``torch.optim.SGD``'s update, in place (on a copy, applied with ``where``, when ``ok`` is given)."""
         g = p.grad
         assert g is not None
-        d = g + hp.weight_decay * p if hp.weight_decay != 0 else g
-        old = self.state[p].get("momentum_buffer")
+        target = p if ok is None else p.clone()
+        d = g.add(p, alpha=hp.weight_decay) if hp.weight_decay != 0 else g
         if hp.momentum != 0:
-            buf = d.clone() if old is None else old * hp.momentum + d * (1 - hp.dampening)
-            direction = d + hp.momentum * buf if hp.nesterov else buf
+            old = self.state[p].get("momentum_buffer")
+            if old is None:
+                buf = d.clone()
+            else:
+                buf = old if ok is None else old.clone()
+                buf.mul_(hp.momentum).add_(d, alpha=1 - hp.dampening)
+            d = d.add(buf, alpha=hp.momentum) if hp.nesterov else buf
             self.state[p]["momentum_buffer"] = _keep(buf, old, ok)
+        if isinstance(hp.lr, Tensor):
+            target.addcmul_(d, hp.lr.to(target), value=-1)
         else:
-            direction = d
-        _write(p, p - hp.lr * direction, ok)
+            target.add_(d, alpha=-hp.lr)
+        if ok is not None:
+            _write(p, target, ok)
 
 
 def _hyper(group: dict[str, Any]) -> Hyper:
@@ -325,6 +349,22 @@ def _hyper(group: dict[str, Any]) -> Hyper:
         weight_decay=group["weight_decay"],
         nesterov=group["nesterov"],
     )
+
+
+def _buffer(state: Any, p: Tensor) -> Tensor | None:
+    st = state.get(p)
+    return None if st is None else st.get("momentum_buffer")
+
+
+def _param_of(slot: Slot) -> Tensor:
+    assert slot.owner is not None
+    return slot.owner
+
+
+def _minmax(t: Tensor) -> Tensor:
+    """``[min, max]`` of a tensor: finite exactly when every entry is (NaN propagates)."""
+    lo, hi = torch.aminmax(t)
+    return torch.stack([lo, hi]).flatten()
 
 
 def _write(dst: Tensor, new: Tensor, ok: Tensor | None) -> None:

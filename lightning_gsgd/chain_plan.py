@@ -1,0 +1,228 @@
+"""Precomputed index tensors that let one G-SGD step on a chain run in a fixed, small number of ops.
+
+The step of :mod:`lightning_gsgd.chain_step` needs, per step, only the O(H) *skeleton* entries of
+each layer (sigma and free tau weights; H = hidden nodes) besides SGD-like elementwise passes. This
+module gathers, once per chain, where those entries live and how the sequential products and sums
+of the chain (``B``, ``F``, ``F'`` and ``Gamma`` of gsgd-math.md sections 2-4) unroll: every such
+recursion along a chain is a fixed walk over at most ``L - 1`` nodes, so it is precomputed as an
+``[H, L - 1]`` table of positions and evaluated with one gather and one ``prod``/``sum``.
+
+Layout (all positions are into vectors built per step by :mod:`lightning_gsgd.chain_step`):
+
+* ``sel[l]``: flat indices into ``weight.view(-1)`` of layer ``l``'s sigma entries (hidden layers),
+  then its free tau entries (layers after the first). Gathering ``sel[l]`` of every layer and
+  concatenating gives the chain's *skeleton vector* ``S`` (length ``n_sel``); ``S[n_sel]`` is an
+  appended 1 (position ``one``).
+* Hidden node ``h`` (``0 <= h < H``) is node ``b`` of hidden layer ``l`` at ``h = hoff[l] + b``; the
+  last layer's output nodes follow at ``H .. H + n_out[-1]`` (*row* numbering, used by the per-row
+  vectors of :class:`lightning_gsgd.chain_step.ChainWork`).
+* The skeleton block of the work vector is ``[S (n_sel), 1, G (n_sel), M (n_sel)]``: weights,
+  the constant 1, gradients, momentum buffers, each in ``sel`` order.
+
+Nothing here depends on weight values; the plan is rebuilt only when the device changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_gsgd.topology import Chain
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """Index tensors of one chain (see the module docstring for the layout).
+
+    Attributes:
+        n_layers: Number of layers L.
+        hidden: Number of hidden nodes H.
+        hoff: Offset of hidden layer ``l``'s nodes in the hidden-node numbering (``l < L - 1``).
+        n_out: Output nodes per layer.
+        sel: Per layer, flat indices of its sigma entries then its free tau entries.
+        n_sig: Per layer, how many of ``sel[l]`` are sigma entries (0 for the last layer).
+        n_sel: Length of the skeleton vector (without the appended 1).
+        sig_pos: ``[H]`` position in the skeleton vector of node h's sigma weight.
+        tau_pos: ``[H]`` position of node h's tau weight (a sigma position if the tau edge is not free).
+        free: ``[H]`` whether node h's tau edge is a free coordinate.
+        free_nodes: Hidden nodes with a free tau edge.
+        free_pos: Skeleton positions of those free tau edges (``tau_pos[free_nodes]``).
+        nxt: ``[H]`` the node that h's tau edge leads to (``H`` for a chain output).
+        tau_layer: ``[H]`` the layer that holds node h's tau edge (``l + 1``).
+        walk_b: ``[H, D]`` skeleton positions of the sigma chain from h back to the input (pad ``one``):
+            ``B = S[walk_b].prod(1)``.
+        walk_f: ``[H, D]`` skeleton positions of the tau chain from h to the output (pad ``one``):
+            ``F = S[walk_f].prod(1)``.
+        walk_g: ``[H, D]`` hidden nodes whose per-node terms add up to ``Gamma[h]`` (h, then back
+            along sigma edges that are also tau edges; pad ``H``).
+        walk_n: ``[H, D]`` hidden nodes along h's tau chain up to and including the first free tau
+            edge (pad ``H``): ``F' = X[walk_n].prod(1)`` with ``X`` the new tau weights, or
+            ``v' / B`` at free tau edges.
+        walk_bf: ``walk_b`` stacked on ``walk_f`` (one gather gives ``[B, F]``).
+        walk_g_rows: ``walk_g`` with its padding moved to ``H + n_out[-1]`` (row numbering plus one).
+        tau_take: ``[3, H]`` skeleton-block positions of node h's tau weight, gradient and buffer.
+        sig_take: ``[2, H]`` skeleton-block positions of node h's sigma weight and gradient.
+    """
+
+    n_layers: int
+    hidden: int
+    hoff: tuple[int, ...]
+    n_out: tuple[int, ...]
+    sel: tuple[Tensor, ...]
+    n_sig: tuple[int, ...]
+    n_sel: int
+    sig_pos: Tensor
+    tau_pos: Tensor
+    free: Tensor
+    free_nodes: Tensor
+    free_pos: Tensor
+    nxt: Tensor
+    tau_layer: Tensor
+    walk_b: Tensor
+    walk_f: Tensor
+    walk_g: Tensor
+    walk_n: Tensor
+    walk_bf: Tensor
+    walk_g_rows: Tensor
+    tau_take: Tensor
+    sig_take: Tensor
+
+    @property
+    def one(self) -> int:
+        """Position of the constant 1 appended to the skeleton vector."""
+        return self.n_sel
+
+    @property
+    def device(self) -> torch.device:
+        """Where the index tensors live."""
+        return self.sig_pos.device
+
+    def nbytes(self) -> int:
+        """Memory held by the plan's index tensors."""
+        tensors = [*self.sel, self.sig_pos, self.tau_pos, self.free, self.free_nodes, self.free_pos, self.nxt]
+        tensors += [self.tau_layer, self.walk_b, self.walk_f, self.walk_g, self.walk_n, self.walk_bf]
+        tensors += [self.walk_g_rows, self.tau_take, self.sig_take]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
+    """Build the :class:`ChainPlan` of ``chain`` with its index tensors on ``device``.
+
+    Args:
+        chain: The chain (only its layers' shapes and centre taps are read).
+        device: Device of the chain's parameters.
+    """
+    layers = chain.layers
+    L = len(layers)
+    n_out = [layer.n_out for layer in layers]
+    hoff = [0] * (L - 1)
+    for l in range(1, L - 1):
+        hoff[l] = hoff[l - 1] + n_out[l - 1]
+    H = hoff[-1] + n_out[L - 2]
+    long = dict(dtype=torch.long)
+
+    sel: list[Tensor] = []
+    n_sig: list[int] = []
+    sig_pos = torch.empty(H, **long)
+    tau_pos = torch.empty(H, **long)
+    free = torch.zeros(H, dtype=torch.bool)
+    nxt = torch.empty(H, **long)
+    tau_layer = torch.empty(H, **long)
+    prev_b = torch.full((H,), -1, **long)
+    link_g = torch.full((H,), -1, **long)
+    pos = 0
+    for l, layer in enumerate(layers):
+        K = layer.n_in * layer.taps
+        parts: list[Tensor] = []
+        ns = 0
+        if l < L - 1:
+            rows = torch.arange(layer.n_out)
+            cols = rows % layer.n_in
+            parts.append(rows * K + cols * layer.taps + layer.centre)
+            ns = layer.n_out
+            h = hoff[l] + rows
+            sig_pos[h] = pos + rows
+            if l > 0:
+                prev_b[h] = hoff[l - 1] + cols
+                # sigma edge (b <- c) is also the tau edge of c when c's tau leads to b
+                is_tau = (cols % layer.n_out) == rows
+                link_g[h[is_tau]] = hoff[l - 1] + cols[is_tau]
+        if l > 0:
+            cols = torch.arange(layer.n_in)
+            rows = cols % layer.n_out
+            is_free = torch.ones(layer.n_in, dtype=torch.bool) if l == L - 1 else cols != rows % layer.n_in
+            parts.append((rows * K + cols * layer.taps + layer.centre)[is_free])
+            h = hoff[l - 1] + cols
+            free[h] = is_free
+            tau_layer[h] = l
+            nxt[h] = H if l == L - 1 else hoff[l] + rows
+            tau_pos[h[is_free]] = pos + ns + torch.arange(int(is_free.sum()))
+            if l < L - 1:
+                # a tau edge that is not free is the sigma edge of its row
+                tau_pos[h[~is_free]] = sig_pos[hoff[l] + rows[~is_free]]
+        s = torch.cat(parts) if parts else torch.empty(0, **long)
+        sel.append(s)
+        n_sig.append(ns)
+        pos += s.numel()
+    n_sel = pos
+    one = n_sel
+    D = L - 1
+
+    def walk(start_vals: Tensor, step: Tensor, value: Tensor, pad: int, stop_after: Tensor | None = None) -> Tensor:
+        """Rows of ``value[node]`` along ``node -> step[node]`` from every h, padded with ``pad``."""
+        out = torch.full((H, D), pad, **long)
+        node = start_vals.clone()
+        alive = torch.ones(H, dtype=torch.bool)
+        step_ext = torch.cat([step, torch.tensor([-1])])
+        value_ext = torch.cat([value, torch.tensor([pad])])
+        for k in range(D):
+            safe = torch.where(alive, node, torch.full_like(node, H))
+            out[:, k] = torch.where(alive, value_ext[safe], torch.full_like(node, pad))
+            if stop_after is not None:
+                alive = alive & ~torch.cat([stop_after, torch.tensor([True])])[safe]
+            nn_ = step_ext[safe]
+            alive = alive & (nn_ >= 0) & (nn_ < H)
+            node = torch.where(alive, nn_, torch.full_like(node, H))
+        return out
+
+    hs = torch.arange(H)
+    nxt_step = torch.where(nxt >= H, torch.full_like(nxt, -1), nxt)
+    walk_b = walk(hs, prev_b, sig_pos, one)
+    walk_f = walk(hs, nxt_step, tau_pos, one)
+    walk_g = walk(hs, link_g, hs, H)
+    walk_n = walk(hs, nxt_step, hs, H, stop_after=free)
+    free_nodes = torch.nonzero(free).flatten()
+    walk_g_rows = torch.where(walk_g == H, torch.full_like(walk_g, H + n_out[-1]), walk_g)
+    g_off, m_off = n_sel + 1, 2 * n_sel + 1
+    tau_take = torch.stack([tau_pos, tau_pos + g_off, tau_pos + m_off])
+    sig_take = torch.stack([sig_pos, sig_pos + g_off])
+
+    def dev(t: Tensor) -> Tensor:
+        return t.to(device)
+
+    return ChainPlan(
+        n_layers=L,
+        hidden=H,
+        hoff=tuple(hoff),
+        n_out=tuple(n_out),
+        sel=tuple(dev(s) for s in sel),
+        n_sig=tuple(n_sig),
+        n_sel=n_sel,
+        sig_pos=dev(sig_pos),
+        tau_pos=dev(tau_pos),
+        free=dev(free),
+        free_nodes=dev(free_nodes),
+        free_pos=dev(tau_pos[free_nodes]),
+        nxt=dev(nxt),
+        tau_layer=dev(tau_layer),
+        walk_b=dev(walk_b),
+        walk_f=dev(walk_f),
+        walk_g=dev(walk_g),
+        walk_n=dev(walk_n),
+        walk_bf=dev(torch.cat([walk_b, walk_f])),
+        walk_g_rows=dev(walk_g_rows),
+        tau_take=dev(tau_take),
+        sig_take=dev(sig_take),
+    )
