@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_gsgd import detect_topology, init_skeleton_
+from lightning_gsgd import detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
 
 
 def header(title: str) -> str:
@@ -77,8 +77,16 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
-def build(name: str, *, skeleton: bool = True, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A model (skeleton-initialized by default), its topology, an input batch and integer labels."""
+INITS = ("skeleton", "rescaled")
+
+
+def build(name: str, *, init: str = "skeleton", device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A model, its topology, an input batch and integer labels.
+
+    ``init``: ``"skeleton"`` (sigma and tau weights 1, so every ``B`` is 1 and the step scales rows
+    only) or ``"rescaled"`` (the same function after random positive rescaling of every hidden
+    unit: ``B != 1``, the step's general outer-product form; G-SGD behaves identically on both).
+    """
     factory, shape = MODELS[name]
     torch.manual_seed(seed)
     model = factory()
@@ -86,8 +94,11 @@ def build(name: str, *, skeleton: bool = True, device: str = "cpu", dtype: torch
     x = torch.randn(*shape, generator=g)
     y = torch.randint(0, 10, (shape[0],), generator=g)
     topo = detect_topology(model, x)
-    if skeleton:
-        init_skeleton_(topo)
+    init_skeleton_(topo)
+    if init == "rescaled":
+        rescale_hidden_units_(topo, random_unit_factors(topo, 1.0, torch.Generator().manual_seed(seed + 2)))
+    elif init != "skeleton":
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
     model = model.to(device=device, dtype=dtype)
     return model, topo, x.to(device=device, dtype=dtype), y.to(device)
 

@@ -24,18 +24,36 @@ CONFIGS = {
 }
 
 
-def make_optimizers(model, x, grads, hyper, lr: float, skeleton: bool = True):
+# Small enough that no run of ~100 steps on fixed gradients skips a step or trips the guard (which
+# would time a different code path); checked after every row ("valid").
+LR = 1e-6
+
+
+def validity(opt: GSGD) -> str:
+    """``ok``, or what went wrong during the timed steps (skipped steps, guard hits, non-finite weights)."""
+    bad = []
+    if int(opt.skipped_steps):
+        bad.append(f"{int(opt.skipped_steps)} skipped")
+    if int(opt.guard_hits):
+        bad.append(f"{int(opt.guard_hits)} guard hits")
+    if not all(bool(torch.isfinite(p).all()) for g in opt.param_groups for p in g["params"]):
+        bad.append("non-finite weights")
+    return ", ".join(bad) or "ok"
+
+
+def make_optimizers(model, x, grads, hyper, lr: float):
     """Three copies of ``model`` with ``grads`` attached, each with its optimizer's step callable."""
     fns = {}
     opts = {}
-    for name in ("gsgd", "sgd", "sgd_foreach"):
+    for name in ("gsgd", "sgd", "sgd_foreach", "sgd_fused"):
         m = copy.deepcopy(model)
         for p, g in zip(m.parameters(), grads):
             p.grad = g.clone()
         if name == "gsgd":
             opt = GSGD(m.parameters(), lr=lr, topology=detect_topology(m, x), **hyper)
         else:
-            opt = torch.optim.SGD(m.parameters(), lr=lr, foreach=(name == "sgd_foreach"), **hyper)
+            kind = {"sgd": dict(foreach=False), "sgd_foreach": dict(foreach=True), "sgd_fused": dict(fused=True)}[name]
+            opt = torch.optim.SGD(m.parameters(), lr=lr, **kind, **hyper)
         opts[name] = opt
         fns[name] = opt.step
     return fns, opts
@@ -48,28 +66,33 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--default-init", action="store_true", help="also time PyTorch's default init (B != 1)")
+    ap.add_argument(
+        "--rescaled", action="store_true", help="also time a rescaled skeleton init (B != 1: the step's general form)"
+    )
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(header(f"optimizer step, {args.device} {args.dtype}, median of {args.reps} after {args.warmup} warm-up"))
     print(
-        "| model | init | config | GSGD ms | SGD ms | SGD foreach ms | GSGD / best SGD (paired median) |\n"
-        "|---|---|---|---:|---:|---:|---:|"
+        "| model | init | config | GSGD ms | SGD ms | SGD foreach ms | GSGD / best of SGD, SGD foreach "
+        "| SGD fused ms | GSGD / SGD fused | valid |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|"
     )
-    inits = [True, False] if args.default_init else [True]
+    inits = ["skeleton", "rescaled"] if args.rescaled else ["skeleton"]
     for mname in args.models:
-        for skeleton in inits:
-            model, _, x, y = build(mname, skeleton=skeleton, device=args.device, dtype=dtype)
+        for init in inits:
+            model, _, x, y = build(mname, init=init, device=args.device, dtype=dtype)
             grads = fixed_grads(model, x, y)
             for cname, hyper in CONFIGS.items():
-                fns, _ = make_optimizers(model, x, grads, hyper, lr=1e-4)
+                fns, opts = make_optimizers(model, x, grads, hyper, lr=LR)
                 t = interleaved(fns, args.reps, args.warmup, sync)
                 best = "sgd" if median(t["sgd"]) <= median(t["sgd_foreach"]) else "sgd_foreach"
                 print(
-                    f"| {mname} | {'skeleton' if skeleton else 'default'} | {cname} | "
+                    f"| {mname} | {init} | {cname} | "
                     f"{1e3 * median(t['gsgd']):.3f} | {1e3 * median(t['sgd']):.3f} | "
-                    f"{1e3 * median(t['sgd_foreach']):.3f} | {paired_ratio(t['gsgd'], t[best]):.2f} |",
+                    f"{1e3 * median(t['sgd_foreach']):.3f} | **{paired_ratio(t['gsgd'], t[best]):.2f}** | "
+                    f"{1e3 * median(t['sgd_fused']):.3f} | {paired_ratio(t['gsgd'], t['sgd_fused']):.2f} | "
+                    f"{validity(opts['gsgd'])} |",
                     flush=True,
                 )
     print(f"loadavg after: {', '.join(f'{v:.2f}' for v in __import__('os').getloadavg())}")

@@ -39,8 +39,10 @@ class Item:
 
 def bulk(items: list[Item]) -> None:
     """Apply the elementwise passes to every item's ``target`` (and ``buf_target``)."""
-    fused = [it for it in items if _fusable(it)]
-    rest = [it for it in items if not _fusable(it)]
+    fused: list[Item] = []
+    rest: list[Item] = []
+    for it in items:
+        (fused if _fusable(it) else rest).append(it)
     if fused:
         _bulk_fused(fused)
     if rest:
@@ -62,12 +64,14 @@ def _fusable(it: Item) -> bool:
 def _bulk_fused(items: list[Item]) -> None:
     """Momentum: ``P = s g``; ``w *= f`` (path values); fused SGD on ``(w, P, buf)``; ``w *= q``."""
     targets = [it.slot.target for it in items]
-    path_grads = []
-    for it in items:
-        if it.scratch is not None:
-            path_grads.append(torch.mul(it.slot.grad, it.s, out=it.scratch))
-        else:
-            path_grads.append(it.slot.grad * it.s)
+    path_grads: list[Tensor | None] = [
+        None if it.scratch is None else torch.mul(it.slot.grad, it.s, out=it.scratch) for it in items
+    ]
+    small = [i for i, pg in enumerate(path_grads) if pg is None]
+    if small:
+        made = torch._foreach_mul([items[i].slot.grad for i in small], [items[i].s for i in small])
+        for i, pg in zip(small, made):
+            path_grads[i] = pg
     torch._foreach_mul_(targets, [it.f for it in items])
     groups: dict[tuple, list[int]] = {}
     for i, it in enumerate(items):

@@ -107,6 +107,12 @@ class ChainWork:
         self.row3 = {k: [v[sl].view(-1, 1, 1) for sl in self.rows] for k, v in self._row_vectors().items()}
         self.row1 = {k: [v[sl] for sl in self.rows] for k, v in self._row_vectors().items()}
         self.base_rows = [base[sl] for sl in self.rows]
+        self.sw_l = [self.sw[sl] for sl in self.sel_slices]
+        self.sg_l = [self.sg[sl] for sl in self.sel_slices]
+        self.sbuf_l = [self.sbuf[sl] for sl in self.sel_slices]
+        self.nsw_l = [self.nsw[sl] for sl in self.sel_slices]
+        self.nsbuf_l = [self.nsbuf[sl] for sl in self.sel_slices]
+        self.ones_h = torch.ones(H, dtype=dtype, device=device)
 
     def _row_vectors(self) -> dict[str, Tensor]:
         return {"F": self.F, "R": self.R, "Q": self.Q, "RHO": self.RHO, "Q2": self.Q2}
@@ -138,6 +144,10 @@ class Prepared:
     momentum: bool
     scratch: list[Tensor] = field(default_factory=list)
 
+    def slots(self) -> list[Slot]:
+        """Every weight and bias slot."""
+        return [*self.weights, *(b for b in self.biases if b is not None)]
+
     def sums(self) -> Tensor:
         """Per-row sums ``sum(w * g)`` (bias included) of every layer: finite iff the step can run."""
         return self.work.base[: -1]
@@ -155,14 +165,14 @@ def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None
     momentum = any(s.hp.momentum != 0 for s in weights)
     scratch = []
     for l, s in enumerate(weights):
-        sel, sl = plan.sel[l], work.sel_slices[l]
-        torch.take(s.param, sel, out=work.sw[sl])
-        torch.take(s.grad, sel, out=work.sg[sl])
+        sel = plan.sel[l]
+        torch.take(s.param, sel, out=work.sw_l[l])
+        torch.take(s.grad, sel, out=work.sg_l[l])
         if momentum:
             if s.buf is not None:
-                torch.take(s.buf, sel, out=work.sbuf[sl])
+                torch.take(s.buf, sel, out=work.sbuf_l[l])
             else:
-                work.sbuf[sl].zero_()
+                work.sbuf_l[l].zero_()
         prod = torch.mul(s.param, s.grad)
         torch.sum(prod.view(prod.shape[0], -1), 1, out=work.base_rows[l])
         scratch.append(prod)
@@ -253,7 +263,7 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
             direction = buf_tau
         else:
             direction = d * a_d + buf_tau * a_buf
-    v_new = v - direction * lr
+    v_new = torch.add(v, direction, alpha=-lr) if isinstance(lr, float) else v - direction * lr
     hit = torch.ge(v_new / v, min_ratio).logical_not_().logical_and_(plan.free)
     v_new = torch.where(hit, v * min_ratio, v_new)
     x = work.x_ext[:H]
@@ -267,7 +277,7 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     torch.mul(work.F, work.Q, out=work.RHO)
     torch.mul(work.R, work.Q, out=work.Q2)
     if unit_b is None:
-        unit_b = bool(B.eq(1).all())
+        unit_b = torch.equal(B, work.ones_h)
     items = _items(prep, None if unit_b else B)
     bulk(items)
 
@@ -276,11 +286,11 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     if buf_tau is not None:
         work.nsbuf.zero_().index_copy_(0, plan.free_pos, buf_tau.index_select(0, plan.free_nodes))
     for l, s in enumerate(prep.weights):
-        sl = work.sel_slices[l]
-        if sl.stop > sl.start:
-            s.target.put_(plan.sel[l], work.nsw[sl])
+        sel = plan.sel[l]
+        if sel.numel():
+            s.target.put_(sel, work.nsw_l[l])
             if s.buf_target is not None and buf_tau is not None:
-                s.buf_target.put_(plan.sel[l], work.nsbuf[sl])
+                s.buf_target.put_(sel, work.nsbuf_l[l])
     return hit.sum()
 
 

@@ -89,6 +89,7 @@ class GSGD(Optimizer):
         self.topology: Topology | None = None
         self._plans: dict[int, ChainPlan] = {}
         self._work: dict[int, ChainWork] = {}
+        self._in_chain: set[int] = set()
         # Whether step() may read device flags on the host (None: only on the CPU, where it is free).
         # Tests set it to False to run the synchronization-free path on the CPU.
         self._host_reads: bool | None = None
@@ -137,6 +138,7 @@ class GSGD(Optimizer):
         self.topology = topology
         self._plans = {}
         self._work = {}
+        self._in_chain = {id(p) for p in topology.chain_params()}
         return self
 
     @property
@@ -245,33 +247,35 @@ class GSGD(Optimizer):
                 "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) "
                 "to GSGD(...), call optimizer.bind(topology), or use GSGDCallback / GSGDMixin in Lightning"
             )
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        device = next((p.grad.device for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        hp_of: dict[int, tuple[Hyper, dict[str, Any]]] = {}
+        device = None
+        for g in self.param_groups:
+            hp = _hyper(g)
+            for p in g["params"]:
+                hp_of[id(p)] = (hp, g)
+                if device is None and p.grad is not None:
+                    device = p.grad.device
         if device is None:
             return loss
         # Reading a device flag costs nothing on the CPU; elsewhere it would stall the host.
         host_reads = device.type == "cpu" if self._host_reads is None else self._host_reads
-        in_chain: set[int] = set()
         prepared: list[tuple[Prepared, float]] = []
         checks: list[Tensor] = []
         for ci, chain in enumerate(self.topology.chains):
-            for layer in chain.layers:
-                in_chain.add(id(layer.weight))
-                if layer.bias is not None:
-                    in_chain.add(id(layer.bias))
-            if all(layer.weight.grad is None for layer in chain.layers):
-                continue
-            prep = self._prepare(ci, chain, group_of)
-            prepared.append((prep, group_of[id(chain.layers[0].weight)]["min_ratio"]))
-            checks.append(prep.sums())
+            prep = self._prepare(ci, chain, hp_of)
+            if prep is not None:
+                prepared.append((prep, hp_of[id(chain.layers[0].weight)][1]["min_ratio"]))
+                checks.append(prep.sums())
+        in_chain = self._in_chain
         plain = [
-            (p, group)
-            for group in self.param_groups
-            for p in group["params"]
+            (p, hp_of[id(p)][0])
+            for g in self.param_groups
+            for p in g["params"]
             if p.grad is not None and id(p) not in in_chain
         ]
         checks.extend(_minmax(p.grad) for p, _ in plain)
-        ok = torch.isfinite(torch.cat([c.to(device) for c in checks])).all()
+        flags = checks[0] if len(checks) == 1 else torch.cat([c.to(device) for c in checks])
+        ok = torch.isfinite(flags).all()
         skipped = self._counter("skipped_steps", device)
         if host_reads and not bool(ok):
             skipped += 1
@@ -279,12 +283,12 @@ class GSGD(Optimizer):
         where_ok = None if host_reads else ok
         hits = self._counter("guard_hits", device)
         for prep, min_ratio in prepared:
-            slots = [*prep.weights, *(b for b in prep.biases if b is not None)]
+            slots = prep.slots()
             for s in slots:
                 if where_ok is not None:
                     s.target = s.param.clone()
                     s.buf_target = None if s.buf is None else s.buf.clone()
-                elif s.buf is not None:
+                else:
                     s.buf_target = s.buf
             chain_hits = apply_chain(prep, min_ratio, unit_b=None if host_reads else False)
             hits += chain_hits if where_ok is None else chain_hits * where_ok
@@ -292,30 +296,38 @@ class GSGD(Optimizer):
                 if where_ok is not None:
                     _write(s.param, s.target, where_ok)
                 if s.buf_target is not None:
-                    state = self.state[_param_of(s)]
-                    state["momentum_buffer"] = _keep(s.buf_target, s.buf, where_ok)
-        for p, group in plain:
-            self._plain_sgd(p, _hyper(group), where_ok)
+                    self.state[s.owner]["momentum_buffer"] = _keep(s.buf_target, s.buf, where_ok)
+        for p, hp in plain:
+            self._plain_sgd(p, hp, where_ok)
         self._counter("steps", device).add_(1 if where_ok is None else where_ok.long())
         if where_ok is not None:
             skipped += (~where_ok).long()
         return loss
 
-    def _prepare(self, ci: int, chain: Chain, group_of: dict[int, dict[str, Any]]) -> Prepared:
+    def _prepare(self, ci: int, chain: Chain, hp_of: dict[int, tuple[Hyper, dict[str, Any]]]) -> Prepared | None:
+        """Slots of a chain and phase one of its step; ``None`` when no layer has a gradient."""
+        layers = chain.layers
+        if all(layer.weight.grad is None for layer in layers):
+            return None
+        state = self.state
         weights: list[Slot] = []
         biases: list[Slot | None] = []
-        for layer in chain.layers:
+        for layer in layers:
             w = layer.weight
             grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            st = state.get(w)
+            buf = None if st is None else st.get("momentum_buffer")
             w3 = layer.weight3d()
-            buf = _buffer(self.state, w)
-            buf = None if buf is None else buf.view_as(w3)
-            weights.append(Slot(w3, layer.weight3d(grad), _hyper(group_of[id(w)]), buf, w3, owner=w))
+            if buf is not None and buf.shape != w3.shape:
+                buf = buf.view_as(w3)
+            weights.append(Slot(w3, layer.weight3d(grad), hp_of[id(w)][0], buf, w3, owner=w))
             b = layer.bias
             if b is None or b.grad is None:
                 biases.append(None)
             else:
-                biases.append(Slot(b, b.grad, _hyper(group_of[id(b)]), _buffer(self.state, b), b, owner=b))
+                st = state.get(b)
+                bbuf = None if st is None else st.get("momentum_buffer")
+                biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
         return prepare_chain(self._chain_work(ci, chain), weights, biases)
 
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
@@ -349,16 +361,6 @@ def _hyper(group: dict[str, Any]) -> Hyper:
         weight_decay=group["weight_decay"],
         nesterov=group["nesterov"],
     )
-
-
-def _buffer(state: Any, p: Tensor) -> Tensor | None:
-    st = state.get(p)
-    return None if st is None else st.get("momentum_buffer")
-
-
-def _param_of(slot: Slot) -> Tensor:
-    assert slot.owner is not None
-    return slot.owner
 
 
 def _minmax(t: Tensor) -> Tensor:
