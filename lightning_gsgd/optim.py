@@ -236,8 +236,10 @@ class GSGD(Optimizer):
                 loss = closure()
         if self.topology is None:
             raise RuntimeError(
-                "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) "
-                "to GSGD(...), call optimizer.bind(topology), or use GSGDCallback / GSGDMixin in Lightning"
+                "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
+                "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
+                "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
+                "lightning_gsgd.GSGDMixin first among your LightningModule's base classes"
             )
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
