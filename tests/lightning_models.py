@@ -182,3 +182,55 @@ def clone(module: LightningModule) -> LightningModule:
 
 def params_of(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+)
+
+
+class NoCollectivesInStep(Callback):
+    """Makes every ``torch.distributed`` collective raise while the optimizer's ``step`` runs (DDP tests).
+
+    Must come after ``GSGDCallback`` in the callback list (it wraps the installed optimizer).
+    Counts the wrapped steps in ``self.steps``.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        import torch.distributed as dist
+
+        opt = trainer.optimizers[0]
+        inner = opt.step
+
+        def forbidden(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("a torch.distributed collective ran inside optimizer.step")
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            saved = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+            for name in saved:
+                setattr(dist, name, forbidden)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                for name, fn in saved.items():
+                    setattr(dist, name, fn)
+                self.steps += 1
+
+        opt.step = step
