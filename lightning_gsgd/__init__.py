@@ -2,6 +2,7 @@
 
 from lightning_gsgd.detect import detect_topology
 from lightning_gsgd.optim import GSGD
+from lightning_gsgd.selfcheck import check_invariance, invariance_error
 from lightning_gsgd.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
 
@@ -12,8 +13,10 @@ __all__ = [
     "Excluded",
     "Topology",
     "TopologyError",
+    "check_invariance",
     "detect_topology",
     "init_skeleton_",
+    "invariance_error",
     "random_unit_factors",
     "rescale_hidden_units_",
 ]

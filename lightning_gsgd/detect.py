@@ -29,6 +29,7 @@ from lightning_gsgd.flow import (
     Layout,
     accepts,
     conv_centre,
+    is_batchnorm,
     is_weight_layer,
     output_layout,
     transition,
@@ -79,6 +80,12 @@ class _Link:
     taps: int
 
 
+@dataclass
+class _End:
+    reason: str  # why no next layer
+    norm: Op | None = None  # the BatchNorm that normalizes the layer's units per channel, if any
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -112,29 +119,30 @@ def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Seq
     return problems
 
 
-def _follow(graph: OpGraph, a: Op, layout: Layout, problems: dict[int, str | None]) -> _Link | str:
+def _follow(graph: OpGraph, a: Op, layout: Layout, problems: dict[int, str | None]) -> _Link | _End:
     """Walk from weight layer ``a``'s output to the next weight layer, or say why the chain ends."""
     ops = graph.ops
     cur = a
     while True:
         if len(cur.users) != 1:
             what = "its output" if cur is a else f"the output of {cur.describe()}"
-            return f"{what} has {len(cur.users)} consumers" if cur.users else f"{what} is not used"
+            return _End(f"{what} has {len(cur.users)} consumers" if cur.users else f"{what} is not used")
         u = ops[cur.users[0]]
         others = [s for s in u.inputs if s != cur.index and s >= 0 and ops[s].shape is not None]
         if others or u.data_input != cur.index:
-            return f"{u.describe()} combines it with another tensor"
+            return _End(f"{u.describe()} combines it with another tensor")
         assert cur.shape is not None
         if is_weight_layer(u):
             if problems.get(u.index):
-                return f"next layer '{u.qualname}' is excluded ({problems[u.index]})"
+                return _End(f"next layer '{u.qualname}' is excluded ({problems[u.index]})")
             how = accepts(u, layout, cur.shape)
             if isinstance(how, str):
-                return how
+                return _End(how)
             return _Link(u.index, *how)
         nxt = transition(u, layout, cur.shape)
         if isinstance(nxt, str):
-            return nxt
+            per_channel = layout.dim == 1 and layout.inner == 1 and len(cur.shape) >= 2
+            return _End(nxt, u if is_batchnorm(u) and per_channel else None)
         layout, cur = nxt, u
 
 
@@ -167,14 +175,28 @@ def _make_layer(op: Op, n_in: int | None, taps: int | None) -> ChainLayer:
     return ChainLayer(op.qualname, mod.weight, mod.bias, mod.out_features, n, t, t // 2)
 
 
+BN_MODES = ("sgd", "authors_heuristic")
+
+
 def find_chains(
     model: nn.Module,
     graph: OpGraph,
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    bn_mode: str = "sgd",
 ) -> Topology:
-    """The chains and exclusions of ``model`` from its op graph (no self-check)."""
+    """The chains and exclusions of ``model`` from its op graph (no self-check).
+
+    Args:
+        model: The model the graph was built from.
+        graph: Its op graph (:func:`build_graph`).
+        include: See :func:`detect_topology`.
+        exclude: See :func:`detect_topology`.
+        bn_mode: See :func:`detect_topology`.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"detect_topology: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     ops = graph.ops
     problems = _weight_problems(graph, include, exclude)
     names = [op.qualname for op in ops if is_weight_layer(op)]
@@ -184,6 +206,7 @@ def find_chains(
                 raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no Linear/Conv layer ({names})")
     links: dict[int, _Link] = {}
     ends: dict[int, str] = {}
+    normalized: dict[int, Op] = {}
     for op in ops:
         if not is_weight_layer(op) or problems[op.index] is not None:
             continue
@@ -193,8 +216,10 @@ def find_chains(
             ends[op.index] = "its output units cannot be located (unbatched input?)"
             continue
         res = _follow(graph, op, layout, problems)
-        if isinstance(res, str):
-            ends[op.index] = res
+        if isinstance(res, _End):
+            ends[op.index] = res.reason
+            if res.norm is not None:
+                normalized[op.index] = res.norm
         else:
             links[op.index] = res
     has_pred = {link.target for link in links.values()}
@@ -212,12 +237,26 @@ def find_chains(
         chains.append(Chain(tuple(layers)))
         covered.update(id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None)
     reasons = _reasons(model, graph, problems, ends)
+    bn_layers: list[ChainLayer] = []
+    if bn_mode == "authors_heuristic":
+        in_chain = set(links) | has_pred
+        for i, norm in normalized.items():
+            if i in in_chain:
+                continue
+            layer = _make_layer(ops[i], None, None)
+            bn_layers.append(layer)
+            covered.add(id(layer.weight))
+            if layer.bias is not None:
+                reasons[id(layer.bias)] = (
+                    f"bias of '{layer.name}', whose outputs {norm.describe()} normalizes "
+                    "(the BN heuristic updates only the weight)"
+                )
     excluded = tuple(
         Excluded(name, p.numel(), reasons.get(id(p), "not used on example_input"))
         for name, p in model.named_parameters()
         if id(p) not in covered
     )
-    return Topology(tuple(chains), excluded)
+    return Topology(tuple(chains), excluded, tuple(bn_layers), graph.method)
 
 
 def _reasons(model: nn.Module, graph: OpGraph, problems: dict[int, str | None], ends: dict[int, str]) -> dict[int, str]:
@@ -252,6 +291,7 @@ def detect_topology(
     exclude: Sequence[str] = (),
     min_coverage: float = 0.0,
     self_check: bool = True,
+    bn_mode: str = "sgd",
     method: str = "auto",
 ) -> Topology:
     """Find the ReLU chains of ``model`` that G-SGD treats exactly, and prove them.
@@ -271,6 +311,12 @@ def detect_topology(
         min_coverage: Raise unless at least this share of the parameters is in chains.
         self_check: Rescale every detected hidden unit at random and check that the outputs on
             ``example_input`` do not change (:func:`lightning_gsgd.check_invariance`).
+        bn_mode: What to do with layers whose outputs BatchNorm normalizes per channel (directly or
+            through ReLU/pooling/dropout). ``"sgd"`` (default): leave them to plain SGD and say so
+            in ``excluded``. ``"authors_heuristic"``: list them in ``Topology.bn_layers`` so that
+            :class:`~lightning_gsgd.GSGD` updates their weights with the heuristic of the G-SGD
+            authors' CIFAR code (:mod:`lightning_gsgd.bn_heuristic`; not exact G-SGD, no invariance
+            guarantee, not covered by the self-check).
         method: How to read the data flow: ``"auto"`` (torch.fx, falling back to recording a
             forward pass), ``"fx"`` or ``"record"``.
 
@@ -282,8 +328,8 @@ def detect_topology(
             ``min_coverage``, an include/exclude pattern matches no layer, or the self-check failed.
     """
     graph = build_graph(model, example_input, method)
-    topo = find_chains(model, graph, include=include, exclude=exclude)
-    if not topo.chains and not allow_empty and min_coverage <= 0:
+    topo = find_chains(model, graph, include=include, exclude=exclude, bn_mode=bn_mode)
+    if not topo.chains and not topo.bn_layers and not allow_empty and min_coverage <= 0:
         detail = "; ".join(f"{e.name}: {e.reason}" for e in topo.excluded) or "the model has no parameters"
         raise TopologyError(f"detect_topology: no ReLU chain found ({detail})")
     if topo.coverage < min_coverage:

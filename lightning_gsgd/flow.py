@@ -94,6 +94,11 @@ class Layout:
     inner: int = 1
 
 
+def is_batchnorm(op: Op) -> bool:
+    """Whether the op is a BatchNorm module or ``F.batch_norm`` call (normalizes dim 1)."""
+    return (op.kind == "module" and isinstance(op.module, BATCHNORM)) or (op.kind == "call" and op.name == "batch_norm")
+
+
 def weight_layer_problem(module: nn.Module) -> str | None:
     """Why a module cannot be a chain layer, or ``None`` if it can (Linear, ConvNd with groups=1)."""
     if isinstance(module, CONVS):
@@ -184,8 +189,8 @@ def transition(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> Layout | st
         return "model output"
     if out is None:
         return f"{op.describe()} (output is not a single tensor)"
-    if op.kind == "module" and isinstance(op.module, BATCHNORM):
-        return f"{op.describe()} (normalized outputs)"
+    if is_batchnorm(op):
+        return f"{op.describe()} normalizes its outputs (see bn_mode)"
     if name in ELEMENTWISE:
         if out != in_shape:
             return f"{op.describe()} changes the shape"

@@ -250,6 +250,19 @@ class TiedNet(nn.Module):
         return self.fc3(h) + self.fc2(h).sum(1, keepdim=True)
 
 
+class PermutedFlattenNet(nn.Module):
+    """Flattens channel-last (permute first): the Linear does not read channels as units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        return self.fc(h.permute(0, 2, 3, 1).flatten(1))
+
+
 @dataclass
 class ZooModel:
     """A model factory, an example-input factory and the chains the model must have."""
@@ -278,6 +291,18 @@ ZOO: dict[str, ZooModel] = {
         [(f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2") for s in (1, 2) for b in (0, 1)],
         {"conv1.weight": "consumers", "layer2.0.shortcut.0.weight": "'layer2.0.shortcut.0' is in no ReLU chain"},
     ),
+    "plainnet_bn": ZooModel(
+        lambda: PlainNet(bn=True),
+        lambda: _t(4, 3, 8, 8),
+        [],
+        {"body.3.weight": "BatchNorm2d 'body.4' normalizes its outputs", "body.4.weight": "BatchNorm2d"},
+    ),
+    "resnet_bn": ZooModel(
+        lambda: ResNet(bn=True),
+        lambda: _t(4, 3, 8, 8),
+        [],
+        {"layer1.0.conv1.weight": "BatchNorm2d 'layer1.0.bn1' normalizes its outputs"},
+    ),
     "gelu_mlp": ZooModel(GeluMLP, lambda: _t(4, 5), [], {"fc1.weight": "gelu"}),
     "layernorm_mlp": ZooModel(
         LayerNormMLP, lambda: _t(4, 5), [], {"fc2.weight": "LayerNorm 'ln2'", "ln1.weight": "LayerNorm 'ln1'"}
@@ -298,6 +323,9 @@ ZOO: dict[str, ZooModel] = {
         DepthwiseNet, lambda: _t(2, 2, 6, 6), [("pw", "conv3")], {"dw.weight": "depthwise convolution (groups=4)"}
     ),
     "tied": ZooModel(TiedNet, lambda: _t(3, 4), [], {"tied.weight": "shared weight"}),
+    "permuted_flatten": ZooModel(
+        PermutedFlattenNet, lambda: _t(2, 2, 4, 4), [], {"conv.weight": "permute is not positively homogeneous"}
+    ),
 }
 
 
