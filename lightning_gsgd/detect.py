@@ -339,5 +339,6 @@ def detect_topology(
             f"{100 * min_coverage:.1f}%; parameters left to plain SGD:\n{detail}"
         )
     if self_check:
-        check_invariance(model, topo, example_input)
+        # the graph's forward pass ran the model's own modules in eval mode: reuse its output
+        check_invariance(model, topo, example_input, reference=graph.output)
     return topo

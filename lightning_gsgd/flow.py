@@ -75,7 +75,7 @@ SPATIAL = frozenset(
 )
 # Reshapes: valid when the shapes show that each unit's entries stay together (row-major order).
 RESHAPE = frozenset({"Flatten", "Unflatten", "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"})
-# Linear reductions over spatial dims (amax: max) given by a ``dim`` argument.
+# Reductions (amax: max) over dims given by a ``dim`` argument: fine unless they include the units' dim.
 REDUCE = frozenset({"mean", "sum", "amax"})
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -204,10 +204,12 @@ def transition(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> Layout | st
         return new if new is not None else f"{op.describe()} {in_shape} -> {out} mixes units"
     if name in REDUCE:
         dims = _dims(op)
-        if dims is not None and layout.dim == 1 and layout.inner == 1:
+        if dims is not None and layout.inner == 1:
             norm = {d % len(in_shape) for d in dims}
-            if norm and min(norm) >= 2 and len(out) >= 2 and out[:2] == in_shape[:2]:
-                return Layout(1, layout.units)
+            keepdim = op.kwargs.get("keepdim", op.args[2] if len(op.args) > 2 else False)
+            dim = layout.dim if keepdim else layout.dim - sum(d < layout.dim for d in norm)
+            if norm and layout.dim not in norm and 0 <= dim < len(out) and out[dim] == layout.units:
+                return Layout(dim, layout.units)  # a sum/mean/max over other dims, unit by unit
         return f"{op.describe()} over dims {dims} mixes units"
     if name == "clamp" or name == "clamp_min":
         lo = op.kwargs.get("min", op.args[1] if len(op.args) > 1 else None)

@@ -102,6 +102,7 @@ class OpGraph:
 
     ops: list[Op]
     method: str  # "fx" or "record"
+    output: Any = None  # the model's output on the example input (eval mode, no grad)
 
     def __iter__(self) -> Iterator[Op]:
         return iter(self.ops)
@@ -210,7 +211,7 @@ def trace_fx(model: nn.Module, example_input: Any) -> OpGraph:
         values.append(bound.arguments[key])
     interp = _ShapeRecorder(gm)
     with torch.no_grad():
-        interp.run(*values)
+        output = interp.run(*values)
 
     index: dict[fx.Node, int] = {}
     ops: list[Op] = []
@@ -264,7 +265,7 @@ def trace_fx(model: nn.Module, example_input: Any) -> OpGraph:
         if any(ops[s].name == "parameter" for s in op.inputs):
             op.inputs = [-1 if ops[s].name == "parameter" else s for s in op.inputs]
     _link_users(ops)
-    return OpGraph(ops, "fx")
+    return OpGraph(ops, "fx", output)
 
 
 # ---------------------------------------------------------------------------------------- record
@@ -359,4 +360,4 @@ def record_forward(model: nn.Module, example_input: Any) -> OpGraph:
         for h in handles:
             h.remove()
     _link_users(rec.ops)
-    return OpGraph(rec.ops, "record")
+    return OpGraph(rec.ops, "record", out)
