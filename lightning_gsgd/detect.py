@@ -35,7 +35,9 @@ from lightning_gsgd.flow import (
     transition,
     weight_layer_problem,
 )
-from lightning_gsgd.graph import Op, OpGraph, record_forward, trace_fx
+from lightning_gsgd.graph import Op, OpGraph
+from lightning_gsgd.graph_fx import trace_fx
+from lightning_gsgd.graph_record import record_forward
 from lightning_gsgd.selfcheck import check_invariance
 from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
 
