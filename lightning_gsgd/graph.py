@@ -6,12 +6,12 @@ children) or torch function / tensor method call, with the producers of its tens
 output shape on ``example_input`` and its consumers. Calls that only read metadata (``x.size(0)``,
 ``x.shape``, ``x.dim()``) are not counted as consumers: they do not carry values.
 
-* :func:`lightning_gsgd.graph_fx.trace_fx` uses ``torch.fx`` symbolic tracing, then runs the traced graph once on the
-  example input (eval mode, no grad) to learn the shapes.
-* :func:`lightning_gsgd.graph_record.record_forward` runs the model once with forward hooks on its leaf modules and a
-  ``TorchFunctionMode`` that sees every torch function and tensor method called between them. It
-  works for models that tracing cannot handle (data-dependent control flow), and describes the
-  path taken on ``example_input``.
+* :func:`lightning_gsgd.graph_fx.trace_fx` uses ``torch.fx`` symbolic tracing, then runs the
+  traced graph once on the example input (eval mode, no grad) to learn the shapes.
+* :func:`lightning_gsgd.graph_record.record_forward` runs the model once with forward hooks on its
+  leaf modules and a ``TorchFunctionMode`` that sees every torch function and tensor method called
+  between them. It works for models that tracing cannot handle (data-dependent control flow), and
+  describes the path taken on ``example_input``.
 """
 
 from __future__ import annotations
