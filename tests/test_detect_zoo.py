@@ -84,3 +84,20 @@ def test_frozen_layer_is_left_out():
     topo = detect_topology(model, x)
     assert [tuple(layer.name for layer in c.layers) for c in topo.chains] == [("fc3", "fc4", "fc5")]
     assert "frozen" in {e.name: e.reason for e in topo.excluded}["fc2.weight"]
+
+
+def test_summary_reports_chains_units_paths_and_exclusions():
+    model, x = make("functional_mlp")
+    text = repr(detect_topology(model, x))
+    # widths 5-7-6-8-4-3: weights 35+42+48+32+12 = 169, hidden biases 7+6+8+4 = 25, hidden units 25, output bias 3
+    assert "widths 5-7-6-8-4-3" in text
+    assert "hidden units 25" in text
+    assert "169 basis paths" in text
+    assert "coverage 100.0% (197 of 197 parameters)" in text
+    model, x = make("layernorm_mlp")
+    text = detect_topology(model, x, allow_empty=True).summary()
+    assert "coverage 0.0%" in text
+    assert "fc2.weight (36 params): 'fc2' is in no ReLU chain (after it: LayerNorm 'ln2'" in text
+    model, x = make("reuse_mlp")
+    text = detect_topology(model, x).summary()
+    assert "shared.weight (16 params): 'shared': shared weight: module 'shared' is called 2 times" in text
