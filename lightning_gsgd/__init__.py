@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_gsgd.detect import detect_topology
 from lightning_gsgd.optim import GSGD
+from lightning_gsgd.selfcheck import check_invariance, invariance_error
 from lightning_gsgd.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
 
@@ -30,8 +31,10 @@ __all__ = [
     "GSGDMixin",
     "Topology",
     "TopologyError",
+    "check_invariance",
     "detect_topology",
     "init_skeleton_",
+    "invariance_error",
     "random_unit_factors",
     "rescale_hidden_units_",
 ]
