@@ -5,7 +5,7 @@ Lightning glue only: the G-SGD math lives in :mod:`lightning_gsgd.optim` and :mo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
@@ -85,6 +85,15 @@ class GSGDCallback(Callback):
             warning instead of raising.
         min_coverage: Smallest share of the model's parameters, in [0, 1], that must lie in ReLU chains;
             below it the fit stops with an error that lists what was left out.
+        include: Module-name patterns (``fnmatch``, e.g. ``"net.*"``); if given, only matching layers
+            may be in chains. Passed to :func:`~lightning_gsgd.detect_topology`.
+        exclude: Module-name patterns of layers to leave to plain SGD. Passed to
+            :func:`~lightning_gsgd.detect_topology`.
+        bn_mode: Layers followed by BatchNorm: ``"sgd"`` leaves them to plain SGD; ``"authors_heuristic"``
+            updates them with the G-SGD authors' heuristic (not exact G-SGD). Passed to
+            :func:`~lightning_gsgd.detect_topology`.
+        self_check: After detection, rescale every hidden unit at random and check that the model's
+            outputs on the example input do not change (one extra forward pass).
     """
 
     def __init__(
@@ -96,6 +105,10 @@ class GSGDCallback(Callback):
         min_ratio: float | None = None,
         allow_empty: bool = False,
         min_coverage: float = 0.0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        bn_mode: Literal["sgd", "authors_heuristic"] = "sgd",
+        self_check: bool = True,
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if value is not None and value < 0:
@@ -108,6 +121,12 @@ class GSGDCallback(Callback):
         self.skeleton_init = skeleton_init
         self.allow_empty = allow_empty
         self.min_coverage = min_coverage
+        self.detect_options: dict[str, Any] = {
+            "include": None if include is None else list(include),
+            "exclude": list(exclude or ()),
+            "bn_mode": bn_mode,
+            "self_check": self_check,
+        }
         self.topology: Topology | None = None
         self._skeleton_done = False
         self._loaded_fingerprint: list[tuple[str, tuple[int, ...]]] | None = None
@@ -208,8 +227,8 @@ class GSGDCallback(Callback):
     def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Topology:
         x = example_input(trainer, pl_module)
         with trainer.precision_plugin.forward_context():
-            topology = detect_topology(pl_module, x, allow_empty=True)
-        if not topology.chains:
+            topology = detect_topology(pl_module, x, allow_empty=True, **self.detect_options)
+        if not topology.chains and not topology.bn_layers:
             if not self.allow_empty:
                 raise TopologyError(
                     f"GSGDCallback found no ReLU chain in {type(pl_module).__name__}, so G-SGD would be plain SGD; "

@@ -55,3 +55,30 @@ def test_checkpoint_loads_with_weights_only_and_callback_state_is_small(tmp_path
         f"net.{i}.{kind}" for i in (0, 2, 4) for kind in ("weight", "bias")
     ]
     assert "gsgd" in ckpt["optimizer_states"][0]
+
+
+def test_resume_never_reapplies_the_skeleton_even_without_callback_state(tmp_path):
+    """A checkpoint from plain SGD (no momentum, no GSGDCallback state): resuming keeps its weights."""
+    torch.manual_seed(2)
+    model = MLPModule(lr=0.1)
+    trainer = cpu_trainer(max_steps=2)
+    trainer.fit(model, make_loader(make_dataset()))
+    path = tmp_path / "sgd.ckpt"
+    trainer.save_checkpoint(path)
+    saved = params_of(model)
+
+    resumed = MLPModule(lr=0.1)
+    cpu_trainer(max_steps=2, callbacks=[GSGDCallback()]).fit(resumed, make_loader(make_dataset()), ckpt_path=path)
+    for name, value in params_of(resumed).items():  # max_steps already reached: on_fit_start only
+        assert torch.equal(value, saved[name]), name
+
+
+def test_a_second_fit_with_the_same_callback_keeps_the_trained_skeleton():
+    torch.manual_seed(3)
+    model = MLPModule(lr=0.1)
+    trainer = cpu_trainer(max_steps=3, callbacks=[GSGDCallback()])
+    trainer.fit(model, make_loader(make_dataset()))
+    trained = params_of(model)
+    trainer.fit(model, make_loader(make_dataset()))  # max_steps already reached: on_fit_start only
+    for name, value in params_of(model).items():
+        assert torch.equal(value, trained[name]), name

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def restore_environ():
-    """LightningCLI seeds everything, which writes PL_GLOBAL_SEED into os.environ."""
+def restore_environ(monkeypatch):
+    """LightningCLI seeds everything, which writes PL_GLOBAL_SEED into os.environ; it also reads sys.argv."""
+    monkeypatch.setattr(sys, "argv", ["examples/cli.py"])
     saved = dict(os.environ)
     yield
     os.environ.clear()
@@ -36,6 +37,7 @@ def _quiet(tmp_path: Path) -> list[str]:
         "--trainer.num_sanity_val_steps=0",
         "--trainer.limit_val_batches=0",
         f"--trainer.default_root_dir={tmp_path}",
+        "--seed_everything=0",
         "--data.n_samples=64",
         "--data.batch_size=16",
     ]
