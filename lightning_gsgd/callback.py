@@ -225,9 +225,9 @@ class GSGDCallback(Callback):
 
     # ------------------------------------------------------------------ helpers
     def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Topology:
+        # Outside the precision plugin's autocast: the self-check compares outputs at full precision.
         x = example_input(trainer, pl_module)
-        with trainer.precision_plugin.forward_context():
-            topology = detect_topology(pl_module, x, allow_empty=True, **self.detect_options)
+        topology = detect_topology(pl_module, x, allow_empty=True, **self.detect_options)
         if not topology.chains and not topology.bn_layers:
             if not self.allow_empty:
                 raise TopologyError(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,8 +116,9 @@ def test_lr_scheduler_stays_attached(recwarn):
 
 def test_bf16_mixed_on_cpu_equals_autocast_by_hand():
     torch.manual_seed(6)
-    model = MLPModule(lr=0.05, momentum=0.9)
+    model = MLPModule(lr=0.05, momentum=0.9, example=False)  # detection and its self-check on real data
     ref = clone(model)
+    ref.example_input_array = make_dataset().tensors[0][:8]
     _, batches = _fit(model, steps=3, precision="bf16-mixed")
     train_by_hand(ref, batches[:3], lr=0.05, momentum=0.9, autocast_bf16=True)
     _assert_same(model, ref)
@@ -128,6 +132,18 @@ def test_gsgd_from_configure_optimizers_is_bound():
     assert trainer.optimizers[0].is_bound
     train_by_hand(ref, batches[:3], lr=0.05, momentum=0.9)
     _assert_same(model, ref)
+
+
+def test_detection_options_reach_detect_topology():
+    trainer, _ = _fit(MLPModule(), steps=1, callback=GSGDCallback(exclude=["net.4"], self_check=False))
+    topology = trainer.optimizers[0].topology
+    assert [layer.name for chain in topology.chains for layer in chain.layers] == ["net.0", "net.2"]
+    assert {e.name for e in topology.excluded} == {"net.4.weight", "net.4.bias"}
+
+
+def test_importing_the_package_does_not_import_lightning():
+    code = "import sys, lightning_gsgd; assert not any(m.split('.')[0] == 'lightning' for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
 
 
 def test_unbound_gsgd_without_callback_says_how_to_bind():

@@ -76,7 +76,7 @@ def test_ddp_in_process_replicas_identical_and_equal_single_process(tmp_path, cl
     # ddp_fork costs no imports; it cannot start once CUDA is initialized (e.g. by a GPU test), then spawn.
     strategy = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
     torch.manual_seed(ddp_script.SEED)
-    model = MLPModule(lr=0.05, momentum=0.9)
+    model = MLPModule(lr=0.05, momentum=0.9, example=False)  # the example input comes from the training data
     callbacks = [GSGDCallback(), NoCollectivesInStep(), SaveParams(str(tmp_path))]
     trainer = cpu_trainer(strategy=strategy, devices=2, max_steps=ddp_script.STEPS, callbacks=callbacks)
     trainer.fit(model, make_loader(make_dataset(), ddp_script.PER_RANK_BATCH))
