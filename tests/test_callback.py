@@ -141,6 +141,17 @@ def test_detection_options_reach_detect_topology():
     assert {e.name for e in topology.excluded} == {"net.4.weight", "net.4.bias"}
 
 
+def test_frozen_layers_stay_out_of_the_chains_and_unchanged():
+    torch.manual_seed(11)
+    model = MLPModule(lr=0.05)
+    model.net[0].requires_grad_(False)
+    frozen = params_of(model)["net.0.weight"]
+    trainer, _ = _fit(model, steps=2)
+    topology = trainer.optimizers[0].topology
+    assert [layer.name for chain in topology.chains for layer in chain.layers] == ["net.2", "net.4"]
+    assert torch.equal(model.net[0].weight, frozen)
+
+
 def test_importing_the_package_does_not_import_lightning():
     code = "import sys, lightning_gsgd; assert not any(m.split('.')[0] == 'lightning' for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
@@ -168,7 +179,7 @@ def test_example_input_from_the_first_training_batch():
 def test_lr_finder_searches_with_bound_gsgd_after_skeleton_init():
     """The range test must run G-SGD; the LR finder's own on_fit_start comes before the callback's."""
     torch.manual_seed(9)
-    model = RecordingMLP(lr=0.05)
+    model = RecordingMLP(lr=0.05, example=False)  # the example input comes from the data, before the finder
     callback = GSGDCallback()
     trainer = cpu_trainer(max_epochs=1, callbacks=[callback])
     loader = make_loader(make_dataset(64), 4)

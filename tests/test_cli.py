@@ -71,10 +71,16 @@ def test_callback_from_yaml_config(tmp_path):
     assert opt.param_groups[0]["momentum"] == 0.9
 
 
-def test_cli_optimizer_gsgd_with_the_mixin(tmp_path):
-    _, opt = _fit(
-        ["--model=examples.cli.GSGDMLP", "--optimizer=lightning_gsgd.GSGD", "--optimizer.lr=0.03", *_quiet(tmp_path)]
-    )
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["--model=examples.cli.GSGDMLP"],
+        ["--model=examples.cli.MLP", "--trainer.callbacks+=lightning_gsgd.GSGDCallback"],
+    ],
+    ids=["mixin", "callback"],
+)
+def test_cli_optimizer_gsgd_from_bare_parameters_is_bound(tmp_path, how):
+    _, opt = _fit([*how, "--optimizer=lightning_gsgd.GSGD", "--optimizer.lr=0.03", *_quiet(tmp_path)])
     assert opt.param_groups[0]["lr"] == 0.03
 
 
@@ -88,6 +94,7 @@ def test_help_lists_the_callback_arguments(capsys):
     assert "keeps the configured optimizer's" in out  # the Args: docstring became the help text
 
 
+@pytest.mark.slow  # a fresh interpreter (~10 s of imports); the YAML path itself is tested in-process above
 def test_users_can_run_the_example_from_a_shell(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

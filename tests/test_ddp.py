@@ -45,9 +45,7 @@ def _global_batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Lightning gives each training rank a DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED or 0);
     a global batch is the union of the ranks' batches at the same step."""
     dataset = make_dataset()
-    per_rank = [
-        list(DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=seed)) for r in (0, 1)
-    ]
+    per_rank = [list(DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=seed)) for r in (0, 1)]
     b = ddp_script.PER_RANK_BATCH
     batches = []
     for k in range(ddp_script.STEPS):
