@@ -117,6 +117,8 @@ class GSGDCallback(Callback):
             raise ValueError(f"GSGDCallback: min_ratio={min_ratio} must be in (0, 1)")
         if not 0.0 <= min_coverage <= 1.0:
             raise ValueError(f"GSGDCallback: min_coverage={min_coverage} must be in [0, 1]")
+        if bn_mode not in ("sgd", "authors_heuristic"):
+            raise ValueError(f"GSGDCallback: bn_mode={bn_mode!r} must be 'sgd' or 'authors_heuristic'")
         self.overrides = Overrides(lr=lr, momentum=momentum, weight_decay=weight_decay, min_ratio=min_ratio)
         self.skeleton_init = skeleton_init
         self.allow_empty = allow_empty

@@ -159,7 +159,14 @@ def test_checkpoint_for_other_chains_is_refused():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"lr": -1.0}, {"momentum": -0.1}, {"weight_decay": -1.0}, {"min_ratio": 1.0}, {"min_coverage": 1.5}],
+    [
+        {"lr": -1.0},
+        {"momentum": -0.1},
+        {"weight_decay": -1.0},
+        {"min_ratio": 1.0},
+        {"min_coverage": 1.5},
+        {"bn_mode": "x"},
+    ],
 )
 def test_invalid_arguments_are_refused(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
