@@ -38,12 +38,11 @@ pure building blocks. Every value is a 0-d floating tensor on the parameters' de
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_gsgd.functional import (
     LayerIndex,
@@ -51,9 +50,7 @@ from lightning_gsgd.functional import (
     chain_backbone,
     chain_gamma,
     chain_path_values,
-    free_mask,
 )
-from lightning_gsgd.skeleton import random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology import Chain, Topology
 
 #: Keys of :func:`topology_summary`.
@@ -120,119 +117,166 @@ def _work(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _chain_tensors(chain: Chain) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[Tensor | None]]:
-    """3-D weights and gradients (zeros where a gradient is missing), biases and bias gradients."""
+def _chain_tensors(
+    chain: Chain, grads: bool = True
+) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[Tensor | None]]:
+    """3-D weights, their gradients (zeros where missing; empty if ``grads`` is false), biases, bias gradients."""
     weights = [_work(layer.weight3d().detach()) for layer in chain.layers]
-    grads = [
-        _work(layer.weight3d(layer.weight.grad.detach())) if layer.weight.grad is not None else torch.zeros_like(w)
+    biases = [None if layer.bias is None else _work(layer.bias.detach()) for layer in chain.layers]
+    if not grads:
+        return weights, [], biases, []
+    wgrads = [
+        torch.zeros_like(w) if layer.weight.grad is None else _work(layer.weight3d(layer.weight.grad.detach()))
         for layer, w in zip(chain.layers, weights)
     ]
-    biases = [None if layer.bias is None else _work(layer.bias.detach()) for layer in chain.layers]
-    bias_grads: list[Tensor | None] = []
+    bgrads: list[Tensor | None] = []
     for layer, b in zip(chain.layers, biases):
-        if b is None:
-            bias_grads.append(None)
-        else:
-            g = layer.bias.grad if layer.bias is not None else None
-            bias_grads.append(torch.zeros_like(b) if g is None else _work(g.detach()))
-    return weights, grads, biases, bias_grads
+        g = None if layer.bias is None else layer.bias.grad
+        bgrads.append(None if b is None else torch.zeros_like(b) if g is None else _work(g.detach()))
+    return weights, wgrads, biases, bgrads
 
 
-def chain_path_grads(
+def _sq_per_pair(t: Tensor) -> Tensor:
+    """``[n_out, n_in]``: the sum over taps of ``t**2`` (a fresh tensor the caller may modify)."""
+    sq = t.square()
+    return sq.squeeze(2) if sq.shape[2] == 1 else sq.sum(2)
+
+
+def chain_basis_values(
+    weights: list[Tensor], biases: list[Tensor | None], index: list[LayerIndex]
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """Basis-path values as fresh tensors (two elementwise passes per layer).
+
+    Returns:
+        Per layer ``v`` shaped like the weight, with its sigma entries (not coordinates) set to 0;
+        per layer the hidden bias's ``v`` (``None`` for the output layer and for layers without a
+        bias).
+    """
+    vw, vb = chain_path_values(weights, biases, index)
+    for v, idx in zip(vw, index):
+        if idx.sig_rows is not None:
+            v[idx.sig_rows, idx.sig_cols, idx.centre] = 0
+    return vw, list(vb[:-1]) + [None]
+
+
+def _sq_norm(values: list[Tensor | None]) -> Tensor:
+    return torch.stack([torch.linalg.vector_norm(v).square() for v in values if v is not None]).sum()
+
+
+@dataclass
+class ChainReading:
+    """What :func:`read_chain` measures on one chain (0-d tensors unless noted).
+
+    Attributes:
+        grad_sq: Sum of ``(dL/dv)**2`` over the chain's basis paths.
+        value_sq: Sum of ``v**2`` over the chain's basis paths.
+        skeleton_abs: ``|v|`` of every skeleton path (1-D).
+        imbalance_terms: ``log(||incoming|| / ||outgoing||)`` of every hidden unit (1-D).
+        values: The basis-path values from :func:`chain_basis_values` (weights, hidden biases).
+    """
+
+    grad_sq: Tensor
+    value_sq: Tensor
+    skeleton_abs: Tensor
+    imbalance_terms: Tensor
+    values: tuple[list[Tensor], list[Tensor | None]]
+
+
+def read_chain(
     weights: list[Tensor],
     grads: list[Tensor],
     biases: list[Tensor | None],
     bias_grads: list[Tensor | None],
     index: list[LayerIndex],
-) -> tuple[list[Tensor], list[Tensor | None]]:
-    """``dL/dv`` for every weight entry and hidden bias of a chain (inverse chain rule).
+    tau_cols: list[Tensor | None],
+) -> ChainReading:
+    """Path-space norms, skeleton values and imbalance terms of one chain.
 
-    For an edge ``e = (a -> b)`` that is not a tau edge, ``dL/dv_e = dL/dw_e / (B(a) F(b))``; a tau
-    edge also carries every path through its source node, whose share ``Gamma(a) / v_e`` is removed
-    (gsgd-math.md section 3). A hidden bias gives ``dL/dw_b / F(b)``.
+    With ``v_e = w_e B(a) F(b)`` and, for an edge ``e = (a -> b)`` that is not a tau edge,
+    ``dL/dv_e = g_e / (B(a) F(b))`` (gsgd-math.md sections 2-3), the squared gradient norm of a
+    layer is ``F**-2 . sum_taps(g**2) . B**-2`` less its O(H) sigma entries (not coordinates). A
+    free tau edge also carries every path through its source node ``a``: its ``dL/dv`` is
+    ``g_e / (B(a) F(b)) - Gamma(a) / v_e`` (``Gamma`` from :func:`chain_gamma`), added separately.
+    A hidden bias gives ``v = bias F(b)`` and ``dL/dv = dL/dbias / F(b)``.
+
+    Cost per layer, in passes over the weight: two for the path values (kept for the relative
+    update), one for their norm, two for the unit norms, two for the gradient norm, and the
+    ``w . g`` reduction inside :func:`chain_gamma`; no host synchronization.
 
     Args:
-        weights: ``[n_out, n_in, taps]`` weights, input to output.
+        weights: ``[n_out, n_in, taps]`` weights, input to output (float32 or wider).
         grads: Matching ``dL/dw``.
         biases: Bias per layer (or ``None``).
         bias_grads: Bias gradients per layer (``None`` where there is no bias).
-        index: Sigma/tau indices per layer.
-
-    Returns:
-        ``(dw, db)``: per layer a tensor shaped like the weight (its sigma entries are not
-        coordinates and hold no meaning: mask them with :func:`free_mask`), and per layer the hidden
-        bias's ``dL/dv`` (``None`` for the output layer and for layers without a bias).
+        index: Sigma/tau indices per layer (:func:`chain_index`).
+        tau_cols: Free tau columns per layer (:func:`free_tau_cols`).
     """
     B, F = chain_backbone(weights, index)
     gammas = chain_gamma(weights, grads, biases, bias_grads, index)
+    vw, vb = chain_basis_values(weights, biases, index)
     last = len(weights) - 1
-    dw: list[Tensor] = []
-    db: list[Tensor | None] = []
+    grad_sq = torch.zeros((), dtype=weights[0].dtype, device=weights[0].device)
+    skeleton: list[Tensor] = []
+    terms: list[Tensor] = []
+    incoming: Tensor | None = None
     for l, (w, g, idx) in enumerate(zip(weights, grads, index)):
-        scale = B[l].view(1, -1, 1) * F[l].view(-1, 1, 1)
-        p = g / scale
-        if idx.tau_rows is not None:
-            cols = torch.arange(idx.n_in, device=w.device)
-            v_tau = w[idx.tau_rows, cols, idx.centre] * scale[idx.tau_rows, cols, 0]
-            p[idx.tau_rows, cols, idx.centre] -= gammas[l - 1] / v_tau
-        dw.append(p)
-        gb = bias_grads[l]
-        db.append(gb / F[l] if gb is not None and l < last else None)
-    return dw, db
+        if incoming is not None:  # this layer's columns are the previous hidden units' outgoing weights
+            outgoing = torch.linalg.vector_norm(w, dim=(0, 2)).square()
+            terms.append(0.5 * (torch.log(incoming) - torch.log(outgoing)))
+        if l < last:
+            incoming = torch.linalg.vector_norm(w, dim=(1, 2)).square()
+            bias, gb = biases[l], bias_grads[l]
+            if bias is not None:
+                incoming = incoming + bias.square()
+            if gb is not None:
+                grad_sq = grad_sq + (gb / F[l]).square().sum()
+        g2 = _sq_per_pair(g)
+        if idx.sig_rows is not None:
+            g2[idx.sig_rows, idx.sig_cols] -= g[idx.sig_rows, idx.sig_cols, idx.centre].square()
+        cols = tau_cols[l]
+        if cols is not None:
+            assert idx.tau_rows is not None
+            rows = idx.tau_rows[cols]
+            g2[rows, cols] -= g[rows, cols, idx.centre].square()
+            v_tau = vw[l][rows, cols, idx.centre]
+            p_tau = g[rows, cols, idx.centre] / (B[l][cols] * F[l][rows]) - gammas[l - 1][cols] / v_tau
+            grad_sq = grad_sq + p_tau.square().sum()
+            skeleton.append(v_tau.abs())
+        grad_sq = grad_sq + torch.dot(F[l].square().reciprocal(), g2 @ B[l].square().reciprocal())
+    value_sq = _sq_norm(vw + vb)
+    return ChainReading(grad_sq, value_sq, torch.cat(skeleton), torch.cat(terms), (vw, vb))
 
 
-def _masked_sq(values: list[Tensor], masks: list[Tensor], extra: list[Tensor | None]) -> Tensor:
-    """Sum of squares of ``values`` where ``masks`` hold, plus of every non-``None`` ``extra``."""
-    total = torch.zeros((), dtype=values[0].dtype, device=values[0].device)
-    for v, m in zip(values, masks):
-        total = total + torch.where(m, v, 0.0).square().sum()
-    for e in extra:
-        if e is not None:
-            total = total + e.square().sum()
-    return total
-
-
-def _hidden(vb: list[Tensor | None]) -> list[Tensor | None]:
-    """Hidden biases only (the output layer's bias is not a path value)."""
-    return list(vb[:-1]) + [None]
-
-
-def chain_imbalance_terms(chain: Chain) -> Tensor:
-    """``log(||incoming|| / ||outgoing||)`` of every hidden unit of ``chain``, concatenated."""
-    terms = []
-    for layer, nxt in zip(chain.layers[:-1], chain.layers[1:]):
-        inc = _work(layer.weight3d().detach()).square().sum(dim=(1, 2))
-        if layer.bias is not None:
-            inc = inc + _work(layer.bias.detach()).square()
-        out = _work(nxt.weight3d().detach()).square().sum(dim=(0, 2))
-        terms.append(0.5 * (torch.log(inc) - torch.log(out)))
-    return torch.cat(terms)
-
-
-@dataclass
-class _Snapshot:
-    """Basis-path values of every chain before a step (sigma entries zeroed), flattened."""
-
-    values: list[Tensor]
+def _update_sq(
+    kept: tuple[list[Tensor], list[Tensor | None]],
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    index: list[LayerIndex],
+) -> Tensor:
+    """``||v_now - v_kept||**2`` over the basis paths of one chain (consumes the fresh values)."""
+    vw, vb = chain_basis_values(weights, biases, index)
+    diffs: list[Tensor | None] = [v.sub_(k) for v, k in zip(vw, kept[0])]
+    diffs += [None if v is None or k is None else v.sub_(k) for v, k in zip(vb, kept[1])]
+    return _sq_norm(diffs)
 
 
 class PathDiagnostics:
     """Invariant-space metrics of a model's ReLU chains, for a training loop or callback.
 
     Call it on logging steps only; between calls it holds nothing but index tensors (and, between
-    :meth:`before_step` and :meth:`after_step`, one copy of the basis-path values).
+    :meth:`before_step` and :meth:`after_step`, the basis-path values: one copy of the chain weights).
 
     Protocol, on a step that logs:
 
     1. :meth:`before_step` once the gradients of the step are final and before the optimizer
        changes the weights (Lightning: ``on_before_optimizer_step``). Returns the gradient and
-       weight metrics and keeps the path values.
+       weight metrics and keeps the basis-path values.
     2. :meth:`after_step` after the optimizer step (Lightning: ``on_train_batch_end``). Returns the
        relative update and the optimizer's counters, and drops the kept values.
 
-    Cost: each call is a few elementwise passes over the chain weights (``before_step``: path
-    values, path gradients, masks; ``after_step``: path values), at most about one G-SGD step, and
-    no host synchronization. Memory between the two calls: one float copy of the chain weights.
+    Cost, in elementwise passes over the chain weights (an SGD step is about one): ``before_step``
+    about nine (see :func:`read_chain`), ``after_step`` four; the rest is O(hidden units). No call
+    synchronizes with the host.
 
     Args:
         topology: The model's topology (its chains hold the live parameters).
@@ -243,7 +287,8 @@ class PathDiagnostics:
         self.topology = topology
         self.per_chain = per_chain
         self._index: dict[int, tuple[torch.device, list[LayerIndex], list[Tensor | None]]] = {}
-        self._snapshot: _Snapshot | None = None
+        self._kept: list[tuple[list[Tensor], list[Tensor | None]]] | None = None
+        self._kept_sq: list[Tensor] = []
 
     def summary(self) -> dict[str, float]:
         """The fit-start numbers (see :func:`topology_summary`)."""
@@ -259,7 +304,7 @@ class PathDiagnostics:
 
     @torch.no_grad()
     def before_step(self) -> dict[str, Tensor]:
-        """Gradient and weight metrics at the current weights; keeps the path values for :meth:`after_step`.
+        """Gradient and weight metrics at the current weights; keeps what :meth:`after_step` needs.
 
         Gradients that are ``None`` count as zero (as in the optimizer). Non-finite gradients give a
         non-finite ``path_grad_norm``, which is what happened.
@@ -268,28 +313,16 @@ class PathDiagnostics:
             The :data:`BEFORE_KEYS` (and per-chain keys if enabled) as 0-d tensors.
         """
         out: dict[str, Tensor] = {}
-        grad_sq, value_sq, skel, imb, kept = [], [], [], [], []
+        readings: list[ChainReading] = []
         for ci, chain in enumerate(self.topology.chains):
             index, tau_cols = self._indices(ci, chain)
-            weights, grads, biases, bias_grads = _chain_tensors(chain)
-            vw, vb = chain_path_values(weights, biases, index)
-            dw, db = chain_path_grads(weights, grads, biases, bias_grads, index)
-            masks = [free_mask(v, idx) for v, idx in zip(vw, index)]
-            g2 = _masked_sq(dw, masks, db)
-            v2 = _masked_sq(vw, masks, _hidden(vb))
-            s = torch.cat(
-                [vw[l][index[l].tau_rows[c], c, index[l].centre].abs() for l, c in enumerate(tau_cols) if c is not None]
-            )
-            terms = chain_imbalance_terms(chain)
-            grad_sq.append(g2)
-            value_sq.append(v2)
-            skel.append(s)
-            imb.append(terms)
-            kept.append(_flat_values(vw, vb, masks))
+            r = read_chain(*_chain_tensors(chain), index, tau_cols)
+            readings.append(r)
             if self.per_chain:
-                out.update(_prefixed(f"chain{ci}/", _stats(g2, v2, s, terms)))
-        self._snapshot = _Snapshot(kept)
-        out.update(_stats(torch.stack(grad_sq).sum(), torch.stack(value_sq).sum(), torch.cat(skel), torch.cat(imb)))
+                out.update(_prefixed(f"chain{ci}/", _stats([r])))
+        self._kept = [r.values for r in readings]
+        self._kept_sq = [r.value_sq for r in readings]
+        out.update(_stats(readings))
         return out
 
     @torch.no_grad()
@@ -307,23 +340,20 @@ class PathDiagnostics:
         Raises:
             RuntimeError: :meth:`before_step` was not called since the last :meth:`after_step`.
         """
-        if self._snapshot is None:
+        if self._kept is None:
             raise RuntimeError("PathDiagnostics.after_step: call before_step() before the optimizer step first")
-        before, self._snapshot = self._snapshot.values, None
+        kept, self._kept = self._kept, None
         out: dict[str, Tensor] = {}
-        diff_sq, base_sq = [], []
+        diff_sq: list[Tensor] = []
         for ci, chain in enumerate(self.topology.chains):
             index, _ = self._indices(ci, chain)
-            weights, _, biases, _ = _chain_tensors(chain)
-            vw, vb = chain_path_values(weights, biases, index)
-            now = _flat_values(vw, vb, [free_mask(v, idx) for v, idx in zip(vw, index)])
-            d2 = (now - before[ci]).square().sum()
-            b2 = before[ci].square().sum()
+            weights, _, biases, _ = _chain_tensors(chain, grads=False)
+            d2 = _update_sq(kept[ci], weights, biases, index)
             diff_sq.append(d2)
-            base_sq.append(b2)
             if self.per_chain:
-                out[f"chain{ci}/relative_update"] = torch.sqrt(d2 / b2)
-        out["relative_update"] = torch.sqrt(torch.stack(diff_sq).sum() / torch.stack(base_sq).sum())
+                out[f"chain{ci}/relative_update"] = torch.sqrt(d2 / self._kept_sq[ci])
+        base = torch.stack(self._kept_sq).sum()
+        out["relative_update"] = torch.sqrt(torch.stack(diff_sq).sum() / base)
         if optimizer is not None and hasattr(optimizer, "guard_hits") and hasattr(optimizer, "skipped_steps"):
             device = out["relative_update"].device
             out["guard_hits"] = optimizer.guard_hits.to(device=device, dtype=torch.float32)
@@ -331,81 +361,17 @@ class PathDiagnostics:
         return out
 
 
-def _flat_values(vw: list[Tensor], vb: list[Tensor | None], masks: list[Tensor]) -> Tensor:
-    parts = [torch.where(m, v, 0.0).flatten() for v, m in zip(vw, masks)]
-    parts += [b for b in _hidden(vb) if b is not None]
-    return torch.cat(parts)
-
-
-def _stats(grad_sq: Tensor, value_sq: Tensor, skel: Tensor, imb: Tensor) -> dict[str, Tensor]:
+def _stats(readings: list[ChainReading]) -> dict[str, Tensor]:
+    skel = torch.cat([r.skeleton_abs for r in readings])
     return {
-        "path_grad_norm": torch.sqrt(grad_sq),
-        "basis_path_norm": torch.sqrt(value_sq),
+        "path_grad_norm": torch.sqrt(torch.stack([r.grad_sq for r in readings]).sum()),
+        "basis_path_norm": torch.sqrt(torch.stack([r.value_sq for r in readings]).sum()),
         "skeleton_abs_min": skel.min(),
         "skeleton_abs_median": skel.median(),
         "skeleton_abs_max": skel.max(),
-        "imbalance": imb.std(correction=0),
+        "imbalance": torch.cat([r.imbalance_terms for r in readings]).std(correction=0),
     }
 
 
 def _prefixed(prefix: str, metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     return {prefix + k: v for k, v in metrics.items()}
-
-
-@torch.no_grad()
-def invariance_residual(
-    model: nn.Module,
-    topology: Topology,
-    example_input: Any,
-    *,
-    spread: float = 1.0,
-    generator: torch.Generator | None = None,
-    forward: Callable[[nn.Module, Any], Tensor] | None = None,
-) -> Tensor:
-    """Check that positive rescaling of hidden units leaves the model's output unchanged.
-
-    Rescales every hidden unit of every chain of ``model`` in place by ``exp(U(-spread, spread))``,
-    runs the model in eval mode on ``example_input`` before and after, then restores the parameters
-    bit for bit (from a copy) and the train/eval mode, even if the forward raises. A residual at
-    rounding level says the topology is right; a large one names a wrong chain (a non-homogeneous
-    map inside it, or a layer read by something outside the chain).
-
-    Cost (off by default in the callback): two forward passes on ``example_input`` without
-    gradients, one copy of the chain parameters, and one host synchronization (checking the
-    factors are positive). Use the same ``generator`` seed on every rank to get the same value.
-
-    Args:
-        model: The model the topology was detected on.
-        topology: Its topology.
-        example_input: A batch ``model`` accepts.
-        spread: Log-scale half-width of the random factors.
-        generator: Random generator for the factors (CPU).
-        forward: ``forward(model, example_input) -> Tensor``; default ``model(example_input)``.
-
-    Returns:
-        ``max |f_rescaled(x) - f(x)| / max |f(x)|`` as a 0-d tensor (0 when ``f(x)`` is all zero and
-        unchanged).
-
-    Raises:
-        TypeError: The forward does not return a tensor.
-    """
-    run = forward if forward is not None else (lambda m, x: m(x))
-    params = topology.chain_params()
-    saved = [p.detach().clone() for p in params]
-    was_training = model.training
-    model.eval()
-    try:
-        ref = run(model, example_input)
-        if not isinstance(ref, Tensor):
-            raise TypeError(
-                f"invariance_residual: the model returned {type(ref).__name__}; pass forward= to pick a tensor"
-            )
-        rescale_hidden_units_(topology, random_unit_factors(topology, spread, generator))
-        out = run(model, example_input)
-    finally:
-        for p, s in zip(params, saved):
-            p.copy_(s)
-        model.train(was_training)
-    scale = ref.abs().max()
-    diff = (out - ref).abs().max()
-    return torch.where(scale > 0, diff / scale, diff)
