@@ -281,6 +281,21 @@ class PathDiagnostics:
     Args:
         topology: The model's topology (its chains hold the live parameters).
         per_chain: Also return ``chain{i}/<name>`` for every name in :data:`PER_CHAIN_KEYS`.
+
+    Example:
+        A plain training loop (a callback does the same in its hooks)::
+
+            diag = PathDiagnostics(topology)
+            for step, (x, y) in enumerate(loader):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                logging = step % 50 == 0
+                if logging:
+                    metrics = diag.before_step()
+                opt.step()
+                if logging:
+                    metrics |= diag.after_step(opt)
+                    logger.log_metrics({"gsgd/" + k: v.item() for k, v in metrics.items()}, step)
     """
 
     def __init__(self, topology: Topology, *, per_chain: bool = False) -> None:
