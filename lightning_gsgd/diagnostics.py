@@ -34,6 +34,7 @@ Definitions (per chain, then pooled over all chains):
 Use :class:`PathDiagnostics` from a training loop or callback; the module-level functions are its
 pure building blocks. Every value is a 0-d floating tensor on the parameters' device; nothing calls
 ``.item()`` or synchronizes with the host, so a caller decides when (and whether) to pay for it.
+The optional output-invariance check lives in :mod:`lightning_gsgd.invariance`.
 """
 
 from __future__ import annotations
