@@ -39,9 +39,9 @@ Choices this library makes (each keeps that equivariance exactly):
   weight coordinates: ``buf = momentum * buf + (1 - dampening) * d``; ``w <- w - lr * buf`` (or
   ``d + momentum * buf`` with Nesterov). ``d`` transforms like ``w`` under ``g_c``, so this stays
   equivariant. The Path-SGD paper itself has neither momentum nor weight decay.
-* ``gamma`` is clamped below at ``eps`` (not shifted by it), so the update is exact wherever
-  ``gamma >= eps``; ``gamma = 0`` only occurs on edges whose gradient is zero anyway (a node with no
-  non-zero incoming or outgoing weight), which then do not move.
+* ``gamma_in`` and ``gamma_out`` are each clamped below at ``eps`` (not shifted by it), so the update is
+  exact wherever both are ``>= eps``. A zero only occurs at a node with no non-zero incoming (or
+  outgoing) weight and bias, whose edges have a zero gradient anyway and then do not move.
 * Parameters outside every chain get ``torch.optim.SGD``'s update with the same hyper-parameters
   (L2 weight decay on the weights). Non-finite gradients are applied as ``torch.optim.SGD`` would
   (no skipping).
@@ -50,18 +50,18 @@ Choices this library makes (each keeps that equivariance exactly):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd.functional import Hyper, _sgd_direction
+from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain, ChainLayer, Topology, TopologyError
 
 # ---------------------------------------------------------------------------------------------------
-# Pure functional core (no optimizer state, nothing written in place).
+# Functional core: tensors in, no optimizer state (``path_gammas`` and ``path_scales`` are pure;
+# ``path_sgd_chain_`` updates parameters in place like ``torch.optim.sgd.sgd``).
 
 
 def path_gammas(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor]]:
@@ -75,7 +75,8 @@ def path_gammas(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[lis
         ``(gamma_in, gamma_out)``: ``gamma_in[l]`` (``[n_in]`` of layer ``l``, ones for the first
         layer) and ``gamma_out[l]`` (``[n_out]`` of layer ``l``, ones for the last layer).
     """
-    sq = [w.square().sum(-1) for w in weights]  # [n_out, n_in]: parallel edges (taps) summed
+    # [n_out, n_in]: parallel edges (taps) summed
+    sq = [w.square().squeeze(-1) if w.shape[-1] == 1 else w.square().sum(-1) for w in weights]
     w0 = weights[0]
     gin = [torch.ones(w0.shape[1], dtype=w0.dtype, device=w0.device)]
     for l in range(len(weights) - 1):
@@ -94,7 +95,8 @@ def path_gammas(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[lis
 def path_scales(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[list[Tensor], list[Tensor | None]]:
     """Path-SGD's ``gamma`` for every weight entry (``[n_out, n_in, taps]``) and every bias (``[n_out]``).
 
-    Not clamped; :func:`path_sgd_chain_step` clamps at ``eps``. Meant for tests and diagnostics.
+    Not clamped (:func:`path_sgd_chain_` clamps ``gamma_in`` and ``gamma_out`` at ``eps``). Meant for
+    tests and diagnostics.
     """
     gin, gout = path_gammas(weights, biases)
     gw = [(gout[l].view(-1, 1, 1) * gin[l].view(1, -1, 1)).expand_as(w) for l, w in enumerate(weights)]
@@ -102,17 +104,7 @@ def path_scales(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[lis
     return gw, gb
 
 
-@dataclass
-class PathStep:
-    """New values computed by :func:`path_sgd_chain_step` (weights as ``[n_out, n_in, taps]``)."""
-
-    weights: list[Tensor | None]
-    biases: list[Tensor | None]
-    weight_bufs: list[Tensor | None]
-    bias_bufs: list[Tensor | None]
-
-
-def path_sgd_chain_step(
+def path_sgd_chain_(
     weights: list[Tensor],
     grads: list[Tensor | None],
     biases: list[Tensor | None],
@@ -122,47 +114,66 @@ def path_sgd_chain_step(
     weight_hp: list[Hyper],
     bias_hp: list[Hyper | None],
     eps: float,
-) -> PathStep:
-    """One Path-SGD step on a chain; returns new weights, biases and momentum buffers.
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """One Path-SGD step on a chain, **in place**, like the functional form of ``torch.optim.SGD``.
 
-    Entries whose gradient is ``None`` are returned as ``None`` (left untouched), but their weights
-    still enter ``gamma`` of the other layers.
+    ``gamma`` is computed from all the weights before any of them is written. Weights, biases and
+    existing momentum buffers are updated in place (on a CPU, full-size temporaries cost more than the
+    arithmetic: a version returning new tensors was several times slower); new buffers are returned.
+    Entries without a gradient are left untouched, but their weights still enter ``gamma``.
 
     Args:
-        weights: ``[n_out, n_in, taps]`` weight views, input to output.
+        weights: ``[n_out, n_in, taps]`` views of the weight parameters, input to output.
         grads: Matching gradient views (``None`` where there is no gradient).
-        biases: Bias per layer (or ``None``).
+        biases: Bias parameter per layer (or ``None``).
         bias_grads: Bias gradients (``None`` where there is no bias or no gradient).
-        weight_bufs: Momentum buffers (weight coordinates, ``None`` before the first step).
+        weight_bufs: Momentum buffers as ``[n_out, n_in, taps]`` views (``None`` before the first step).
         bias_bufs: Same for the biases.
         weight_hp: Hyper-parameters of each layer's weight.
         bias_hp: Hyper-parameters of each layer's bias (``None`` where there is no bias).
-        eps: Lower clamp of ``gamma``.
+        eps: Lower clamp of ``gamma_in`` and ``gamma_out``.
 
     Returns:
-        A :class:`PathStep`.
+        ``(weight_bufs, bias_bufs)``: the momentum buffers after the step (``None`` without momentum
+        or without a gradient).
     """
     gin, gout = path_gammas(weights, biases)
     L = len(weights)
-    out = PathStep([None] * L, [None] * L, [None] * L, [None] * L)
+    wbufs: list[Tensor | None] = list(weight_bufs)
+    bbufs: list[Tensor | None] = list(bias_bufs)
     for l in range(L):
-        w, g, hp = weights[l], grads[l], weight_hp[l]
+        w, g = weights[l], grads[l]
+        r_out = gout[l].clamp_min(eps).reciprocal()
         if g is not None:
-            gamma = (gout[l].view(-1, 1, 1) * gin[l].view(1, -1, 1)).clamp_min(eps)
-            d = g / gamma
-            if hp.weight_decay != 0:
-                d = d + hp.weight_decay * w
-            direction, out.weight_bufs[l] = _sgd_direction(d, weight_bufs[l], hp)
-            out.weights[l] = w - hp.lr * direction
+            # g / (gamma_out(b) * gamma_in(a)) as two broadcast products, without a full-size gamma tensor
+            d = (g * r_out.view(-1, 1, 1)).mul_(gin[l].clamp_min(eps).reciprocal().view(1, -1, 1))
+            wbufs[l] = sgd_update_(w, d, wbufs[l], weight_hp[l])
         b, gb, bhp = biases[l], bias_grads[l], bias_hp[l]
         if b is not None and gb is not None:
             assert bhp is not None
-            d = gb / gout[l].clamp_min(eps)
-            if bhp.weight_decay != 0:
-                d = d + bhp.weight_decay * b
-            direction, out.bias_bufs[l] = _sgd_direction(d, bias_bufs[l], bhp)
-            out.biases[l] = b - bhp.lr * direction
-    return out
+            bbufs[l] = sgd_update_(b, gb * r_out, bbufs[l], bhp)
+    return wbufs, bbufs
+
+
+def sgd_update_(p: Tensor, d: Tensor, buf: Tensor | None, hp: Hyper) -> Tensor | None:
+    """``torch.optim.SGD``'s rule (same operations, same rounding) with direction ``d``, in place.
+
+    ``d`` is consumed (it may be modified). Returns the momentum buffer (``buf`` updated in place, or
+    a new one on the first step; ``None`` without momentum).
+    """
+    if hp.weight_decay != 0:
+        d.add_(p, alpha=hp.weight_decay)
+    if hp.momentum != 0:
+        if buf is None:
+            buf = d.clone()
+        else:
+            buf.mul_(hp.momentum).add_(d, alpha=1 - hp.dampening)
+        d = d.add_(buf, alpha=hp.momentum) if hp.nesterov else buf
+    if isinstance(hp.lr, Tensor):
+        p.sub_(hp.lr * d)
+    else:
+        p.add_(d, alpha=-hp.lr)
+    return buf if hp.momentum != 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,7 +203,7 @@ class PathSGD(Optimizer):
         nesterov: Use Nesterov momentum.
         topology: The model's topology from :func:`lightning_gsgd.detect_topology`. May be left out
             and supplied later with :meth:`bind`.
-        eps: Lower clamp of ``gamma`` (must be positive).
+        eps: Lower clamp of ``gamma_in`` and ``gamma_out`` (must be positive).
 
     Example:
         >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
@@ -306,17 +317,15 @@ class PathSGD(Optimizer):
             for p in group["params"]:
                 if p.grad is None or id(p) in in_chain:
                     continue
-                d = p.grad + hp.weight_decay * p if hp.weight_decay != 0 else p.grad
-                direction, buf = _sgd_direction(d, self.state[p].get("momentum_buffer"), hp)
+                buf = sgd_update_(p, p.grad.clone(), self.state[p].get("momentum_buffer"), hp)
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf
-                p.sub_(hp.lr * direction)
         return loss
 
     def _chain_step(self, chain: Chain, group_of: dict[int, dict[str, Any]]) -> None:
         layers = chain.layers
         biases = [layer.bias for layer in layers]
-        res = path_sgd_chain_step(
+        wbufs, bbufs = path_sgd_chain_(
             weights=[layer.weight3d() for layer in layers],
             grads=[None if layer.weight.grad is None else layer.weight3d(layer.weight.grad) for layer in layers],
             biases=biases,
@@ -327,17 +336,11 @@ class PathSGD(Optimizer):
             bias_hp=[None if b is None else _hyper(group_of[id(b)]) for b in biases],
             eps=group_of[id(layers[0].weight)]["eps"],
         )
-        for l, layer in enumerate(layers):
-            new_w, new_buf = res.weights[l], res.weight_bufs[l]
-            if new_w is not None:
-                layer.weight.copy_(new_w.view_as(layer.weight))
-                if new_buf is not None:
-                    self.state[layer.weight]["momentum_buffer"] = new_buf.view_as(layer.weight)
-            bias, new_b = layer.bias, res.biases[l]
-            if bias is not None and new_b is not None:
-                bias.copy_(new_b)
-                if res.bias_bufs[l] is not None:
-                    self.state[bias]["momentum_buffer"] = res.bias_bufs[l]
+        for layer, wbuf, bias, bbuf in zip(layers, wbufs, biases, bbufs):
+            if wbuf is not None:
+                self.state[layer.weight]["momentum_buffer"] = wbuf.view_as(layer.weight)
+            if bias is not None and bbuf is not None:
+                self.state[bias]["momentum_buffer"] = bbuf
 
 
 def _view3d(layer: ChainLayer, buf: Tensor | None) -> Tensor | None:
