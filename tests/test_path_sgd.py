@@ -322,3 +322,15 @@ def test_skeleton_sgd_is_init_skeleton_then_torch_sgd():
     assert not all(torch.equal(a, b) for a, b in zip(make("cnn")[0].parameters(), model.parameters()))
     with pytest.raises(ValueError, match="example_input"):
         skeleton_sgd(model, lr=0.1)
+
+
+def test_tensor_lr_gives_the_same_steps_as_a_float_lr():
+    model, x = make("cnn1d")
+    y = _mse_target(model, x)
+    hyper = dict(momentum=0.9, weight_decay=0.01)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    out_a = _run(a, x, y, PathSGD(a.parameters(), lr=1e-3, topology=detect_topology(a, x), **hyper), 3)
+    lr = torch.tensor(1e-3, dtype=torch.float64)
+    out_b = _run(b, x, y, PathSGD(b.parameters(), lr=lr, topology=detect_topology(b, x), **hyper), 3)
+    assert not torch.equal(out_a, model(x))
+    torch.testing.assert_close(out_a, out_b, rtol=1e-14, atol=0)
