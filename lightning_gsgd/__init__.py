@@ -1,7 +1,9 @@
 """lightning-gsgd: G-SGD (SGD in the positively scale-invariant space of ReLU networks) for Lightning."""
 
+from lightning_gsgd.baselines import skeleton_sgd
 from lightning_gsgd.detect import detect_topology
 from lightning_gsgd.optim import GSGD
+from lightning_gsgd.path_sgd import PathSGD
 from lightning_gsgd.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
 
@@ -10,12 +12,14 @@ __all__ = [
     "Chain",
     "ChainLayer",
     "Excluded",
+    "PathSGD",
     "Topology",
     "TopologyError",
     "detect_topology",
     "init_skeleton_",
     "random_unit_factors",
     "rescale_hidden_units_",
+    "skeleton_sgd",
 ]
 
 __version__ = "0.1.0"
