@@ -256,9 +256,10 @@ class GSGD(Optimizer):
         in_chain: set[int] = set()
         hits = self._counter("guard_hits", device)
         for ci, chain in enumerate(self.topology.chains):
-            for layer in chain.layers:
+            for l, layer in enumerate(chain.layers):
                 in_chain.add(id(layer.weight))
-                if layer.bias is not None:
+                # the output bias is no path value: it takes the plain SGD loop below
+                if layer.bias is not None and l < len(chain.layers) - 1:
                     in_chain.add(id(layer.bias))
             hits += self._chain_step(ci, chain, group_of, where_ok)
         for group in self.param_groups:
@@ -281,7 +282,7 @@ class GSGD(Optimizer):
             layer.weight3d(layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight))
             for layer in layers
         ]
-        biases = [layer.bias for layer in layers]
+        biases = [layer.bias for layer in layers[:-1]] + [None]
         bias_grads = [None if b is None else b.grad for b in biases]
         wbufs = [self.state[layer.weight].get("momentum_buffer") for layer in layers]
         bbufs = [None if b is None else self.state[b].get("momentum_buffer") for b in biases]
@@ -304,17 +305,19 @@ class GSGD(Optimizer):
         return res.guard_hits if ok is None else res.guard_hits * ok
 
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
+        # The same tensor ops as torch.optim.SGD's single-tensor path (add with alpha rounds
+        # differently from a * b + c), so that parameters outside chains match it bit for bit.
         g = p.grad
         assert g is not None
-        d = g + hp.weight_decay * p if hp.weight_decay != 0 else g
+        d = g.add(p, alpha=hp.weight_decay) if hp.weight_decay != 0 else g
         old = self.state[p].get("momentum_buffer")
         if hp.momentum != 0:
-            buf = d.clone() if old is None else old * hp.momentum + d * (1 - hp.dampening)
-            direction = d + hp.momentum * buf if hp.nesterov else buf
+            buf = d.clone() if old is None else old.mul(hp.momentum).add_(d, alpha=1 - hp.dampening)
+            direction = d.add(buf, alpha=hp.momentum) if hp.nesterov else buf
             self.state[p]["momentum_buffer"] = _keep(buf, old, ok)
         else:
             direction = d
-        _write(p, p - hp.lr * direction, ok)
+        _write(p, p.add(direction, alpha=-hp.lr), ok)
 
 
 def _hyper(group: dict[str, Any]) -> Hyper:
