@@ -66,20 +66,6 @@ class GSGD(Optimizer):
         topology: Topology | None = None,
         min_ratio: float = 0.01,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("GSGD: a tensor lr must have exactly one element")
-        if lr < 0.0:
-            raise ValueError(f"GSGD: invalid learning rate lr={lr}; it must be >= 0")
-        if momentum < 0.0:
-            raise ValueError(f"GSGD: invalid momentum={momentum}; it must be >= 0")
-        if weight_decay < 0.0:
-            raise ValueError(f"GSGD: invalid weight_decay={weight_decay}; it must be >= 0")
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"GSGD: invalid dampening={dampening}; it must be in [0, 1]")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("GSGD: nesterov=True requires momentum > 0 and dampening = 0")
-        if not 0.0 < min_ratio < 1.0:
-            raise ValueError(f"GSGD: invalid min_ratio={min_ratio}; it must be in (0, 1)")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -88,6 +74,7 @@ class GSGD(Optimizer):
             "nesterov": nesterov,
             "min_ratio": min_ratio,
         }
+        _check_hyper(defaults, "GSGD")
         super().__init__(params, defaults)
         self.topology: Topology | None = None
         self._index: dict[int, list[LayerIndex]] = {}
@@ -95,6 +82,15 @@ class GSGD(Optimizer):
         self._counters: dict[str, Tensor] = {}
         if topology is not None:
             self.bind(topology)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as torch's optimizers do, refusing bad hyper-parameters in it.
+
+        Raises:
+            ValueError: A hyper-parameter of the group is out of range (the message names it).
+        """
+        _check_hyper({**self.defaults, **param_group}, f"GSGD param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ binding
     def bind(self, topology: Topology) -> GSGD:
@@ -318,6 +314,25 @@ class GSGD(Optimizer):
         else:
             direction = d
         _write(p, p.add(direction, alpha=-hp.lr), ok)
+
+
+def _check_hyper(h: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first out-of-range hyper-parameter of ``h``."""
+    lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
+    if lr < 0.0:
+        raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
+    if momentum < 0.0:
+        raise ValueError(f"{where}: invalid momentum={momentum}; it must be >= 0")
+    if h["weight_decay"] < 0.0:
+        raise ValueError(f"{where}: invalid weight_decay={h['weight_decay']}; it must be >= 0")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"{where}: invalid dampening={dampening}; it must be in [0, 1]")
+    if h["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+    if not 0.0 < h["min_ratio"] < 1.0:
+        raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
 
 
 def _hyper(group: dict[str, Any]) -> Hyper:
