@@ -9,13 +9,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.functional import (
     Hyper,
     LayerIndex,
     build_layer_index,
     gsgd_chain_step,
 )
-from lightning_gsgd.topology import Chain, Topology, TopologyError
+from lightning_gsgd.topology import Chain, ChainLayer, Topology, TopologyError
 
 _STATE_KEY = "gsgd"
 
@@ -123,6 +124,14 @@ class GSGD(Optimizer):
                             f"GSGD: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
                             "exclude that layer from the topology"
                         )
+        # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): bind check, see bn_heuristic.py
+        for layer in getattr(topology, "bn_layers", ()):
+            if id(layer.weight) not in owned or not layer.weight.requires_grad:
+                raise TopologyError(
+                    f"GSGD: the weight of BN-heuristic layer '{layer.name}' is not a trainable parameter "
+                    "of this optimizer"
+                )
+        # --- end BN heuristic
         if self._pending_fingerprint is not None and self._pending_fingerprint != _fingerprint(topology):
             raise TopologyError(
                 "GSGD: the loaded optimizer state was saved for a different topology "
@@ -258,6 +267,11 @@ class GSGD(Optimizer):
                 if layer.bias is not None and l < len(chain.layers) - 1:
                     in_chain.add(id(layer.bias))
             hits += self._chain_step(ci, chain, group_of, where_ok)
+        # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): dispatch, see bn_heuristic.py
+        for layer in getattr(self.topology, "bn_layers", ()):
+            in_chain.add(id(layer.weight))
+            self._bn_heuristic_step(layer, _hyper(group_of[id(layer.weight)]), where_ok)
+        # --- end BN heuristic
         for group in self.param_groups:
             hp = _hyper(group)
             for p in group["params"]:
@@ -299,6 +313,29 @@ class GSGD(Optimizer):
                 if res.bias_bufs[l] is not None:
                     self.state[bias]["momentum_buffer"] = _keep(res.bias_bufs[l], bbufs[l], ok)
         return res.guard_hits if ok is None else res.guard_hits * ok
+
+    # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): one layer, see bn_heuristic.py
+    def _bn_heuristic_step(self, layer: ChainLayer, hp: Hyper, ok: Tensor | None) -> None:
+        w = layer.weight
+        if w.grad is None:
+            return
+        old = self.state[w].get("momentum_buffer")
+        new_w, buf = bn_heuristic_step(
+            layer.weight3d(),
+            layer.weight3d(w.grad),
+            old,
+            layer.centre,
+            lr=hp.lr,
+            momentum=hp.momentum,
+            dampening=hp.dampening,
+            weight_decay=hp.weight_decay,
+            nesterov=hp.nesterov,
+        )
+        _write(w, new_w, ok)
+        if buf is not None:
+            self.state[w]["momentum_buffer"] = _keep(buf, old, ok)
+
+    # --- end BN heuristic
 
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
         # The same tensor ops as torch.optim.SGD's single-tensor path (add with alpha rounds
