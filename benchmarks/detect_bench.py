@@ -4,7 +4,8 @@ Run from the repository root:
 
     PYTHONPATH=$PWD python benchmarks/detect_bench.py [--repeats 5] [--size 224] [--batch 1]
 
-Prints one table row per variant (best and median wall time of ``--repeats`` runs) with the
+Prints one table row per variant (best and median wall time of ``--repeats`` runs, and the best
+CPU time of the process over all its threads) with the
 machine, torch version, thread count and ``os.getloadavg()`` before and after, because this
 machine is shared and a concurrent job changes the numbers. Target (issue 3): detection plus
 self-check <= 2 s for the ~25M-parameter model.
@@ -71,13 +72,15 @@ class ResNet50(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def _time(fn, repeats: int) -> tuple[float, float, object]:
-    times, out = [], None
+def _time(fn, repeats: int) -> tuple[float, float, float, object]:
+    """Best and median wall time, best CPU time of this process (all threads), last result."""
+    times, cpu, out = [], [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times), out
+        cpu.append(time.process_time() - c0)
+    return min(times), statistics.median(times), min(cpu), out
 
 
 def main() -> None:
@@ -85,7 +88,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -93,7 +99,8 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, input {tuple(x.shape)} float32")
     print(f"loadavg before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
-    header = f"{'variant':46s} {'params':>10s} {'chains':>6s} {'bn':>4s} {'cover':>6s} {'best s':>7s} {'median s':>8s}"
+    header = f"{'variant':46s} {'params':>10s} {'chains':>6s} {'bn':>4s} {'cover':>6s} "
+    header += f"{'best s':>7s} {'median s':>8s} {'cpu s':>6s}"
     print(header)
     print("-" * len(header))
     variants = [
@@ -114,13 +121,13 @@ def main() -> None:
                 with torch.no_grad():
                     return model(x)
 
-            best, med, _ = _time(run, args.repeats)
-            print(f"{label:46s} {n:10d} {'':>6s} {'':>4s} {'':>6s} {best:7.3f} {med:8.3f}")
+            best, med, cpu, _ = _time(run, args.repeats)
+            print(f"{label:46s} {n:10d} {'':>6s} {'':>4s} {'':>6s} {best:7.3f} {med:8.3f} {cpu:6.3f}")
             continue
-        best, med, topo = _time(lambda model=model, kw=kw: detect_topology(model, x, **kw), args.repeats)
+        best, med, cpu, topo = _time(lambda model=model, kw=kw: detect_topology(model, x, **kw), args.repeats)
         print(
             f"{label:46s} {n:10d} {len(topo.chains):6d} {len(topo.bn_layers):4d} "
-            f"{100 * topo.coverage:5.1f}% {best:7.3f} {med:8.3f}"
+            f"{100 * topo.coverage:5.1f}% {best:7.3f} {med:8.3f} {cpu:6.3f}"
         )
     load_after = os.getloadavg()
     print(f"loadavg after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")

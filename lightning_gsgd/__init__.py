@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_gsgd.baselines import skeleton_sgd
 from lightning_gsgd.detect import detect_topology
 from lightning_gsgd.optim import GSGD
+from lightning_gsgd.path_sgd import PathSGD
 from lightning_gsgd.selfcheck import check_invariance, invariance_error
 from lightning_gsgd.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
@@ -29,6 +31,7 @@ __all__ = [
     "Excluded",
     "GSGDCallback",
     "GSGDMixin",
+    "PathSGD",
     "Topology",
     "TopologyError",
     "check_invariance",
@@ -37,6 +40,7 @@ __all__ = [
     "invariance_error",
     "random_unit_factors",
     "rescale_hidden_units_",
+    "skeleton_sgd",
 ]
 
 __version__ = "0.1.0"

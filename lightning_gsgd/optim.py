@@ -67,20 +67,6 @@ class GSGD(Optimizer):
         topology: Topology | None = None,
         min_ratio: float = 0.01,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("GSGD: a tensor lr must have exactly one element")
-        if lr < 0.0:
-            raise ValueError(f"GSGD: invalid learning rate lr={lr}; it must be >= 0")
-        if momentum < 0.0:
-            raise ValueError(f"GSGD: invalid momentum={momentum}; it must be >= 0")
-        if weight_decay < 0.0:
-            raise ValueError(f"GSGD: invalid weight_decay={weight_decay}; it must be >= 0")
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"GSGD: invalid dampening={dampening}; it must be in [0, 1]")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("GSGD: nesterov=True requires momentum > 0 and dampening = 0")
-        if not 0.0 < min_ratio < 1.0:
-            raise ValueError(f"GSGD: invalid min_ratio={min_ratio}; it must be in (0, 1)")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -89,6 +75,7 @@ class GSGD(Optimizer):
             "nesterov": nesterov,
             "min_ratio": min_ratio,
         }
+        _check_hyper(defaults, "GSGD")
         super().__init__(params, defaults)
         self.topology: Topology | None = None
         self._index: dict[int, list[LayerIndex]] = {}
@@ -96,6 +83,15 @@ class GSGD(Optimizer):
         self._counters: dict[str, Tensor] = {}
         if topology is not None:
             self.bind(topology)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as torch's optimizers do, refusing bad hyper-parameters in it.
+
+        Raises:
+            ValueError: A hyper-parameter of the group is out of range (the message names it).
+        """
+        _check_hyper({**self.defaults, **param_group}, f"GSGD param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ binding
     def bind(self, topology: Topology) -> GSGD:
@@ -267,9 +263,10 @@ class GSGD(Optimizer):
         in_chain: set[int] = set()
         hits = self._counter("guard_hits", device)
         for ci, chain in enumerate(self.topology.chains):
-            for layer in chain.layers:
+            for l, layer in enumerate(chain.layers):
                 in_chain.add(id(layer.weight))
-                if layer.bias is not None:
+                # the output bias is no path value: it takes the plain SGD loop below
+                if layer.bias is not None and l < len(chain.layers) - 1:
                     in_chain.add(id(layer.bias))
             hits += self._chain_step(ci, chain, group_of, where_ok)
         # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): dispatch, see bn_heuristic.py
@@ -297,7 +294,7 @@ class GSGD(Optimizer):
             layer.weight3d(layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight))
             for layer in layers
         ]
-        biases = [layer.bias for layer in layers]
+        biases = [layer.bias for layer in layers[:-1]] + [None]
         bias_grads = [None if b is None else b.grad for b in biases]
         wbufs = [self.state[layer.weight].get("momentum_buffer") for layer in layers]
         bbufs = [None if b is None else self.state[b].get("momentum_buffer") for b in biases]
@@ -343,17 +340,38 @@ class GSGD(Optimizer):
     # --- end BN heuristic
 
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
+        # The same tensor ops as torch.optim.SGD's single-tensor path (add with alpha rounds
+        # differently from a * b + c), so that parameters outside chains match it bit for bit.
         g = p.grad
         assert g is not None
-        d = g + hp.weight_decay * p if hp.weight_decay != 0 else g
+        d = g.add(p, alpha=hp.weight_decay) if hp.weight_decay != 0 else g
         old = self.state[p].get("momentum_buffer")
         if hp.momentum != 0:
-            buf = d.clone() if old is None else old * hp.momentum + d * (1 - hp.dampening)
-            direction = d + hp.momentum * buf if hp.nesterov else buf
+            buf = d.clone() if old is None else old.mul(hp.momentum).add_(d, alpha=1 - hp.dampening)
+            direction = d.add(buf, alpha=hp.momentum) if hp.nesterov else buf
             self.state[p]["momentum_buffer"] = _keep(buf, old, ok)
         else:
             direction = d
-        _write(p, p - hp.lr * direction, ok)
+        _write(p, p.add(direction, alpha=-hp.lr), ok)
+
+
+def _check_hyper(h: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first out-of-range hyper-parameter of ``h``."""
+    lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
+    if lr < 0.0:
+        raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
+    if momentum < 0.0:
+        raise ValueError(f"{where}: invalid momentum={momentum}; it must be >= 0")
+    if h["weight_decay"] < 0.0:
+        raise ValueError(f"{where}: invalid weight_decay={h['weight_decay']}; it must be >= 0")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"{where}: invalid dampening={dampening}; it must be in [0, 1]")
+    if h["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+    if not 0.0 < h["min_ratio"] < 1.0:
+        raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
 
 
 def _hyper(group: dict[str, Any]) -> Hyper:
