@@ -112,7 +112,9 @@ def fixed_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torc
     return grads
 
 
-def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], None]], reps: int, warmup: int, sync: Callable[[], None]
+) -> dict[str, list[float]]:
     """Time each callable ``reps`` times, round-robin (rotating the start), after ``warmup`` rounds.
 
     Returns:
@@ -121,7 +123,7 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, sync
     names = list(fns)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + reps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             sync()
             t0 = time.perf_counter()

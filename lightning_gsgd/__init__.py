@@ -1,21 +1,59 @@
-"""lightning-gsgd: G-SGD (SGD in the positively scale-invariant space of ReLU networks) for Lightning."""
+"""lightning-gsgd: G-SGD (SGD in the positively scale-invariant space of ReLU networks) for Lightning.
 
+The core (``GSGD``, ``detect_topology``, the topology and skeleton helpers) imports only torch.
+``GSGDCallback`` and ``GSGDMixin`` import Lightning, on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from lightning_gsgd.baselines import skeleton_sgd
 from lightning_gsgd.detect import detect_topology
 from lightning_gsgd.optim import GSGD
+from lightning_gsgd.path_sgd import PathSGD
+from lightning_gsgd.selfcheck import check_invariance, invariance_error
 from lightning_gsgd.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
+
+if TYPE_CHECKING:
+    from lightning_gsgd.callback import GSGDCallback
+    from lightning_gsgd.mixin import GSGDMixin
+
+# Public names whose modules import Lightning: loaded on first attribute access (PEP 562).
+_LAZY = {"GSGDCallback": "lightning_gsgd.callback", "GSGDMixin": "lightning_gsgd.mixin"}
 
 __all__ = [
     "GSGD",
     "Chain",
     "ChainLayer",
     "Excluded",
+    "GSGDCallback",
+    "GSGDMixin",
+    "PathSGD",
     "Topology",
     "TopologyError",
+    "check_invariance",
     "detect_topology",
     "init_skeleton_",
+    "invariance_error",
     "random_unit_factors",
     "rescale_hidden_units_",
+    "skeleton_sgd",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_gsgd' has no attribute '{name}'")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -150,7 +150,7 @@ class Prepared:
 
     def sums(self) -> Tensor:
         """Per-row sums ``sum(w * g)`` (bias included) of every layer: finite iff the step can run."""
-        return self.work.base[: -1]
+        return self.work.base[:-1]
 
 
 def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None]) -> Prepared:

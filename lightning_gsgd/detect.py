@@ -1,215 +1,346 @@
-"""Find the ReLU chains of a model: ``detect_topology``.
+"""Find the ReLU chains of any PyTorch model: ``detect_topology``.
 
-This version walks ``nn.Sequential`` models (nested ones too), running ``example_input`` through
-them to learn every layer's input layout (channels and spatial size, needed for Flatten -> Linear).
+The model's data flow comes from :mod:`lightning_gsgd.graph` (torch.fx tracing, or a recorded
+forward pass when tracing fails). Two weight layers ``A -> B`` (``nn.Linear`` / ``nn.ConvNd`` with
+``groups=1``) are linked when every tensor from ``A``'s output to ``B``'s input has exactly one
+consumer, every op between them is positively homogeneous per unit and keeps units apart
+(:mod:`lightning_gsgd.flow`), ``B`` reads ``A``'s units, and neither layer's parameters are used
+anywhere else. Chains are the maximal runs of links; everything else is left to plain SGD, with
+the reason. The result is then proved on the model (:func:`lightning_gsgd.check_invariance`).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import math
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
+from lightning_gsgd.flow import (
+    CONVS,
+    ELEMENTWISE,
+    RESHAPE,
+    SPATIAL,
+    Layout,
+    accepts,
+    conv_centre,
+    is_batchnorm,
+    is_weight_layer,
+    output_layout,
+    transition,
+    weight_layer_problem,
+)
+from lightning_gsgd.graph import Op, OpGraph
+from lightning_gsgd.graph_fx import trace_fx
+from lightning_gsgd.graph_record import record_forward
+from lightning_gsgd.selfcheck import check_invariance
 from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
 
-# Maps that commute with positive per-unit scaling and keep each unit in its own channel/feature.
-HOMOGENEOUS = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+log = logging.getLogger(__name__)
+
+_METHODS = ("auto", "fx", "record")
 
 
-def weight_layer_problem(module: nn.Module) -> str | None:
-    """Why a Linear/Conv module cannot be a chain layer, or ``None`` if it can."""
-    if isinstance(module, CONVS):
-        if module.groups != 1:
-            return f"grouped/depthwise convolution (groups={module.groups})"
-        return None
-    if isinstance(module, nn.Linear):
-        return None
-    return f"{type(module).__name__} is not a Linear or Conv layer"
+def build_graph(model: nn.Module, example_input: Any, method: str = "auto") -> OpGraph:
+    """The model's op graph: torch.fx tracing, or recording a forward pass if tracing fails.
 
-
-def conv_centre(kernel_size: tuple[int, ...]) -> int:
-    """Flat index of the kernel's centre tap (``k // 2`` in every dimension)."""
-    idx = 0
-    for k in kernel_size:
-        idx = idx * k + k // 2
-    return idx
+    Args:
+        model: Any ``nn.Module`` (a ``LightningModule`` too); it runs in eval mode here.
+        example_input: Tensor, tuple/list (positional arguments) or dict (keyword arguments).
+        method: ``"auto"`` (fx, then recording), ``"fx"`` or ``"record"``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"detect_topology: method must be one of {_METHODS}, got {method!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        if method in ("auto", "fx"):
+            try:
+                return trace_fx(model, example_input)
+            except Exception as exc:  # tracing fails on data-dependent control flow and more
+                if method == "fx":
+                    raise
+                log.info(
+                    "detect_topology: torch.fx tracing failed (%s: %s); recording a forward pass instead",
+                    type(exc).__name__,
+                    exc,
+                )
+        return record_forward(model, example_input)
+    finally:
+        model.train(was_training)
 
 
 @dataclass
-class _Builder:
-    """Accumulates the layers of the chain being built and the layout of its current activation."""
-
-    layers: list[ChainLayer] = field(default_factory=list)
-    pending: ChainLayer | None = None  # last weight layer, not yet known to have a successor
-    channels: int = 0  # nodes of the current activation
-    spatial: int = 1  # entries per node after a flatten (product of spatial dims)
-    flat: bool = False  # whether the activation is [N, channels * spatial] (after Flatten)
-    feature_last: bool = True  # nodes live on the last dim (Linear output) or dim 1 (conv output)
+class _Link:
+    target: int  # op index of the next weight layer
+    n_in: int
+    taps: int
 
 
-def _make_layer(name: str, module: nn.Module, n_in: int, taps: int) -> ChainLayer:
-    if isinstance(module, CONVS):
-        k = tuple(module.kernel_size)
-        return ChainLayer(name, module.weight, module.bias, module.out_channels, n_in, taps, conv_centre(k))
-    assert isinstance(module, nn.Linear)
-    return ChainLayer(name, module.weight, module.bias, module.out_features, n_in, taps, taps // 2)
+@dataclass
+class _End:
+    reason: str  # why no next layer
+    norm: Op | None = None  # the BatchNorm that normalizes the layer's units per channel, if any
 
 
-def _flatten_sequential(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
-    out: list[tuple[str, nn.Module]] = []
-    for name, child in module.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, nn.Sequential):
-            out.extend(_flatten_sequential(child, full))
-        else:
-            out.append((full, child))
-    return out
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def detect_topology(model: nn.Module, example_input: Any, *, allow_empty: bool = False) -> Topology:
-    """Find the ReLU chains of ``model`` that G-SGD treats exactly.
+def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Sequence[str]) -> dict[int, str | None]:
+    """For every weight-layer op: why it cannot be a chain layer (``None`` if it can)."""
+    uses: Counter[int] = Counter()
+    for op in graph:
+        for p in {id(p): p for p in op.params}.values():
+            uses[id(p)] += 1
+    calls = Counter(id(op.module) for op in graph if op.kind == "module")
+    problems: dict[int, str | None] = {}
+    for op in graph:
+        if not is_weight_layer(op):
+            continue
+        assert op.module is not None
+        mod = op.module
+        own = [p for p in (mod.weight, getattr(mod, "bias", None)) if p is not None]
+        problem = weight_layer_problem(mod)
+        if problem is None and calls[id(mod)] > 1:
+            problem = f"shared weight: module '{op.qualname}' is called {calls[id(mod)]} times"
+        elif problem is None and any(uses[id(p)] > 1 for p in own):
+            problem = "shared weight: its parameters are also used by another op"
+        elif problem is None and any(not p.requires_grad for p in own):
+            problem = "frozen (requires_grad=False)"
+        elif problem is None and include is not None and not _matches(op.qualname, include):
+            problem = "not named in include="
+        elif problem is None and _matches(op.qualname, exclude):
+            problem = "excluded by exclude="
+        problems[op.index] = problem
+    return problems
+
+
+def _follow(graph: OpGraph, a: Op, layout: Layout, problems: dict[int, str | None]) -> _Link | _End:
+    """Walk from weight layer ``a``'s output to the next weight layer, or say why the chain ends."""
+    ops = graph.ops
+    cur = a
+    while True:
+        if len(cur.users) != 1:
+            what = "its output" if cur is a else f"the output of {cur.describe()}"
+            return _End(f"{what} has {len(cur.users)} consumers" if cur.users else f"{what} is not used")
+        u = ops[cur.users[0]]
+        others = [s for s in u.inputs if s != cur.index and s >= 0 and ops[s].shape is not None]
+        if others or u.data_input != cur.index:
+            return _End(f"{u.describe()} combines it with another tensor")
+        assert cur.shape is not None
+        if is_weight_layer(u):
+            if problems.get(u.index):
+                return _End(f"next layer '{u.qualname}' is excluded ({problems[u.index]})")
+            how = accepts(u, layout, cur.shape)
+            if isinstance(how, str):
+                return _End(how)
+            return _Link(u.index, *how)
+        nxt = transition(u, layout, cur.shape)
+        if isinstance(nxt, str):
+            per_channel = layout.dim == 1 and layout.inner == 1 and len(cur.shape) >= 2
+            return _End(nxt, u if is_batchnorm(u) and per_channel else None)
+        layout, cur = nxt, u
+
+
+def _before(graph: OpGraph, op: Op) -> str:
+    """What feeds a weight layer, skipping homogeneous ops (for exclusion messages)."""
+    ops = graph.ops
+    src = op.data_input
+    while src >= 0 and ops[src].name in ELEMENTWISE | SPATIAL | RESHAPE:
+        src = ops[src].data_input
+    if src < 0:
+        return "a constant"
+    s = ops[src]
+    if s.kind == "input":
+        return "the model input"
+    if is_weight_layer(s):
+        return f"'{s.qualname}'"
+    return s.describe()
+
+
+def _make_layer(op: Op, n_in: int | None, taps: int | None) -> ChainLayer:
+    mod = op.module
+    if isinstance(mod, CONVS):
+        k = tuple(mod.kernel_size)
+        n = mod.in_channels if n_in is None else n_in
+        t = math.prod(k) if taps is None else taps
+        return ChainLayer(op.qualname, mod.weight, mod.bias, mod.out_channels, n, t, conv_centre(k))
+    assert isinstance(mod, nn.Linear)
+    n = mod.in_features if n_in is None else n_in
+    t = 1 if taps is None else taps
+    return ChainLayer(op.qualname, mod.weight, mod.bias, mod.out_features, n, t, t // 2)
+
+
+BN_MODES = ("sgd", "authors_heuristic")
+
+
+def find_chains(
+    model: nn.Module,
+    graph: OpGraph,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    bn_mode: str = "sgd",
+) -> Topology:
+    """The chains and exclusions of ``model`` from its op graph (no self-check).
 
     Args:
-        model: An ``nn.Sequential`` (nested Sequentials allowed) of Linear, ConvNd (groups=1),
-            ReLU/LeakyReLU/PReLU, pooling, dropout, Flatten and Identity layers; other modules end
-            the current chain and their parameters are left to plain SGD.
-        example_input: A batch the model accepts; it is run once in eval mode without gradients
-            to learn the activation shapes.
+        model: The model the graph was built from.
+        graph: Its op graph (:func:`build_graph`).
+        include: See :func:`detect_topology`.
+        exclude: See :func:`detect_topology`.
+        bn_mode: See :func:`detect_topology`.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"detect_topology: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    ops = graph.ops
+    problems = _weight_problems(graph, include, exclude)
+    names = [op.qualname for op in ops if is_weight_layer(op)]
+    for kind, patterns in (("include", include or ()), ("exclude", exclude)):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no Linear/Conv layer ({names})")
+    links: dict[int, _Link] = {}
+    ends: dict[int, str] = {}
+    normalized: dict[int, Op] = {}
+    for op in ops:
+        if not is_weight_layer(op) or problems[op.index] is not None:
+            continue
+        in_shape = ops[op.data_input].shape if op.data_input >= 0 else None
+        layout = output_layout(op, in_shape)
+        if layout is None:
+            ends[op.index] = "its output units cannot be located (unbatched input?)"
+            continue
+        res = _follow(graph, op, layout, problems)
+        if isinstance(res, _End):
+            ends[op.index] = res.reason
+            if res.norm is not None:
+                normalized[op.index] = res.norm
+        else:
+            links[op.index] = res
+    has_pred = {link.target for link in links.values()}
+    chains: list[Chain] = []
+    covered: set[int] = set()
+    for start in links:
+        if start in has_pred:
+            continue
+        layers = [_make_layer(ops[start], None, None)]
+        cur = start
+        while cur in links:
+            link = links[cur]
+            layers.append(_make_layer(ops[link.target], link.n_in, link.taps))
+            cur = link.target
+        chains.append(Chain(tuple(layers)))
+        covered.update(id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None)
+    reasons = _reasons(model, graph, problems, ends)
+    bn_layers: list[ChainLayer] = []
+    if bn_mode == "authors_heuristic":
+        in_chain = set(links) | has_pred
+        for i, norm in normalized.items():
+            if i in in_chain:
+                continue
+            layer = _make_layer(ops[i], None, None)
+            bn_layers.append(layer)
+            covered.add(id(layer.weight))
+            if layer.bias is not None:
+                reasons[id(layer.bias)] = (
+                    f"bias of '{layer.name}', whose outputs {norm.describe()} normalizes "
+                    "(the BN heuristic updates only the weight)"
+                )
+    excluded = tuple(
+        Excluded(name, p.numel(), reasons.get(id(p), "not used on example_input"))
+        for name, p in model.named_parameters()
+        if id(p) not in covered
+    )
+    return Topology(tuple(chains), excluded, tuple(bn_layers), graph.method)
+
+
+def _reasons(model: nn.Module, graph: OpGraph, problems: dict[int, str | None], ends: dict[int, str]) -> dict[int, str]:
+    reasons: dict[int, str] = {}
+    for op in graph:
+        if op.kind == "module" and op.module is not None and is_weight_layer(op):
+            problem = problems[op.index]
+            if problem is not None:
+                why = f"'{op.qualname}': {problem}"
+            else:
+                after, before = ends.get(op.index), _before(graph, op)
+                why = f"'{op.qualname}' is in no ReLU chain (after it: {after}; before it: {before})"
+            for p in op.params:
+                reasons.setdefault(id(p), why)
+        elif op.kind == "module":
+            for p in op.params:
+                reasons.setdefault(id(p), f"parameter of {op.describe()} (not a Linear/Conv layer)")
+        else:
+            for p in op.params:
+                reasons.setdefault(
+                    id(p), f"read by a '{op.name}' call (only nn.Linear/nn.ConvNd modules are chain layers)"
+                )
+    return reasons
+
+
+def detect_topology(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    allow_empty: bool = False,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    min_coverage: float = 0.0,
+    self_check: bool = True,
+    bn_mode: str = "sgd",
+    method: str = "auto",
+) -> Topology:
+    """Find the ReLU chains of ``model`` that G-SGD treats exactly, and prove them.
+
+    Args:
+        model: Any ``nn.Module`` (a ``LightningModule`` too). Chain layers are ``nn.Linear`` and
+            ``nn.ConvNd`` modules (``groups=1``) joined by ReLU/LeakyReLU/PReLU (modules,
+            ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not), pooling, dropout,
+            channel-major flatten/view/reshape, spatial mean and identity.
+        example_input: A batch the model accepts, as Lightning's ``example_input_array``: a
+            tensor, a tuple/list of positional arguments, or a dict of keyword arguments (wrap a
+            dict that ``forward`` takes as one argument in a tuple). The model runs on it in eval
+            mode without gradients.
         allow_empty: Return a topology without chains instead of raising.
+        include: Module-name patterns (``fnmatch``); if given, only matching layers may be in chains.
+        exclude: Module-name patterns of layers to leave to plain SGD.
+        min_coverage: Raise unless at least this share of the parameters is in chains.
+        self_check: Rescale every detected hidden unit at random and check that the outputs on
+            ``example_input`` do not change (:func:`lightning_gsgd.check_invariance`).
+        bn_mode: What to do with layers whose outputs BatchNorm normalizes per channel (directly or
+            through ReLU/pooling/dropout). ``"sgd"`` (default): leave them to plain SGD and say so
+            in ``excluded``. ``"authors_heuristic"``: list them in ``Topology.bn_layers`` so that
+            :class:`~lightning_gsgd.GSGD` updates their weights with the heuristic of the G-SGD
+            authors' CIFAR code (:mod:`lightning_gsgd.bn_heuristic`; not exact G-SGD, no invariance
+            guarantee, not covered by the self-check).
+        method: How to read the data flow: ``"auto"`` (torch.fx, falling back to recording a
+            forward pass), ``"fx"`` or ``"record"``.
 
     Returns:
         The :class:`Topology`.
 
     Raises:
-        TopologyError: No chain was found (and ``allow_empty`` is false), or the model is not a
-            Sequential.
+        TopologyError: No chain was found (unless ``allow_empty``), coverage is below
+            ``min_coverage``, an include/exclude pattern matches no layer, or the self-check failed.
     """
-    if not isinstance(model, nn.Sequential):
-        raise TopologyError(
-            f"detect_topology: {type(model).__name__} is not an nn.Sequential; this version only walks "
-            "Sequential models"
-        )
-    steps = _flatten_sequential(model, "")
-    chains: list[Chain] = []
-    reasons: dict[int, str] = {}
-    b = _Builder()
-
-    def close(reason: str) -> None:
-        nonlocal b
-        layers = b.layers + ([b.pending] if b.pending is not None else [])
-        if len(layers) >= 2:
-            chains.append(Chain(tuple(layers)))
-        elif layers:
-            reasons[id(layers[0].weight)] = f"no ReLU chain through '{layers[0].name}' ({reason})"
-        b = _Builder()
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            x = example_input
-            for name, module in steps:
-                y = module(x)
-                if isinstance(module, (nn.Linear, *CONVS)):
-                    problem = weight_layer_problem(module)
-                    if problem is not None:
-                        close(f"'{name}' is a {problem}")
-                        reasons[id(module.weight)] = f"'{name}': {problem}"
-                        x = y
-                        continue
-                    if b.pending is not None and _fits(b, module, x):
-                        taps = _taps(b, module)
-                        b.layers.append(b.pending)
-                        b.pending = _make_layer(name, module, b.channels, taps)
-                    else:
-                        close(f"'{name}' does not read the previous layer's units directly")
-                        n_in = module.in_channels if isinstance(module, CONVS) else module.in_features
-                        k = math.prod(module.kernel_size) if isinstance(module, CONVS) else 1
-                        b.pending = _make_layer(name, module, n_in, k)
-                    b.channels = b.pending.n_out
-                    b.spatial, b.flat = 1, False
-                    b.feature_last = isinstance(module, nn.Linear)
-                elif isinstance(module, HOMOGENEOUS):
-                    pass
-                elif isinstance(module, nn.Flatten) and b.pending is not None and _flatten_ok(b, module, x):
-                    b.spatial = math.prod(x.shape[2:])
-                    b.flat = True
-                else:
-                    close(f"{type(module).__name__} at '{name}' is not positively homogeneous per unit")
-                x = y
-            close("end of the model")
-    finally:
-        model.train(was_training)
-
-    covered = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
-    excluded = []
-    for pname, p in model.named_parameters():
-        if id(p) in covered:
-            continue
-        owner = pname.rsplit(".", 1)[0]
-        reason = reasons.get(id(p)) or reasons.get(id(_weight_of(model, owner))) or "not in a ReLU chain"
-        excluded.append(Excluded(pname, p.numel(), reason))
-    topo = Topology(tuple(chains), tuple(excluded))
-    if not chains and not allow_empty:
-        detail = "; ".join(f"{e.name}: {e.reason}" for e in excluded) or "the model has no parameters"
+    graph = build_graph(model, example_input, method)
+    topo = find_chains(model, graph, include=include, exclude=exclude, bn_mode=bn_mode)
+    if not topo.chains and not topo.bn_layers and not allow_empty and min_coverage <= 0:
+        detail = "; ".join(f"{e.name}: {e.reason}" for e in topo.excluded) or "the model has no parameters"
         raise TopologyError(f"detect_topology: no ReLU chain found ({detail})")
+    if topo.coverage < min_coverage:
+        detail = "\n".join(f"  {e.name} ({e.numel}): {e.reason}" for e in topo.excluded)
+        raise TopologyError(
+            f"detect_topology: coverage {100 * topo.coverage:.1f}% is below min_coverage="
+            f"{100 * min_coverage:.1f}%; parameters left to plain SGD:\n{detail}"
+        )
+    if self_check:
+        # the graph's forward pass ran the model's own modules in eval mode: reuse its output
+        check_invariance(model, topo, example_input, reference=graph.output)
     return topo
-
-
-def _weight_of(model: nn.Module, owner: str) -> Any:
-    try:
-        return model.get_submodule(owner).get_parameter("weight")
-    except AttributeError:
-        return None
-
-
-def _fits(b: _Builder, module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module`` reads the pending layer's units in a layout the chain understands."""
-    if isinstance(module, CONVS):
-        return (not b.flat) and (not b.feature_last) and module.in_channels == b.channels and x.dim() >= 3
-    assert isinstance(module, nn.Linear)
-    if b.flat:
-        return x.dim() == 2 and module.in_features == b.channels * b.spatial
-    return b.feature_last and module.in_features == b.channels
-
-
-def _taps(b: _Builder, module: nn.Module) -> int:
-    if isinstance(module, CONVS):
-        return math.prod(module.kernel_size)
-    return b.spatial if b.flat else 1
-
-
-def _flatten_ok(b: _Builder, module: nn.Flatten, x: torch.Tensor) -> bool:
-    """Flatten keeps units separable only from the channel dim to the end, channel-major."""
-    if b.flat:
-        return False
-    if b.feature_last:
-        return x.dim() == 2 and module.start_dim in (1, -1)
-    end = module.end_dim if module.end_dim >= 0 else x.dim() + module.end_dim
-    return module.start_dim == 1 and end == x.dim() - 1 and x.shape[1] == b.channels

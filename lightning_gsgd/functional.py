@@ -267,7 +267,9 @@ def gsgd_chain_step(
             hit = idx.tau_free & ~(new / old >= min_ratio)
             hits = hits + hit.sum()
             v_new[idx.tau_rows, cols, idx.centre] = torch.where(hit, old * min_ratio, new)
-        w_new = v_new / (bcol * F_new.view(-1, 1, 1))
+        # w' = v' / (B F') written as (w + dv / (B F)) * (F / F'): when nothing moves (lr = 0) this
+        # returns w bit for bit, where v' / (B F') would round w * B * F / (B * F).
+        w_new = (w + (v_new - v) / (bcol * frow)) * (frow / F_new.view(-1, 1, 1))
         if idx.sig_rows is not None:
             w_new[idx.sig_rows, idx.sig_cols, idx.centre] = _sigma(w, idx)
             buf = new_wbuf[l]
@@ -283,7 +285,7 @@ def gsgd_chain_step(
             if bhp.weight_decay != 0:
                 db = db + bhp.weight_decay * vb
             bdir, new_bbuf[l] = _sgd_direction(db, bias_bufs[l], bhp)
-            new_b[l] = (vb - bhp.lr * bdir) / F_new
+            new_b[l] = (b - bhp.lr * bdir / F[l]) * (F[l] / F_new)
         if l > 0:
             F_new = _tau(w_new, idx) * F_new[idx.tau_rows]
     return ChainStep(new_w, new_b, new_wbuf, new_bbuf, hits)

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
 from lightning_gsgd.chain_step import ChainWork, Prepared, Slot, apply_chain, prepare_chain
 from lightning_gsgd.functional import Hyper
-from lightning_gsgd.topology import Chain, Topology, TopologyError
+from lightning_gsgd.topology import Chain, ChainLayer, Topology, TopologyError
 
 _STATE_KEY = "gsgd"
 
@@ -63,20 +64,6 @@ class GSGD(Optimizer):
         topology: Topology | None = None,
         min_ratio: float = 0.01,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("GSGD: a tensor lr must have exactly one element")
-        if lr < 0.0:
-            raise ValueError(f"GSGD: invalid learning rate lr={lr}; it must be >= 0")
-        if momentum < 0.0:
-            raise ValueError(f"GSGD: invalid momentum={momentum}; it must be >= 0")
-        if weight_decay < 0.0:
-            raise ValueError(f"GSGD: invalid weight_decay={weight_decay}; it must be >= 0")
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"GSGD: invalid dampening={dampening}; it must be in [0, 1]")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("GSGD: nesterov=True requires momentum > 0 and dampening = 0")
-        if not 0.0 < min_ratio < 1.0:
-            raise ValueError(f"GSGD: invalid min_ratio={min_ratio}; it must be in (0, 1)")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -85,6 +72,7 @@ class GSGD(Optimizer):
             "nesterov": nesterov,
             "min_ratio": min_ratio,
         }
+        _check_hyper(defaults, "GSGD")
         super().__init__(params, defaults)
         self.topology: Topology | None = None
         self._plans: dict[int, ChainPlan] = {}
@@ -97,6 +85,15 @@ class GSGD(Optimizer):
         self._counters: dict[str, Tensor] = {}
         if topology is not None:
             self.bind(topology)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as torch's optimizers do, refusing bad hyper-parameters in it.
+
+        Raises:
+            ValueError: A hyper-parameter of the group is out of range (the message names it).
+        """
+        _check_hyper({**self.defaults, **param_group}, f"GSGD param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ binding
     def bind(self, topology: Topology) -> GSGD:
@@ -129,6 +126,14 @@ class GSGD(Optimizer):
                             f"GSGD: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
                             "exclude that layer from the topology"
                         )
+        # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): bind check, see bn_heuristic.py
+        for layer in getattr(topology, "bn_layers", ()):
+            if id(layer.weight) not in owned or not layer.weight.requires_grad:
+                raise TopologyError(
+                    f"GSGD: the weight of BN-heuristic layer '{layer.name}' is not a trainable parameter "
+                    "of this optimizer"
+                )
+        # --- end BN heuristic
         if self._pending_fingerprint is not None and self._pending_fingerprint != _fingerprint(topology):
             raise TopologyError(
                 "GSGD: the loaded optimizer state was saved for a different topology "
@@ -138,7 +143,17 @@ class GSGD(Optimizer):
         self.topology = topology
         self._plans = {}
         self._work = {}
-        self._in_chain = {id(p) for p in topology.chain_params()}
+        # Parameters the chain step owns; the output bias of a chain is no path value and takes the
+        # plain SGD path like every other parameter outside chains.
+        owned_by_chains = set()
+        for chain in topology.chains:
+            for l, layer in enumerate(chain.layers):
+                owned_by_chains.add(id(layer.weight))
+                if layer.bias is not None and l < len(chain.layers) - 1:
+                    owned_by_chains.add(id(layer.bias))
+        for layer in getattr(topology, "bn_layers", ()):
+            owned_by_chains.add(id(layer.weight))
+        self._in_chain = owned_by_chains
         return self
 
     @property
@@ -244,8 +259,10 @@ class GSGD(Optimizer):
                 loss = closure()
         if self.topology is None:
             raise RuntimeError(
-                "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) "
-                "to GSGD(...), call optimizer.bind(topology), or use GSGDCallback / GSGDMixin in Lightning"
+                "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
+                "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
+                "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
+                "lightning_gsgd.GSGDMixin first among your LightningModule's base classes"
             )
         hp_of: dict[int, tuple[Hyper, dict[str, Any]]] = {}
         device = None
@@ -274,6 +291,8 @@ class GSGD(Optimizer):
             if p.grad is not None and id(p) not in in_chain
         ]
         checks.extend(_minmax(p.grad) for p, _ in plain)
+        bn_layers = [layer for layer in getattr(self.topology, "bn_layers", ()) if layer.weight.grad is not None]
+        checks.extend(_minmax(layer.weight.grad) for layer in bn_layers)
         flags = checks[0] if len(checks) == 1 else torch.cat([c.to(device) for c in checks])
         ok = torch.isfinite(flags).all()
         skipped = self._counter("skipped_steps", device)
@@ -297,6 +316,10 @@ class GSGD(Optimizer):
                     _write(s.param, s.target, where_ok)
                 if s.buf_target is not None:
                     self.state[s.owner]["momentum_buffer"] = _keep(s.buf_target, s.buf, where_ok)
+        # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): dispatch, see bn_heuristic.py
+        for layer in bn_layers:
+            self._bn_heuristic_step(layer, hp_of[id(layer.weight)][0], where_ok)
+        # --- end BN heuristic
         for p, hp in plain:
             self._plain_sgd(p, hp, where_ok)
         self._counter("steps", device).add_(1 if where_ok is None else where_ok.long())
@@ -312,7 +335,8 @@ class GSGD(Optimizer):
         state = self.state
         weights: list[Slot] = []
         biases: list[Slot | None] = []
-        for layer in layers:
+        last = len(layers) - 1
+        for l, layer in enumerate(layers):
             w = layer.weight
             grad = w.grad if w.grad is not None else torch.zeros_like(w)
             st = state.get(w)
@@ -322,7 +346,7 @@ class GSGD(Optimizer):
                 buf = buf.view_as(w3)
             weights.append(Slot(w3, layer.weight3d(grad), hp_of[id(w)][0], buf, w3, owner=w))
             b = layer.bias
-            if b is None or b.grad is None:
+            if b is None or b.grad is None or l == last:
                 biases.append(None)
             else:
                 st = state.get(b)
@@ -330,8 +354,33 @@ class GSGD(Optimizer):
                 biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
         return prepare_chain(self._chain_work(ci, chain), weights, biases)
 
+    # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): one layer, see bn_heuristic.py
+    def _bn_heuristic_step(self, layer: ChainLayer, hp: Hyper, ok: Tensor | None) -> None:
+        w = layer.weight
+        if w.grad is None:
+            return
+        old = self.state[w].get("momentum_buffer")
+        new_w, buf = bn_heuristic_step(
+            layer.weight3d(),
+            layer.weight3d(w.grad),
+            old,
+            layer.centre,
+            lr=hp.lr,
+            momentum=hp.momentum,
+            dampening=hp.dampening,
+            weight_decay=hp.weight_decay,
+            nesterov=hp.nesterov,
+        )
+        _write(w, new_w, ok)
+        if buf is not None:
+            self.state[w]["momentum_buffer"] = _keep(buf, old, ok)
+
+    # --- end BN heuristic
+
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
-        """``torch.optim.SGD``'s update, in place (on a copy, applied with ``where``, when ``ok`` is given)."""
+        # The same tensor ops as torch.optim.SGD's single-tensor path (add with alpha rounds
+        # differently from a * b + c), so that parameters outside chains match it bit for bit;
+        # in place on the CPU, on a copy applied with ``where`` when ``ok`` is given.
         g = p.grad
         assert g is not None
         target = p if ok is None else p.clone()
@@ -351,6 +400,25 @@ class GSGD(Optimizer):
             target.add_(d, alpha=-hp.lr)
         if ok is not None:
             _write(p, target, ok)
+
+
+def _check_hyper(h: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first out-of-range hyper-parameter of ``h``."""
+    lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
+    if lr < 0.0:
+        raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
+    if momentum < 0.0:
+        raise ValueError(f"{where}: invalid momentum={momentum}; it must be >= 0")
+    if h["weight_decay"] < 0.0:
+        raise ValueError(f"{where}: invalid weight_decay={h['weight_decay']}; it must be >= 0")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"{where}: invalid dampening={dampening}; it must be in [0, 1]")
+    if h["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+    if not 0.0 < h["min_ratio"] < 1.0:
+        raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
 
 
 def _hyper(group: dict[str, Any]) -> Hyper:

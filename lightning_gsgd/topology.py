@@ -128,10 +128,17 @@ class Topology:
     Attributes:
         chains: The detected chains, in forward order.
         excluded: Parameters outside every chain, each with the reason (they get plain SGD).
+        bn_layers: Layers whose outputs are normalized by BatchNorm and that the optimizer updates
+            with the G-SGD authors' heuristic (:mod:`lightning_gsgd.bn_heuristic`); only filled by
+            ``detect_topology(..., bn_mode="authors_heuristic")``. Their biases get plain SGD and are
+            listed in ``excluded``.
+        method: How the data flow was read (``"fx"``, ``"record"``, or ``""`` if built by hand).
     """
 
     chains: tuple[Chain, ...]
     excluded: tuple[Excluded, ...] = ()
+    bn_layers: tuple[ChainLayer, ...] = ()
+    method: str = ""
 
     @property
     def hidden_units(self) -> int:
@@ -149,13 +156,18 @@ class Topology:
         return sum(c.num_params for c in self.chains)
 
     @property
+    def bn_heuristic_params(self) -> int:
+        """Scalar weights of :attr:`bn_layers` (their biases are in ``excluded``)."""
+        return sum(layer.weight.numel() for layer in self.bn_layers)
+
+    @property
     def total_params(self) -> int:
-        """Scalar parameters of the model (covered and excluded)."""
-        return self.covered_params + sum(e.numel for e in self.excluded)
+        """Scalar parameters of the model (in chains, in BN-heuristic layers, and excluded)."""
+        return self.covered_params + self.bn_heuristic_params + sum(e.numel for e in self.excluded)
 
     @property
     def coverage(self) -> float:
-        """Share of the model's parameters updated by G-SGD, in [0, 1]."""
+        """Share of the model's parameters updated by exact G-SGD (chains only), in [0, 1]."""
         total = self.total_params
         return self.covered_params / total if total else 0.0
 
@@ -177,14 +189,17 @@ class Topology:
                 fp.append((layer.name + ".weight", tuple(layer.weight.shape)))
                 if layer.bias is not None:
                     fp.append((layer.name + ".bias", tuple(layer.bias.shape)))
+        for layer in self.bn_layers:
+            fp.append((layer.name + ".weight (bn heuristic)", tuple(layer.weight.shape)))
         return fp
 
     def summary(self) -> str:
         """A readable report: chains, layers, widths, units, basis paths, coverage, exclusions."""
+        via = f" [data flow from {self.method}]" if self.method else ""
         lines = [
             f"G-SGD topology: {len(self.chains)} chain(s), {self.hidden_units} hidden units, "
             f"{self.basis_paths} basis paths, coverage {100 * self.coverage:.1f}% "
-            f"({self.covered_params} of {self.total_params} parameters)"
+            f"({self.covered_params} of {self.total_params} parameters){via}"
         ]
         for i, chain in enumerate(self.chains):
             widths = "-".join(str(w) for w in chain.widths)
@@ -198,6 +213,15 @@ class Topology:
                 lines.append(
                     f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
                 )
+        if self.bn_layers:
+            share = 100 * self.bn_heuristic_params / self.total_params if self.total_params else 0.0
+            lines.append(
+                f"  BatchNorm heuristic of the G-SGD authors (not exact G-SGD): "
+                f"{len(self.bn_layers)} layer(s), {self.bn_heuristic_params} parameters ({share:.1f}%)"
+            )
+            for layer in self.bn_layers:
+                kind = "x".join(str(s) for s in layer.weight.shape)
+                lines.append(f"    {layer.name}: {kind} ({layer.n_out} <- {layer.n_in} channels x {layer.taps} taps)")
         if self.excluded:
             lines.append("  left to plain SGD:")
             for e in self.excluded:

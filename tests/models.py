@@ -55,6 +55,39 @@ def cnn_strided_1d() -> nn.Sequential:
     )
 
 
+def tiny_mlp(bias: bool = True) -> nn.Sequential:
+    # 3-4-5-2: 120 input->output paths, small enough to enumerate (tests/test_invariants.py).
+    return nn.Sequential(nn.Linear(3, 4, bias=bias), nn.ReLU(), nn.Linear(4, 5, bias=bias), nn.ReLU(), nn.Linear(5, 2))
+
+
+def tiny_cnn(bias: bool = True) -> nn.Sequential:
+    # 5x5 input: conv 3x3 -> 3x3 map, conv 2x2 -> 2x2 map, flatten 2 channels x 4 positions -> 2.
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 2, bias=bias),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+
+
+def mixed() -> nn.Sequential:
+    # Two chains (0..2 and 6..8) around parameters that no chain covers (GELU ends the first chain,
+    # LayerNorm mixes units): those, and both chains' output biases, get plain SGD.
+    return nn.Sequential(
+        nn.Linear(4, 6),
+        nn.ReLU(),
+        nn.Linear(6, 5),
+        nn.GELU(),
+        nn.Linear(5, 5),
+        nn.LayerNorm(5),
+        nn.Linear(5, 4),
+        nn.ReLU(),
+        nn.Linear(4, 3),
+    )
+
+
 MODELS = {
     "mlp_equal": (mlp_equal, (6, 4)),
     "mlp_equal_nobias": (lambda: mlp_equal(False), (6, 4)),
@@ -62,6 +95,7 @@ MODELS = {
     "cnn": (cnn, (3, 2, 8, 8)),
     "cnn_nobias": (lambda: cnn(False), (3, 2, 8, 8)),
     "cnn1d": (cnn_strided_1d, (3, 1, 12)),
+    "mixed": (mixed, (6, 4)),
 }
 
 

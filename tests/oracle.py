@@ -117,6 +117,17 @@ class PathParameterization:
         }
         self.leaves += list(self.plain.values())
 
+    def named_leaves(self) -> dict[str, Tensor]:
+        """The leaf that stands for each model parameter: the path values of a chain weight or hidden
+        bias, the plain copy of anything else (output biases included). Use it to build param groups."""
+        out = dict(self.plain)
+        for chain, vw, vb, _, ob in self.chain_leaves:
+            for l, layer in enumerate(chain.layers):
+                out[self.names[id(layer.weight)]] = vw[l]
+                if layer.bias is not None:
+                    out[self.names[id(layer.bias)]] = vb[l] if l < len(chain.layers) - 1 else ob
+        return out
+
     def weights(self) -> dict[str, Tensor]:
         out = dict(self.plain)
         for chain, vw, vb, sigma_w, ob in self.chain_leaves:

@@ -1,0 +1,203 @@
+"""The study's experiments (issue 7), one command each.
+
+    python -m benchmarks.study.experiments width      [--out results/study] [--threads 1]
+    python -m benchmarks.study.experiments depth
+    python -m benchmarks.study.experiments invariance
+    python -m benchmarks.study.experiments bn-resnet
+    python -m benchmarks.study.experiments width --estimate   # time one short run, print the budget
+    python -m benchmarks.study.experiments width --plan       # list the settings and grids, run nothing
+
+Each experiment writes ``<out>/<name>/``: ``runs.jsonl`` (every run, appended as it finishes, so a
+rerun resumes), ``runs.csv``, ``curves.csv``, ``summary.csv`` and ``summary.json``.
+
+Learning-rate grids have the same number of points for every method (``GRID_POINTS``, spaced by
+sqrt(10)). SGD, SGD+skeleton and G-SGD share the grid centred on ``SGD_CENTRE``. Path-SGD divides each
+gradient entry by ``gamma``, whose typical size depends on width and depth by orders of magnitude;
+its grid is the same grid in units of the effective step at initialization: centred on
+``SGD_CENTRE * median(gamma)`` of the setting's seed-0 initial weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.study.data import load_splits
+from benchmarks.study.harness import RunConfig, initial_model, kw, run_one
+from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, summarize, tune, write_tables
+from lightning_gsgd.path_sgd import path_scales
+
+ALL_METHODS = ("sgd", "sgd+skeleton", "gsgd", "path-sgd")
+GRID_POINTS = 7
+SGD_CENTRE = 10**-1.5  # grid 1e-3 .. 1 (7 points) for the SGD-like methods
+TUNE_SEEDS = (0,)
+FINAL_SEEDS = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One model/dataset configuration of an experiment; ``label`` names it in the tables."""
+
+    label: dict[str, Any]
+    base: RunConfig
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment: settings x methods, tuned at spread 0, evaluated at every spread."""
+
+    name: str
+    description: str
+    settings: tuple[Setting, ...]
+    methods: tuple[str, ...] = ALL_METHODS
+    schedules: tuple[str, ...] = ("constant",)
+    spreads: tuple[float, ...] = (0.0,)
+    tune_seeds: tuple[int, ...] = TUNE_SEEDS
+    final_seeds: tuple[int, ...] = FINAL_SEEDS
+    gsgd_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def runs_per_method(self) -> int:
+        """Runs per setting and method, without grid extensions."""
+        return GRID_POINTS * len(self.schedules) * len(self.tune_seeds) + len(self.spreads) * len(self.final_seeds)
+
+    def runs_planned(self) -> int:
+        """Runs of the whole experiment, without grid extensions."""
+        return len(self.settings) * len(self.methods) * self.runs_per_method()
+
+
+def _base(model: str, epochs: int, **model_kwargs: Any) -> RunConfig:
+    return RunConfig(method="sgd", lr=0.0, model=model, model_kwargs=kw(**model_kwargs), epochs=epochs)
+
+
+def experiments(epochs: int | None = None) -> dict[str, Experiment]:
+    """The four experiments; ``epochs`` overrides every setting's epoch count."""
+
+    def e(default: int) -> int:
+        return default if epochs is None else epochs
+
+    width = tuple(Setting({"width": w}, _base("mlp2", e(60), width=w)) for w in (32, 64, 128, 256, 512, 1024))
+    depth = tuple(
+        Setting({"model": "plain_mlp", "depth": d}, _base("plain_mlp", e(60), depth=d)) for d in (4, 6, 8, 10, 12)
+    )
+    depth += (Setting({"model": "plain_cnn", "depth": 8}, _base("plain_cnn", e(40))),)
+    inv = (Setting({"model": "plain_mlp", "depth": 6}, _base("plain_mlp", e(60), depth=6)),)
+    bn = (Setting({"model": "bn_resnet"}, dataclasses.replace(_base("bn_resnet", e(40)), weight_decay=5e-4)),)
+    return {
+        x.name: x
+        for x in (
+            Experiment("width", "2-hidden-layer MLPs of widths 32..1024 on MNIST-1D", width),
+            Experiment("depth", "plain MLPs of depth 4..12 and a plain CNN (no BN) on MNIST-1D", depth),
+            Experiment(
+                "invariance",
+                "runs from randomly rescaled copies of the initial weights, factors exp(U(-s, s))",
+                inv,
+                spreads=(0.0, 0.5, 1.0, 2.0, 3.0),
+            ),
+            # The BN mode of GSGDCallback (gsgd-math.md section 7) is named in gsgd_kwargs once it exists.
+            Experiment("bn-resnet", "a small BN ResNet on MNIST-1D: G-SGD vs SGD", bn, methods=("sgd", "gsgd")),
+        )
+    }
+
+
+def grid_for(method: str, base: RunConfig) -> list[float]:
+    """The method's initial lr grid for a setting (see the module docstring)."""
+    if method != "path-sgd":
+        return lr_grid(SGD_CENTRE, GRID_POINTS)
+    splits = load_splits(base.dataset)
+    model, topology = initial_model(dataclasses.replace(base, method="path-sgd", seed=0), splits)
+    assert topology is not None
+    gammas = []
+    for chain in topology.chains:
+        biases = [None if layer.bias is None else layer.bias.detach() for layer in chain.layers]
+        gw, _ = path_scales([layer.weight3d().detach() for layer in chain.layers], biases)
+        gammas += [g.flatten() for g in gw]
+    return lr_grid(SGD_CENTRE * float(torch.cat(gammas).median()), GRID_POINTS)
+
+
+def run_experiment(exp: Experiment, out: Path, runner=run_one) -> list[dict[str, Any]]:
+    """Tune, evaluate and write the tables of one experiment; returns the summary rows."""
+    store = RunStore(out / "runs.jsonl")
+    summary: list[dict[str, Any]] = []
+    for setting in exp.settings:
+        base = dataclasses.replace(setting.base, gsgd_kwargs=kw(**exp.gsgd_kwargs))
+        for method in exp.methods:
+            choice = tune(base, method, grid_for(method, base), exp.schedules, exp.tune_seeds, store, runner)
+            for s in exp.spreads:
+                runs = evaluate_seeds(base, choice, exp.final_seeds, store, runner, rescale_spread=s)
+                summary.append(summarize(choice, runs, {**setting.label, "rescale_spread": s}))
+            write_tables(out, store, summary)
+    return summary
+
+
+def estimate(exp: Experiment, methods: Sequence[str] = ("sgd", "path-sgd"), epochs: int = 2) -> dict[str, Any]:
+    """Time one short run per setting and method; extrapolate to the experiment's planned runs.
+
+    Per run: ``epochs x (fit seconds per epoch) + (seconds outside the fit: set-up, test)``. G-SGD
+    cannot be timed before the callback exists; its runs are costed like the slowest timed method.
+    Grid extensions and diverged runs (which stop early) are not modelled.
+    """
+    rows, total = [], 0.0
+    for setting in exp.settings:
+        per_run: dict[str, float] = {}
+        per_epoch: dict[str, float] = {}
+        for m in methods:
+            if m not in exp.methods:
+                continue
+            cfg = dataclasses.replace(setting.base, method=m, lr=1e-9, epochs=epochs)
+            r = run_one(cfg, accelerator="cpu")
+            per_epoch[m] = r["fit_s"] / epochs
+            per_run[m] = per_epoch[m] * setting.base.epochs + (r["wall_s"] - r["fit_s"])
+        slowest = max(per_run.values())
+        secs = sum(per_run.get(m, slowest) for m in exp.methods) * exp.runs_per_method()
+        total += secs
+        rows.append({**setting.label, "epochs": setting.base.epochs, "s_per_epoch": per_epoch, "budget_h": secs / 3600})
+    return {
+        "experiment": exp.name,
+        "runs": exp.runs_planned(),
+        "threads": torch.get_num_threads(),
+        "settings": rows,
+        "total_h": total / 3600,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=sorted(experiments()))
+    p.add_argument("--out", type=Path, default=Path("results/study"), help="output folder (a subfolder per experiment)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--epochs", type=int, default=None, help="override every setting's epochs (for trials)")
+    p.add_argument("--estimate", action="store_true", help="time one short run per setting and print the budget")
+    p.add_argument("--plan", action="store_true", help="print settings, grids and run counts; run nothing")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    exp = experiments(args.epochs)[args.experiment]
+    if args.plan:
+        for s in exp.settings:
+            grids = {m: grid_for(m, s.base) for m in exp.methods}
+            print(json.dumps({"setting": s.label, "epochs": s.base.epochs, "grids": grids}))
+        print(json.dumps({"runs_planned": exp.runs_planned()}))
+        return
+    if args.estimate:
+        print(json.dumps(estimate(exp), indent=1))
+        return
+    t0 = time.perf_counter()
+    summary = run_experiment(exp, args.out / exp.name)
+    for row in summary:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in row.items()}))
+    print(f"done in {time.perf_counter() - t0:.0f} s; tables in {args.out / exp.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The methods compared in the study and how each one is set up.
+
+=============== ============================================ ==============================
+method          optimizer                                    initial weights
+=============== ============================================ ==============================
+``sgd``         ``torch.optim.SGD``                          PyTorch default
+``sgd+skeleton`` ``torch.optim.SGD``                         default, then ``init_skeleton_``
+``gsgd``        ``torch.optim.SGD`` turned into ``GSGD`` by  default, then ``init_skeleton_``
+                ``lightning_gsgd.GSGDCallback`` at fit start
+``path-sgd``    ``lightning_gsgd.PathSGD``                   PyTorch default
+=============== ============================================ ==============================
+
+The harness applies the skeleton initialization itself for both skeleton methods (so that
+``gsgd`` and ``sgd+skeleton`` provably start from the same weights, and so that the invariance
+experiment can rescale *after* it); the callback is therefore built with ``skeleton_init=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_gsgd import PathSGD, Topology
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the study.
+
+    Attributes:
+        name: The method's name in configs and results.
+        optimizer: ``"sgd"``, ``"gsgd"`` or ``"path-sgd"``.
+        skeleton: Whether the skeleton initialization is applied before training.
+    """
+
+    name: str
+    optimizer: str
+    skeleton: bool
+
+    @property
+    def needs_topology(self) -> bool:
+        """Whether the harness must detect the model's topology for this method."""
+        return self.skeleton or self.optimizer == "path-sgd"
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("gsgd", "gsgd", True),
+        Method("sgd", "sgd", False),
+        Method("sgd+skeleton", "sgd", True),
+        Method("path-sgd", "path-sgd", False),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The :class:`Method` called ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_optimizer(
+    method: Method,
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    topology: Topology | None,
+) -> torch.optim.Optimizer:
+    """The optimizer a LightningModule's ``configure_optimizers`` returns for ``method``.
+
+    For ``gsgd`` this is a ``torch.optim.SGD`` that :func:`gsgd_callback` converts at fit start.
+    """
+    if method.optimizer == "path-sgd":
+        if topology is None:
+            raise ValueError("path-sgd needs the model's topology")
+        return PathSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, topology=topology)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def gsgd_callback(lr: float, momentum: float, weight_decay: float, **kwargs: Any) -> L.Callback:
+    """``lightning_gsgd.GSGDCallback`` for the ``gsgd`` method (skeleton init already done by the harness).
+
+    Args:
+        lr: Learning rate in path space.
+        momentum: Momentum (on path values).
+        weight_decay: Weight decay (on path values).
+        **kwargs: Further callback arguments (e.g. a BN mode for the ResNet experiment).
+
+    Raises:
+        RuntimeError: ``lightning_gsgd.GSGDCallback`` does not exist yet (branch ``lightning`` not merged).
+    """
+    try:
+        from lightning_gsgd import GSGDCallback  # type: ignore[attr-defined]
+    except ImportError as err:
+        raise RuntimeError(
+            "method 'gsgd' trains through lightning_gsgd.GSGDCallback, which this checkout does not have yet "
+            "(it arrives with the Lightning integration, branch 'lightning'); run the other methods meanwhile"
+        ) from err
+    return GSGDCallback(lr=lr, momentum=momentum, weight_decay=weight_decay, skeleton_init=False, **kwargs)

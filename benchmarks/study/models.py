@@ -1,0 +1,121 @@
+"""The study's models, built from a name and keyword arguments (``build_model``).
+
+All take flat inputs ``[N, n_features]`` (convolutional models unflatten them to ``[N, 1, n_features]``
+themselves), so every model reads the same :class:`~benchmarks.study.data.StudyData`. The ReLU
+models without BatchNorm are ``nn.Sequential`` so that the current ``detect_topology`` sees them as
+one chain each; the BN ResNet needs the general (torch.fx) detection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+
+def mlp(n_features: int, hidden: Sequence[int], n_classes: int) -> nn.Sequential:
+    """Linear-ReLU layers of the given hidden widths, then a Linear classifier."""
+    layers: list[nn.Module] = []
+    prev = n_features
+    for width in hidden:
+        layers += [nn.Linear(prev, width), nn.ReLU()]
+        prev = width
+    layers.append(nn.Linear(prev, n_classes))
+    return nn.Sequential(*layers)
+
+
+def mlp2(n_features: int, n_classes: int, width: int = 128) -> nn.Sequential:
+    """The paper's MLP question: two hidden layers of ``width`` units."""
+    return mlp(n_features, [width, width], n_classes)
+
+
+def plain_mlp(n_features: int, n_classes: int, depth: int = 6, width: int = 64) -> nn.Sequential:
+    """A plain MLP with ``depth`` Linear layers (``depth - 1`` hidden layers of ``width`` units)."""
+    if depth < 2:
+        raise ValueError(f"plain_mlp: depth must be >= 2, got {depth}")
+    return mlp(n_features, [width] * (depth - 1), n_classes)
+
+
+def plain_cnn(
+    n_features: int, n_classes: int, channels: int = 16, blocks: Sequence[int] = (2, 2, 2), kernel: int = 3
+) -> nn.Sequential:
+    """PlainNet-style Conv1d net without BN: stem conv, 3 stages (channels c, 2c, 4c; stride 2 at the
+    start of stages 2 and 3), global average pooling, Linear classifier. One ReLU chain end to end.
+
+    Conv layers: ``1 + sum(blocks)``; weight layers: that plus one.
+    """
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, n_features))]
+    layers += [nn.Conv1d(1, channels, kernel, padding=kernel // 2), nn.ReLU()]
+    prev = channels
+    for stage, n in enumerate(blocks):
+        width = channels * 2**stage
+        for i in range(n):
+            stride = 2 if stage > 0 and i == 0 else 1
+            layers += [nn.Conv1d(prev, width, kernel, stride=stride, padding=kernel // 2), nn.ReLU()]
+            prev = width
+    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(prev, n_classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock1d(nn.Module):
+    """ResNet basic block in 1-D: conv-BN-ReLU-conv-BN plus a (projected) shortcut, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm1d(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv1d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm1d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv1d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm1d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class BNResNet(nn.Module):
+    """A small BN ResNet on 1-D signals: stem, 3 stages of basic blocks (c, 2c, 4c), GAP, Linear."""
+
+    def __init__(self, n_features: int, n_classes: int, channels: int = 16, blocks: Sequence[int] = (1, 1, 1)) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.stem = nn.Sequential(nn.Conv1d(1, channels, 3, padding=1, bias=False), nn.BatchNorm1d(channels), nn.ReLU())
+        stages: list[nn.Module] = []
+        prev = channels
+        for stage, n in enumerate(blocks):
+            width = channels * 2**stage
+            for i in range(n):
+                stages.append(BasicBlock1d(prev, width, 2 if stage > 0 and i == 0 else 1))
+                prev = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(prev, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.view(x.shape[0], 1, self.n_features)
+        x = self.pool(self.stages(self.stem(x)))
+        return self.fc(x.flatten(1))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp2": mlp2,
+    "plain_mlp": plain_mlp,
+    "plain_cnn": plain_cnn,
+    "bn_resnet": BNResNet,
+}
+
+
+def build_model(name: str, n_features: int, n_classes: int, **kwargs: Any) -> nn.Module:
+    """Build model ``name`` (a key of :data:`MODELS`) with the given keyword arguments.
+
+    Uses the global torch generator for the default initialization: seed it (or use
+    ``torch.random.fork_rng``) around the call, as :func:`benchmarks.study.harness.initial_model` does.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](n_features, n_classes, **kwargs)
