@@ -41,6 +41,7 @@ class ChainPlan:
         hidden: Number of hidden nodes H.
         hoff: Offset of hidden layer ``l``'s nodes in the hidden-node numbering (``l < L - 1``).
         n_out: Output nodes per layer.
+        row_size: Entries per output node (``n_in * taps``) per layer.
         sel: Per layer, flat indices of its sigma entries then its free tau entries.
         n_sig: Per layer, how many of ``sel[l]`` are sigma entries (0 for the last layer).
         n_sel: Length of the skeleton vector (without the appended 1).
@@ -60,6 +61,8 @@ class ChainPlan:
         walk_n: ``[H, D]`` hidden nodes along h's tau chain up to and including the first free tau
             edge (pad ``H``): ``F' = X[walk_n].prod(1)`` with ``X`` the new tau weights, or
             ``v' / B`` at free tau edges.
+        first_free: ``[H]`` the first node along h's tau chain (h included) whose tau edge is free,
+            ``H`` if there is none: ``F'(h) / F(h)`` is that edge's ratio ``v' / v`` (or 1).
         walk_bf: ``walk_b`` stacked on ``walk_f`` (one gather gives ``[B, F]``).
         walk_g_rows: ``walk_g`` with its padding moved to ``H + n_out[-1]`` (row numbering plus one).
         tau_take: ``[3, H]`` skeleton-block positions of node h's tau weight, gradient and buffer.
@@ -70,6 +73,7 @@ class ChainPlan:
     hidden: int
     hoff: tuple[int, ...]
     n_out: tuple[int, ...]
+    row_size: tuple[int, ...]
     sel: tuple[Tensor, ...]
     n_sig: tuple[int, ...]
     n_sel: int
@@ -84,6 +88,7 @@ class ChainPlan:
     walk_f: Tensor
     walk_g: Tensor
     walk_n: Tensor
+    first_free: Tensor
     walk_bf: Tensor
     walk_g_rows: Tensor
     tau_take: Tensor
@@ -103,7 +108,7 @@ class ChainPlan:
         """Memory held by the plan's index tensors."""
         tensors = [*self.sel, self.sig_pos, self.tau_pos, self.free, self.free_nodes, self.free_pos, self.nxt]
         tensors += [self.tau_layer, self.walk_b, self.walk_f, self.walk_g, self.walk_n, self.walk_bf]
-        tensors += [self.walk_g_rows, self.tau_take, self.sig_take]
+        tensors += [self.walk_g_rows, self.tau_take, self.sig_take, self.first_free]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -194,12 +199,18 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
     walk_g = walk(hs, link_g, hs, H)
     walk_n = walk(hs, nxt_step, hs, H, stop_after=free)
     free_nodes = torch.nonzero(free).flatten()
+    # last entry of each walk_n row: the walk stops at the first free node or runs out at the output
+    lengths = (walk_n < H).sum(1)
+    end = walk_n.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    first_free = torch.where(free[end] & (lengths > 0), end, torch.full_like(end, H))
     walk_g_rows = torch.where(walk_g == H, torch.full_like(walk_g, H + n_out[-1]), walk_g)
     g_off, m_off = n_sel + 1, 2 * n_sel + 1
     tau_take = torch.stack([tau_pos, tau_pos + g_off, tau_pos + m_off])
     sig_take = torch.stack([sig_pos, sig_pos + g_off])
 
     def dev(t: Tensor) -> Tensor:
+        if device.type == "cuda":  # from pinned memory the copy does not block the host
+            return t.pin_memory().to(device, non_blocking=True)
         return t.to(device)
 
     return ChainPlan(
@@ -207,6 +218,7 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
         hidden=H,
         hoff=tuple(hoff),
         n_out=tuple(n_out),
+        row_size=tuple(layer.n_in * layer.taps for layer in layers),
         sel=tuple(dev(s) for s in sel),
         n_sig=tuple(n_sig),
         n_sel=n_sel,
@@ -221,6 +233,7 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
         walk_f=dev(walk_f),
         walk_g=dev(walk_g),
         walk_n=dev(walk_n),
+        first_free=dev(first_free),
         walk_bf=dev(torch.cat([walk_b, walk_f])),
         walk_g_rows=dev(walk_g_rows),
         tau_take=dev(tau_take),

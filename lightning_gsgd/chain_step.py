@@ -1,25 +1,28 @@
 """The cheap form of the G-SGD step on a chain (gsgd-math.md section 4b), written in place.
 
 For an entry ``e = (a -> b)`` of a layer that is neither a sigma nor a free tau edge, with
-``s = 1 / (B(a) F(b))`` and ``rho = F(b) / F'(b)``, the path-space SGD step maps back to
+``s = 1 / (B(a) F(b))`` and ``rho = F'(b) / F(b)``, the path-space SGD step maps back to
 
-* no momentum: ``w' = rho ((1 - lr wd) w - lr s^2 g)``
+* no momentum: ``w' = ((1 - lr wd) w - lr s^2 g) / rho``
 * momentum: ``buf' = mu buf + (1 - damp)(s g + wd w / s)`` (``buf' = s g + wd w / s`` on the first
-  step), ``w' = rho (w - lr s buf')``
-* Nesterov: the same buffer, ``w' = rho ((1 - lr wd) w - lr s^2 g - lr mu s buf')``
+  step), ``w' = (w - lr s buf') / rho``
+* Nesterov: the same buffer, ``w' = ((1 - lr wd) w - lr s^2 g - lr mu s buf') / rho``
 
-that is SGD with an outer-product preconditioner and a per-row rescale. With momentum the passes are
-``s g`` into a temporary, ``w / s`` in place, torch's fused SGD kernel on (path values, path
-gradient, buffer), and ``* s rho`` back; otherwise a few ``torch._foreach_*`` passes. ``s`` is a
-row vector when every ``B`` is 1 (sigma weights at 1, as after
+that is SGD with an outer-product preconditioner and a per-row rescale: a few in-place
+``torch._foreach_*`` passes (:mod:`lightning_gsgd.chain_bulk`), no weight-sized temporaries. ``s``
+is a row vector when every ``B`` is 1 (sigma weights at 1, as after
 :func:`lightning_gsgd.init_skeleton_`) and an ``[n_out, n_in, 1]`` outer product otherwise. The
 momentum buffer stays in path coordinates.
+
+``rho`` needs no product over layers: ``F'(b) / F(b)`` is the ratio ``v' / v`` of the first free tau
+edge on b's tau chain (the ones before it are sigma weights, which do not move), or 1. So when
+nothing moves (``lr = 0``) every ratio is exactly 1 and every weight is returned bit for bit.
 
 Only the O(H) sigma and free tau entries need more: they are gathered into the chain's skeleton
 block (:class:`lightning_gsgd.chain_plan.ChainPlan`), updated there with the Gamma correction of
 section 3 and the guard, and written back after the elementwise passes (sigma weights unchanged,
-their buffer entries zero). ``Gamma`` needs one row reduction ``sum(w * g)`` per layer; whether
-those sums are finite is also the step's non-finite check.
+their buffer entries zero). ``Gamma`` needs one row reduction ``sum(w * g)`` per hidden layer;
+whether those sums are finite is also the step's non-finite check for those layers.
 
 The step has two phases so that it can be skipped before anything is written:
 :func:`prepare_chain` (reads only) and :func:`apply_chain` (writes).
@@ -27,19 +30,19 @@ The step has two phases so that it can be skipped before anything is written:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_gsgd.chain_bulk import Item, bulk
-from lightning_gsgd.chain_plan import ChainPlan
+from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
 
 
 @dataclass
 class Slot:
-    """One chain tensor (a layer's weight or bias) and where its step is written.
+    """One chain tensor (a layer's weight or hidden bias) and where its step is written.
 
     Attributes:
         param: The parameter (weight as ``[n_out, n_in, taps]`` view, or bias).
@@ -61,96 +64,31 @@ class Slot:
     owner: Tensor | None = None
 
 
-class ChainWork:
-    """Scratch vectors of one chain (O(H) entries) and views into them, reused across steps.
-
-    One flat tensor holds: the skeleton block ``[S, 1, G, M]``; ``B`` followed by the per-row
-    vectors ``F``, ``1/F``, ``1/F'``, ``F/F'``, ``1/(F F')`` and ``F'`` (the last layer's rows are
-    constant 1); ``X`` (new tau weights, then 1); the per-row sums (then 0); and the new skeleton
-    values. Nothing in it is optimizer state: it is rebuilt freely.
-
-    Args:
-        plan: The chain's index plan.
-        dtype: Parameter dtype.
-        device: Parameter device.
-    """
-
-    def __init__(self, plan: ChainPlan, dtype: torch.dtype, device: torch.device) -> None:
-        self.plan, self.dtype, self.device = plan, dtype, device
-        H, n_sel, L = plan.hidden, plan.n_sel, plan.n_layers
-        R = H + plan.n_out[-1]
-        sizes = [3 * n_sel + 1, H + 6 * R, H + 1, R + 1, 2 * n_sel]
-        self.vec = torch.zeros(sum(sizes), dtype=dtype, device=device)
-        skel, rowblk, x_ext, base, new = torch.split(self.vec, sizes)
-        self.skel = skel
-        self.sw = skel[:n_sel]
-        self.sg = skel[n_sel + 1 : 2 * n_sel + 1]
-        self.sbuf = skel[2 * n_sel + 1 :]
-        skel[n_sel] = 1
-        self.bf = rowblk[: 2 * H]
-        self.B = rowblk[:H]
-        f, r, q, rho, q2, fn = (rowblk[H + k * R : H + (k + 1) * R] for k in range(6))
-        self.F, self.R, self.Q, self.RHO, self.Q2, self.FN = f, r, q, rho, q2, fn
-        for v in (f, r, q, rho, q2, fn):
-            v[H:] = 1
-        self.x_ext = x_ext
-        x_ext[H] = 1
-        self.base = base  # base[R] stays 0 (padding of walk_g_rows)
-        self.nsw, self.nsbuf = new[:n_sel], new[n_sel:]
-        starts = [plan.hoff[l] if l < L - 1 else H for l in range(L)]
-        self.rows: list[slice] = [slice(a, a + plan.n_out[l]) for l, a in enumerate(starts)]
-        offs = [0]
-        for s in plan.sel:
-            offs.append(offs[-1] + s.numel())
-        self.sel_slices = [slice(offs[l], offs[l + 1]) for l in range(L)]
-        # per-layer [n_out, 1, 1] and [n_out] views of the per-row vectors
-        self.row3 = {k: [v[sl].view(-1, 1, 1) for sl in self.rows] for k, v in self._row_vectors().items()}
-        self.row1 = {k: [v[sl] for sl in self.rows] for k, v in self._row_vectors().items()}
-        self.base_rows = [base[sl] for sl in self.rows]
-        self.sw_l = [self.sw[sl] for sl in self.sel_slices]
-        self.sg_l = [self.sg[sl] for sl in self.sel_slices]
-        self.sbuf_l = [self.sbuf[sl] for sl in self.sel_slices]
-        self.nsw_l = [self.nsw[sl] for sl in self.sel_slices]
-        self.nsbuf_l = [self.nsbuf[sl] for sl in self.sel_slices]
-        self.ones_h = torch.ones(H, dtype=dtype, device=device)
-
-    def _row_vectors(self) -> dict[str, Tensor]:
-        return {"F": self.F, "R": self.R, "Q": self.Q, "RHO": self.RHO, "Q2": self.Q2}
-
-    def fits(self, plan: ChainPlan, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether this work area belongs to ``plan`` and matches the parameters' dtype and device."""
-        return self.plan is plan and self.dtype == dtype and self.device == device
-
-    def nbytes(self) -> int:
-        """Memory held by the scratch vector."""
-        return self.vec.numel() * self.vec.element_size()
-
-
 @dataclass
 class Prepared:
-    """A chain after :func:`prepare_chain`: its slots, and the skeleton block and sums filled in.
+    """A chain after :func:`prepare_chain`: its slots, with the skeleton block and row sums filled in.
 
     Attributes:
         work: The chain's work area (holds the gathered values).
         weights: One :class:`Slot` per layer weight.
-        biases: One :class:`Slot` (or ``None``) per layer bias.
+        biases: One :class:`Slot` (or ``None``) per layer; the last layer's bias is never here.
         momentum: Whether any weight has momentum (the buffer block was gathered).
-        scratch: Per layer, the ``w * g`` product, reused as scratch by the step.
+        last_check: ``[min, max]`` of the last layer's weight gradient (its rows need no sums).
     """
 
     work: ChainWork
     weights: list[Slot]
     biases: list[Slot | None]
     momentum: bool
-    scratch: list[Tensor] = field(default_factory=list)
+    last_check: Tensor
 
     def slots(self) -> list[Slot]:
         """Every weight and bias slot."""
         return [*self.weights, *(b for b in self.biases if b is not None)]
 
-    def sums(self) -> Tensor:
-        """Per-row sums ``sum(w * g)`` (bias included) of every layer: finite iff the step can run."""
-        return self.work.base[:-1]
+    def checks(self) -> list[Tensor]:
+        """Values that are all finite exactly when the step can run (gradients and row sums finite)."""
+        return [self.work.base[: self.work.plan.hidden], self.last_check]
 
 
 def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None]) -> Prepared:
@@ -159,11 +97,11 @@ def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None
     Args:
         work: Work area of the chain.
         weights: Per layer, the weight slot (``[n_out, n_in, taps]`` views).
-        biases: Per layer, the bias slot or ``None`` (no bias, or a bias without gradient).
+        biases: Per layer, the bias slot or ``None`` (no bias, a bias without gradient, the last layer).
     """
     plan = work.plan
+    L = plan.n_layers
     momentum = any(s.hp.momentum != 0 for s in weights)
-    scratch = []
     for l, s in enumerate(weights):
         sel = plan.sel[l]
         torch.take(s.param, sel, out=work.sw_l[l])
@@ -173,15 +111,16 @@ def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None
                 torch.take(s.buf, sel, out=work.sbuf_l[l])
             else:
                 work.sbuf_l[l].zero_()
-        prod = torch.mul(s.param, s.grad)
-        torch.sum(prod.view(prod.shape[0], -1), 1, out=work.base_rows[l])
-        scratch.append(prod)
-        b = biases[l]
-        if b is not None:
-            work.base_rows[l].addcmul_(b.param, b.grad)
-    sig = work.skel.take(plan.sig_take)
-    work.base[: plan.hidden].addcmul_(sig[0], sig[1], value=-1)
-    return Prepared(work, list(weights), list(biases), momentum, scratch)
+        if l < L - 1:
+            n = plan.n_out[l]
+            work.row_sums_(l, s.param.view(n, -1), s.grad.view(n, -1))
+            b = biases[l]
+            if b is not None:
+                work.base_rows[l].addcmul_(b.param, b.grad)
+    w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
+    work.base[: plan.hidden].addcmul_(w_sig, g_sig, value=-1)
+    lo, hi = torch.aminmax(weights[-1].grad)
+    return Prepared(work, list(weights), list(biases), momentum, torch.stack([lo, hi]))
 
 
 def _key(s: Slot) -> tuple:
@@ -205,9 +144,11 @@ def _tau_row(s: Slot) -> tuple:
 def _tau_coefficients(prep: Prepared) -> tuple:
     """Per-tau-entry coefficients (:func:`_tau_row`): scalars if all tau layers agree, else ``[H]`` vectors."""
     slots = prep.weights[1:]
-    if all(_key(s) == _key(slots[0]) for s in slots[1:]):
-        return _tau_row(slots[0])
-    plan, work = prep.work.plan, prep.work
+    first = slots[0]
+    if all((s.hp is first.hp and (s.buf is None) == (first.buf is None)) or _key(s) == _key(first) for s in slots):
+        return _tau_row(first)
+    work = prep.work
+    plan = work.plan
     table = torch.zeros((plan.n_layers, 6), dtype=work.dtype, device=work.device)
     for l, s in enumerate(slots, start=1):
         for k, val in enumerate(_tau_row(s)):
@@ -223,11 +164,16 @@ def _is(x: float | Tensor, value: float) -> bool:
     return not isinstance(x, Tensor) and x == value
 
 
+def _axpy(y: Tensor, x: Tensor, a: float | Tensor) -> Tensor:
+    """``y += a * x`` in place, ``a`` a number or a broadcastable tensor."""
+    return y.addcmul_(x, a) if isinstance(a, Tensor) else y.add_(x, alpha=a)
+
+
 def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Tensor:
     """Compute the step of a prepared chain and write it into the slots' targets.
 
     Args:
-        prep: From :func:`prepare_chain`; slot targets hold the current values.
+        prep: From :func:`prepare_chain`; slot targets (and buffer targets) hold the current values.
         min_ratio: Guard of free tau path values (see :class:`lightning_gsgd.GSGD`).
         unit_b: Whether every ``B`` is known to be 1 (row-only scaling). ``None``: find out by
             reading the values (a host read: CPU only); ``False``: use the general form.
@@ -239,47 +185,47 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     plan = work.plan
     H = plan.hidden
 
-    # ---- chain vectors over hidden nodes: B and F (one gather), Gamma
+    # ---- B and F of every hidden node (one gather and product), Gamma (one gather and sum)
     torch.prod(work.skel.take(plan.walk_bf), 1, out=work.bf)
     B, F = work.B, work.F[:H]
     gamma = work.base.take(plan.walk_g_rows).sum(1)
 
-    # ---- free tau entries: path-space SGD with the Gamma correction, then the guard.
+    # ---- free tau edges: path-space SGD step with the Gamma correction, then the guard.
     # p = g_tau / (B F(next)) - Gamma / v with v = B F and F = w_tau F(next): p = (g_tau w_tau - Gamma) / v
     lr, wd, k_buf, k_d, a_d, a_buf = _tau_coefficients(prep)
-    tau = work.skel.take(plan.tau_take)
-    w_tau, g_tau, m_tau = tau[0], tau[1], tau[2]
+    w_tau, g_tau, m_tau = work.skel.take(plan.tau_take).unbind(0)
     v = B * F
     d = torch.addcmul(gamma, g_tau, w_tau, value=-1).div_(v).neg_()
     if not _is(wd, 0):
-        d = d.addcmul_(v, wd) if isinstance(wd, Tensor) else d.add_(v, alpha=wd)
+        _axpy(d, v, wd)
     buf_tau = None
     direction = d
     if prep.momentum:
         buf_tau = d * k_d
         if not _is(k_buf, 0):
-            buf_tau.addcmul_(m_tau, k_buf) if isinstance(k_buf, Tensor) else buf_tau.add_(m_tau, alpha=k_buf)
+            _axpy(buf_tau, m_tau, k_buf)
         if _is(a_d, 0) and _is(a_buf, 1):
             direction = buf_tau
         else:
-            direction = d * a_d + buf_tau * a_buf
-    v_new = torch.add(v, direction, alpha=-lr) if isinstance(lr, float) else v - direction * lr
-    hit = torch.ge(v_new / v, min_ratio).logical_not_().logical_and_(plan.free)
-    v_new = torch.where(hit, v * min_ratio, v_new)
-    x = work.x_ext[:H]
-    torch.where(plan.free, v_new / B, w_tau, out=x)
-    torch.prod(work.x_ext.take(plan.walk_n), 1, out=work.FN[:H])
-    w_tau_new = x / work.FN.index_select(0, plan.nxt)
+            direction = _axpy(d * a_d, buf_tau, a_buf)
+    v_new = _axpy(v.clone(), direction, -lr) if not isinstance(lr, Tensor) else v - direction * lr
+    ratio = work.ratio_ext[:H]
+    torch.div(v_new, v, out=ratio)
+    hit = torch.ge(ratio, min_ratio).logical_not_().logical_and_(plan.free)
+    ratio.masked_fill_(hit, min_ratio)
+    # rho = F'/F: the ratio of the first free tau edge downstream; new tau weight w * ratio / rho(next)
+    rho = work.rho_ext[:H]
+    torch.take(work.ratio_ext, plan.first_free, out=rho)
+    w_tau_new = (w_tau * ratio).div_(work.rho_ext.take(plan.nxt))
 
     # ---- per-row vectors (the last layer's rows stay 1)
-    torch.reciprocal(work.F, out=work.R)
-    torch.reciprocal(work.FN, out=work.Q)
-    torch.mul(work.F, work.Q, out=work.RHO)
-    torch.mul(work.R, work.Q, out=work.Q2)
+    torch.reciprocal(rho, out=work.rhoinv[:H])
+    torch.reciprocal(work.F, out=work.r)
+    torch.mul(work.r, work.rhoinv, out=work.q)
+    torch.mul(work.r, work.q, out=work.q2)
     if unit_b is None:
         unit_b = torch.equal(B, work.ones_h)
-    items = _items(prep, None if unit_b else B)
-    bulk(items)
+    bulk(_items(prep, None if unit_b else B))
 
     # ---- skeleton entries: sigma weights unchanged (buffer 0), free tau entries updated
     work.nsw.copy_(work.sw).index_copy_(0, plan.free_pos, w_tau_new.index_select(0, plan.free_nodes))
@@ -295,23 +241,21 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
 
 
 def _items(prep: Prepared, B: Tensor | None) -> list[Item]:
-    """Slots with their coefficient tensors (views of the work area when ``B`` is ``None``, i.e. 1)."""
+    """Slots with their coefficients: views of the work area, or outer products when ``B`` is given."""
     work = prep.work
     plan = work.plan
     L = plan.n_layers
+    row3, row1 = work.row3, work.row1
     items: list[Item] = []
     for l in range(L):
-        r3, f3, q3 = work.row3["R"][l], work.row3["F"][l], work.row3["Q"][l]
-        rho3 = work.row3["RHO"][l] if l < L - 1 else None
-        q23 = work.row3["Q2"][l]
+        rhoinv = row3["rhoinv"][l] if l < L - 1 else None
+        s, f, q, q2 = row3["r"][l], row3["F"][l], row3["q"][l], row3["q2"][l]
         if B is not None and l > 0:
             b = B[plan.hoff[l - 1] : plan.hoff[l - 1] + plan.n_out[l - 1]].view(1, -1, 1)
             c = b.reciprocal()
-            r3, f3, q3, q23 = r3 * c, f3 * b, q3 * c, q23 * (c * c)
-        items.append(Item(prep.weights[l], r3, f3, q3, q23, rho3, prep.scratch[l]))
+            s, f, q, q2 = s * c, f * b, q * c, q2 * (c * c)
+        items.append(Item(prep.weights[l], s, f, q, q2, rhoinv))
         bs = prep.biases[l]
         if bs is not None:
-            row1 = work.row1
-            rho1 = row1["RHO"][l] if l < L - 1 else None
-            items.append(Item(bs, row1["R"][l], row1["F"][l], row1["Q"][l], row1["Q2"][l], rho1, None))
+            items.append(Item(bs, row1["r"][l], row1["F"][l], row1["q"][l], row1["q2"][l], row1["rhoinv"][l]))
     return items

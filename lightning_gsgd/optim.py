@@ -11,7 +11,8 @@ from torch.optim import Optimizer
 
 from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
-from lightning_gsgd.chain_step import ChainWork, Prepared, Slot, apply_chain, prepare_chain
+from lightning_gsgd.chain_step import Prepared, Slot, apply_chain, prepare_chain
+from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain, ChainLayer, Topology, TopologyError
 
@@ -141,7 +142,11 @@ class GSGD(Optimizer):
             )
         self._pending_fingerprint = None
         self.topology = topology
-        self._plans = {}
+        # Index plans are built here, outside step(), so that step() itself never copies host data
+        # to the device (it rebuilds a plan only if the model moved to another device since).
+        self._plans = {
+            ci: build_chain_plan(chain, chain.layers[0].weight.device) for ci, chain in enumerate(topology.chains)
+        }
         self._work = {}
         # Parameters the chain step owns; the output bias of a chain is no path value and takes the
         # plain SGD path like every other parameter outside chains.
@@ -282,7 +287,7 @@ class GSGD(Optimizer):
             prep = self._prepare(ci, chain, hp_of)
             if prep is not None:
                 prepared.append((prep, hp_of[id(chain.layers[0].weight)][1]["min_ratio"]))
-                checks.append(prep.sums())
+                checks.extend(prep.checks())
         in_chain = self._in_chain
         plain = [
             (p, hp_of[id(p)][0])
@@ -293,7 +298,7 @@ class GSGD(Optimizer):
         checks.extend(_minmax(p.grad) for p, _ in plain)
         bn_layers = [layer for layer in getattr(self.topology, "bn_layers", ()) if layer.weight.grad is not None]
         checks.extend(_minmax(layer.weight.grad) for layer in bn_layers)
-        flags = checks[0] if len(checks) == 1 else torch.cat([c.to(device) for c in checks])
+        flags = torch.cat([c if c.device == device else c.to(device) for c in checks])
         ok = torch.isfinite(flags).all()
         skipped = self._counter("skipped_steps", device)
         if host_reads and not bool(ok):
