@@ -42,6 +42,7 @@ class ChainPlan:
         hoff: Offset of hidden layer ``l``'s nodes in the hidden-node numbering (``l < L - 1``).
         n_out: Output nodes per layer.
         row_size: Entries per output node (``n_in * taps``) per layer.
+        shape3: ``(n_out, n_in, taps)`` per layer.
         sel: Per layer, flat indices of its sigma entries then its free tau entries.
         n_sig: Per layer, how many of ``sel[l]`` are sigma entries (0 for the last layer).
         n_sel: Length of the skeleton vector (without the appended 1).
@@ -74,6 +75,7 @@ class ChainPlan:
     hoff: tuple[int, ...]
     n_out: tuple[int, ...]
     row_size: tuple[int, ...]
+    shape3: tuple[tuple[int, int, int], ...]
     sel: tuple[Tensor, ...]
     n_sig: tuple[int, ...]
     n_sel: int
@@ -219,6 +221,7 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
         hoff=tuple(hoff),
         n_out=tuple(n_out),
         row_size=tuple(layer.n_in * layer.taps for layer in layers),
+        shape3=tuple((layer.n_out, layer.n_in, layer.taps) for layer in layers),
         sel=tuple(dev(s) for s in sel),
         n_sig=tuple(n_sig),
         n_sel=n_sel,

@@ -88,7 +88,7 @@ class Prepared:
 
     def checks(self) -> list[Tensor]:
         """Values that are all finite exactly when the step can run (gradients and row sums finite)."""
-        return [self.work.base[: self.work.plan.hidden], self.last_check]
+        return [self.work.base_h, self.last_check]
 
 
 def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None]) -> Prepared:
@@ -112,13 +112,12 @@ def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None
             else:
                 work.sbuf_l[l].zero_()
         if l < L - 1:
-            n = plan.n_out[l]
-            work.row_sums_(l, s.param.view(n, -1), s.grad.view(n, -1))
+            work.row_sums_(l, s.param, s.grad)
             b = biases[l]
             if b is not None:
                 work.base_rows[l].addcmul_(b.param, b.grad)
     w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
-    work.base[: plan.hidden].addcmul_(w_sig, g_sig, value=-1)
+    work.base_h.addcmul_(w_sig, g_sig, value=-1)
     lo, hi = torch.aminmax(weights[-1].grad)
     return Prepared(work, list(weights), list(biases), momentum, torch.stack([lo, hi]))
 
@@ -183,11 +182,10 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     """
     work = prep.work
     plan = work.plan
-    H = plan.hidden
 
     # ---- B and F of every hidden node (one gather and product), Gamma (one gather and sum)
     torch.prod(work.skel.take(plan.walk_bf), 1, out=work.bf)
-    B, F = work.B, work.F[:H]
+    B, F = work.B, work.F_h
     gamma = work.base.take(plan.walk_g_rows).sum(1)
 
     # ---- free tau edges: path-space SGD step with the Gamma correction, then the guard.
@@ -209,17 +207,17 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
         else:
             direction = _axpy(d * a_d, buf_tau, a_buf)
     v_new = _axpy(v.clone(), direction, -lr) if not isinstance(lr, Tensor) else v - direction * lr
-    ratio = work.ratio_ext[:H]
+    ratio = work.ratio
     torch.div(v_new, v, out=ratio)
     hit = torch.ge(ratio, min_ratio).logical_not_().logical_and_(plan.free)
     ratio.masked_fill_(hit, min_ratio)
     # rho = F'/F: the ratio of the first free tau edge downstream; new tau weight w * ratio / rho(next)
-    rho = work.rho_ext[:H]
+    rho = work.rho
     torch.take(work.ratio_ext, plan.first_free, out=rho)
     w_tau_new = (w_tau * ratio).div_(work.rho_ext.take(plan.nxt))
 
     # ---- per-row vectors (the last layer's rows stay 1)
-    torch.reciprocal(rho, out=work.rhoinv[:H])
+    torch.reciprocal(rho, out=work.rhoinv_h)
     torch.reciprocal(work.F, out=work.r)
     torch.mul(work.r, work.rhoinv, out=work.q)
     torch.mul(work.r, work.q, out=work.q2)

@@ -82,6 +82,15 @@ class ChainWork:
         self.chunk_rows = [max(1, CHUNK // plan.row_size[l]) for l in range(L - 1)]
         width = max((min(plan.n_out[l], self.chunk_rows[l]) * plan.row_size[l] for l in range(L - 1)), default=0)
         self.scratch = torch.empty(width, dtype=dtype, device=device)
+        # layers that fit in one chunk: a ready [n_out, n_in, taps] view of the scratch
+        self.whole = [
+            self.scratch[: plan.n_out[l] * plan.row_size[l]].view(plan.shape3[l])
+            if self.chunk_rows[l] >= plan.n_out[l]
+            else None
+            for l in range(L - 1)
+        ]
+        self.F_h, self.ratio, self.rho = F[:H], self.ratio_ext[:H], self.rho_ext[:H]
+        self.rhoinv_h, self.base_h = rhoinv[:H], base[:H]
 
     def fits(self, plan: ChainPlan, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether this work area belongs to ``plan`` and matches the parameters' dtype and device."""
@@ -92,9 +101,15 @@ class ChainWork:
         return (self.vec.numel() + self.ones_h.numel() + self.scratch.numel()) * self.vec.element_size()
 
     def row_sums_(self, l: int, w: Tensor, g: Tensor) -> None:
-        """``base_rows[l] = sum over each row of w * g`` for ``[n_out, K]`` views, chunk by chunk."""
+        """``base_rows[l] = sum over each row of w * g`` (``[n_out, n_in, taps]`` views), chunk by chunk."""
         out = self.base_rows[l]
-        n, k = w.shape
+        whole = self.whole[l]
+        if whole is not None:
+            torch.sum(torch.mul(w, g, out=whole), (1, 2), out=out)
+            return
+        n = w.shape[0]
+        w, g = w.view(n, -1), g.view(n, -1)
+        k = w.shape[1]
         step = self.chunk_rows[l]
         for i in range(0, n, step):
             j = min(n, i + step)
