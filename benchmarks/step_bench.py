@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument(
         "--rescaled", action="store_true", help="also time a rescaled skeleton init (B != 1: the step's general form)"
     )
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(header(f"optimizer step, {args.device} {args.dtype}, median of {args.reps} after {args.warmup} warm-up"))

@@ -46,27 +46,20 @@ class ChainPlan:
         sel: Per layer, flat indices of its sigma entries then its free tau entries.
         n_sig: Per layer, how many of ``sel[l]`` are sigma entries (0 for the last layer).
         n_sel: Length of the skeleton vector (without the appended 1).
-        sig_pos: ``[H]`` position in the skeleton vector of node h's sigma weight.
-        tau_pos: ``[H]`` position of node h's tau weight (a sigma position if the tau edge is not free).
         free: ``[H]`` whether node h's tau edge is a free coordinate.
         free_nodes: Hidden nodes with a free tau edge.
         free_pos: Skeleton positions of those free tau edges (``tau_pos[free_nodes]``).
         nxt: ``[H]`` the node that h's tau edge leads to (``H`` for a chain output).
         tau_layer: ``[H]`` the layer that holds node h's tau edge (``l + 1``).
-        walk_b: ``[H, D]`` skeleton positions of the sigma chain from h back to the input (pad ``one``):
-            ``B = S[walk_b].prod(1)``.
-        walk_f: ``[H, D]`` skeleton positions of the tau chain from h to the output (pad ``one``):
-            ``F = S[walk_f].prod(1)``.
-        walk_g: ``[H, D]`` hidden nodes whose per-node terms add up to ``Gamma[h]`` (h, then back
-            along sigma edges that are also tau edges; pad ``H``).
-        walk_n: ``[H, D]`` hidden nodes along h's tau chain up to and including the first free tau
-            edge (pad ``H``): ``F' = X[walk_n].prod(1)`` with ``X`` the new tau weights, or
-            ``v' / B`` at free tau edges.
         first_free: ``[H]`` the first node along h's tau chain (h included) whose tau edge is free,
             ``H`` if there is none: ``F'(h) / F(h)`` is that edge's ratio ``v' / v`` (or 1).
-        walk_bf: ``walk_b`` stacked on ``walk_f`` (one gather gives ``[B, F]``).
-        walk_g_rows: ``walk_g`` with its padding moved to ``H + n_out[-1]`` (row numbering plus one).
-        tau_take: ``[3, H]`` skeleton-block positions of node h's tau weight, gradient and buffer.
+        walk_bf: ``[2H, D]`` skeleton positions: rows ``h < H`` the sigma chain from h back to the
+            input, rows ``H + h`` the tau chain from h to the output, padded with ``one``; so
+            ``S[walk_bf].prod(1)`` is ``[B, F]``.
+        walk_g_rows: ``[H, D]`` the hidden nodes whose per-node terms add up to ``Gamma[h]`` (h, then
+            back along sigma edges that are also tau edges), padded with ``H + n_out[-1]``.
+        tau_take: ``[3, H]`` skeleton-block positions of node h's tau weight, gradient and buffer
+            (a sigma position where the tau edge is not free).
         sig_take: ``[2, H]`` skeleton-block positions of node h's sigma weight and gradient.
     """
 
@@ -79,17 +72,11 @@ class ChainPlan:
     sel: tuple[Tensor, ...]
     n_sig: tuple[int, ...]
     n_sel: int
-    sig_pos: Tensor
-    tau_pos: Tensor
     free: Tensor
     free_nodes: Tensor
     free_pos: Tensor
     nxt: Tensor
     tau_layer: Tensor
-    walk_b: Tensor
-    walk_f: Tensor
-    walk_g: Tensor
-    walk_n: Tensor
     first_free: Tensor
     walk_bf: Tensor
     walk_g_rows: Tensor
@@ -104,13 +91,12 @@ class ChainPlan:
     @property
     def device(self) -> torch.device:
         """Where the index tensors live."""
-        return self.sig_pos.device
+        return self.free.device
 
     def nbytes(self) -> int:
         """Memory held by the plan's index tensors."""
-        tensors = [*self.sel, self.sig_pos, self.tau_pos, self.free, self.free_nodes, self.free_pos, self.nxt]
-        tensors += [self.tau_layer, self.walk_b, self.walk_f, self.walk_g, self.walk_n, self.walk_bf]
-        tensors += [self.walk_g_rows, self.tau_take, self.sig_take, self.first_free]
+        tensors = [*self.sel, self.free, self.free_nodes, self.free_pos, self.nxt, self.tau_layer, self.first_free]
+        tensors += [self.walk_bf, self.walk_g_rows, self.tau_take, self.sig_take]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -225,17 +211,11 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
         sel=tuple(dev(s) for s in sel),
         n_sig=tuple(n_sig),
         n_sel=n_sel,
-        sig_pos=dev(sig_pos),
-        tau_pos=dev(tau_pos),
         free=dev(free),
         free_nodes=dev(free_nodes),
         free_pos=dev(tau_pos[free_nodes]),
         nxt=dev(nxt),
         tau_layer=dev(tau_layer),
-        walk_b=dev(walk_b),
-        walk_f=dev(walk_f),
-        walk_g=dev(walk_g),
-        walk_n=dev(walk_n),
         first_free=dev(first_free),
         walk_bf=dev(torch.cat([walk_b, walk_f])),
         walk_g_rows=dev(walk_g_rows),
