@@ -229,12 +229,13 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     work.nsw.copy_(work.sw).index_copy_(0, plan.free_pos, w_tau_new.index_select(0, plan.free_nodes))
     if buf_tau is not None:
         work.nsbuf.zero_().index_copy_(0, plan.free_pos, buf_tau.index_select(0, plan.free_nodes))
+    # index_copy_ on flat views, not put_: put_ has no deterministic mode (use_deterministic_algorithms)
     for l, s in enumerate(prep.weights):
         sel = plan.sel[l]
         if sel.numel():
-            s.target.put_(sel, work.nsw_l[l])
+            s.target.view(-1).index_copy_(0, sel, work.nsw_l[l])
             if s.buf_target is not None and buf_tau is not None:
-                s.buf_target.put_(sel, work.nsbuf_l[l])
+                s.buf_target.view(-1).index_copy_(0, sel, work.nsbuf_l[l])
     return hit.sum()
 
 

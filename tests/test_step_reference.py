@@ -174,3 +174,15 @@ def test_float32_matches_reference(init):
     assert int(opt.guard_hits) == ref.hits == 0
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
         assert _close(p, q, 1e-5), n
+
+
+def test_step_runs_under_deterministic_algorithms():
+    """Lightning's ``Trainer(deterministic=True)`` turns this on; no op of the step may refuse it."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        model, ref_model, opt, _ = _run("cnn", "mixed_nesterov")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert _close(p, q, 1e-10), n
