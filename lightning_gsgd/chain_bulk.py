@@ -21,21 +21,35 @@ if TYPE_CHECKING:
 
 @dataclass
 class Item:
-    """A slot with its broadcast coefficients (see the module docstring)."""
+    """A slot with its broadcast coefficients (see the module docstring).
+
+    ``f``, ``q`` and ``q2`` may be ``None`` (the general form, where ``s`` is an outer product):
+    then ``w / s`` is taken with ``addcdiv`` and ``q``, ``q2`` are formed from ``s`` when needed.
+    """
 
     slot: Slot
     s: Tensor
-    f: Tensor
-    q: Tensor
-    q2: Tensor
+    f: Tensor | None
+    q: Tensor | None
+    q2: Tensor | None
     rhoinv: Tensor | None
+
+    def q_(self) -> Tensor:
+        if self.q is None:
+            self.q = self.s if self.rhoinv is None else self.s * self.rhoinv
+        return self.q
+
+    def q2_(self) -> Tensor:
+        if self.q2 is None:
+            self.q2 = self.q_() * self.s
+        return self.q2
 
 
 def bulk(items: list[Item]) -> None:
     """Apply the elementwise passes to every item's ``target`` (and ``buf_target``), batched by mode.
 
     Per tensor, momentum (with weight decay): ``buf *= mu``, ``buf += (1 - damp) s g``,
-    ``buf += (1 - damp) wd f w``, ``w *= 1 / rho``, ``w -= lr q buf`` (five in-place passes, like
+    ``buf += (1 - damp) wd f w``, ``w -= lr s buf``, ``w *= 1 / rho`` (five in-place passes, like
     torch's SGD with its temporary); without momentum: ``w *= (1 - lr wd) / rho``, ``w -= lr q2 g``.
     """
     mom = [it for it in items if it.slot.hp.momentum != 0]
@@ -53,23 +67,28 @@ def bulk(items: list[Item]) -> None:
         for it, b in zip(new, made):
             it.slot.buf_target = b
     decay = [it for it in mom if it.slot.hp.weight_decay != 0]
+    for it in decay:
+        if it.f is None:  # general form: wd w / s
+            value = it.slot.hp.weight_decay * ((1 - it.slot.hp.dampening) if it.slot.buf is not None else 1)
+            it.slot.buf_target.addcdiv_(it.slot.target, it.s, value=value)  # type: ignore[union-attr]
+    decay = [it for it in decay if it.f is not None]
     _addcmul_(
         [it.slot.buf_target for it in decay],  # type: ignore[misc]
         [it.slot.target for it in decay],
-        [it.f for it in decay],
+        [it.f for it in decay],  # type: ignore[misc]
         [it.slot.hp.weight_decay * ((1 - it.slot.hp.dampening) if it.slot.buf is not None else 1) for it in decay],
     )
 
     # weights: w' = (w - lr s buf') / rho, or ((1 - lr wd) w - lr s^2 g [- lr mu s buf']) / rho
     light = [it for it in mom if not it.slot.hp.nesterov]
     heavy = plain + [it for it in mom if it.slot.hp.nesterov]
-    _mul_([it.slot.target for it in light], [it.rhoinv for it in light])
     _addcmul_(
         [it.slot.target for it in light],
         [it.slot.buf_target for it in light],  # type: ignore[misc]
-        [it.q for it in light],
+        [it.s for it in light],
         [-it.slot.hp.lr for it in light],
     )
+    _mul_([it.slot.target for it in light], [it.rhoinv for it in light])
     _mul_(
         [it.slot.target for it in heavy],
         [_scaled(it.rhoinv, 1 - it.slot.hp.lr * it.slot.hp.weight_decay) for it in heavy],
@@ -77,14 +96,14 @@ def bulk(items: list[Item]) -> None:
     _addcmul_(
         [it.slot.target for it in heavy],
         [it.slot.grad for it in heavy],
-        [it.q2 for it in heavy],
+        [it.q2_() for it in heavy],
         [-it.slot.hp.lr for it in heavy],
     )
     nest = [it for it in heavy if it.slot.hp.momentum != 0]
     _addcmul_(
         [it.slot.target for it in nest],
         [it.slot.buf_target for it in nest],  # type: ignore[misc]
-        [it.q for it in nest],
+        [it.q_() for it in nest],
         [-it.slot.hp.lr * it.slot.hp.momentum for it in nest],
     )
 

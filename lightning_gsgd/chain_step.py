@@ -248,12 +248,12 @@ def _items(prep: Prepared, B: Tensor | None) -> list[Item]:
     items: list[Item] = []
     for l in range(L):
         rhoinv = row3["rhoinv"][l] if l < L - 1 else None
-        s, f, q, q2 = row3["r"][l], row3["F"][l], row3["q"][l], row3["q2"][l]
         if B is not None and l > 0:
+            # general form: s = 1 / (F B) as an [n_out, n_in, 1] outer product; f, q, q2 from it
             b = B[plan.hoff[l - 1] : plan.hoff[l - 1] + plan.n_out[l - 1]].view(1, -1, 1)
-            c = b.reciprocal()
-            s, f, q, q2 = s * c, f * b, q * c, q2 * (c * c)
-        items.append(Item(prep.weights[l], s, f, q, q2, rhoinv))
+            items.append(Item(prep.weights[l], row3["r"][l] / b, None, None, None, rhoinv))
+        else:
+            items.append(Item(prep.weights[l], row3["r"][l], row3["F"][l], row3["q"][l], row3["q2"][l], rhoinv))
         bs = prep.biases[l]
         if bs is not None:
             items.append(Item(bs, row1["r"][l], row1["F"][l], row1["q"][l], row1["q2"][l], row1["rhoinv"][l]))
