@@ -199,14 +199,17 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     buf_tau = None
     direction = d
     if prep.momentum:
-        buf_tau = d * k_d
-        if not _is(k_buf, 0):
-            _axpy(buf_tau, m_tau, k_buf)
+        if _is(k_buf, 0):
+            buf_tau = d * k_d
+        elif _is(k_d, 1) and not isinstance(k_buf, Tensor):
+            buf_tau = torch.add(d, m_tau, alpha=k_buf)
+        else:
+            buf_tau = _axpy(d * k_d, m_tau, k_buf)
         if _is(a_d, 0) and _is(a_buf, 1):
             direction = buf_tau
         else:
             direction = _axpy(d * a_d, buf_tau, a_buf)
-    v_new = _axpy(v.clone(), direction, -lr) if not isinstance(lr, Tensor) else v - direction * lr
+    v_new = torch.add(v, direction, alpha=-lr) if not isinstance(lr, Tensor) else v - direction * lr
     ratio = work.ratio
     torch.div(v_new, v, out=ratio)
     hit = torch.ge(ratio, min_ratio).logical_not_().logical_and_(plan.free)
@@ -219,23 +222,26 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     # ---- per-row vectors (the last layer's rows stay 1)
     torch.reciprocal(rho, out=work.rhoinv_h)
     torch.reciprocal(work.F, out=work.r)
-    torch.mul(work.r, work.rhoinv, out=work.q)
-    torch.mul(work.r, work.q, out=work.q2)
+    if any(s.hp.momentum == 0 or s.hp.nesterov for s in prep.slots()):  # only these read q and q2
+        torch.mul(work.r, work.rhoinv, out=work.q)
+        torch.mul(work.r, work.q, out=work.q2)
     if unit_b is None:
         unit_b = torch.equal(B, work.ones_h)
     bulk(_items(prep, None if unit_b else B))
 
     # ---- skeleton entries: sigma weights unchanged (buffer 0), free tau entries updated
-    work.nsw.copy_(work.sw).index_copy_(0, plan.free_pos, w_tau_new.index_select(0, plan.free_nodes))
+    # (the gathered block is not needed any more: it becomes the block to write back; the buffer
+    # block is zero at sigma entries already, as every step leaves the buffers there)
+    work.sw.index_copy_(0, plan.free_pos, w_tau_new.index_select(0, plan.free_nodes))
     if buf_tau is not None:
-        work.nsbuf.zero_().index_copy_(0, plan.free_pos, buf_tau.index_select(0, plan.free_nodes))
+        work.sbuf.index_copy_(0, plan.free_pos, buf_tau.index_select(0, plan.free_nodes))
     # index_copy_ on flat views, not put_: put_ has no deterministic mode (use_deterministic_algorithms)
     for l, s in enumerate(prep.weights):
         sel = plan.sel[l]
         if sel.numel():
-            s.target.view(-1).index_copy_(0, sel, work.nsw_l[l])
+            s.target.view(-1).index_copy_(0, sel, work.sw_l[l])
             if s.buf_target is not None and buf_tau is not None:
-                s.buf_target.view(-1).index_copy_(0, sel, work.nsbuf_l[l])
+                s.buf_target.view(-1).index_copy_(0, sel, work.sbuf_l[l])
     return hit.sum()
 
 

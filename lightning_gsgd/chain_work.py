@@ -28,8 +28,7 @@ class ChainWork:
     * per-row ``1 / rho = F / F'``, ``r = 1 / F``, ``q = r / rho`` and ``q2 = r q`` (1 on the last
       layer's rows);
     * ``ratio`` (``v' / v`` at free tau edges) and ``rho`` over hidden nodes, each followed by a 1;
-    * the per-row sums ``sum(w * g)`` followed by a 0;
-    * the new skeleton values of weights and buffers.
+    * the per-row sums ``sum(w * g)`` followed by a 0.
 
     Args:
         plan: The chain's index plan.
@@ -41,9 +40,9 @@ class ChainWork:
         self.plan, self.dtype, self.device = plan, dtype, device
         H, n_sel, L = plan.hidden, plan.n_sel, plan.n_layers
         R = H + plan.n_out[-1]
-        sizes = [3 * n_sel + 1, H + 5 * R, 2 * (H + 1), R + 1, 2 * n_sel]
+        sizes = [3 * n_sel + 1, H + 5 * R, 2 * (H + 1), R + 1]
         self.vec = torch.zeros(sum(sizes), dtype=dtype, device=device)
-        skel, rowblk, ratios, base, new = torch.split(self.vec, sizes)
+        skel, rowblk, ratios, base = torch.split(self.vec, sizes)
         skel[n_sel] = 1
         self.skel = skel
         self.sw = skel[:n_sel]
@@ -59,7 +58,6 @@ class ChainWork:
         ratios[H] = 1
         ratios[2 * H + 1] = 1
         self.base = base  # base[R] stays 0: padding of walk_g_rows
-        self.nsw, self.nsbuf = new[:n_sel], new[n_sel:]
         self.ones_h = torch.ones(H, dtype=dtype, device=device)
 
         starts = [plan.hoff[l] if l < L - 1 else H for l in range(L)]
@@ -76,8 +74,6 @@ class ChainWork:
         self.sw_l = [self.sw[sl] for sl in sel]
         self.sg_l = [self.sg[sl] for sl in sel]
         self.sbuf_l = [self.sbuf[sl] for sl in sel]
-        self.nsw_l = [self.nsw[sl] for sl in sel]
-        self.nsbuf_l = [self.nsbuf[sl] for sl in sel]
         # rows per chunk of every hidden layer's [n_out, K] view, for the row sums
         self.chunk_rows = [max(1, CHUNK // plan.row_size[l]) for l in range(L - 1)]
         width = max((min(plan.n_out[l], self.chunk_rows[l]) * plan.row_size[l] for l in range(L - 1)), default=0)
