@@ -14,7 +14,7 @@ from lightning_gsgd.chain_plan import ChainPlan
 
 # Entries of the buffer that holds ``w * g`` for the row sums, one chunk of rows at a time: small
 # enough to stay in a core's cache, large enough that the Python loop over chunks costs little.
-CHUNK = 1 << 16
+CHUNK = 1 << 17
 
 
 class ChainWork:
