@@ -11,6 +11,10 @@ constant node with ``B = 1``.
 The step is SGD (momentum, dampening, Nesterov, weight decay, as ``torch.optim.SGD``) on the
 basis-path values ``v``, with the momentum buffer kept in path coordinates, and a map back to
 weights that keeps every sigma weight fixed. Every loop below runs over layers, never over units.
+
+:func:`gsgd_chain_step` is the straightforward *reference* form (full-size masks and temporaries,
+about 10x the cost of SGD). :class:`lightning_gsgd.GSGD` runs the in-place cheap form of section 4b
+(:mod:`lightning_gsgd.chain_step`); ``tests/test_step_reference.py`` checks that both agree.
 """
 
 from __future__ import annotations

@@ -31,9 +31,18 @@ class GSGD(Optimizer):
     ``min_ratio``) apply per layer, so LR schedulers work as usual.
 
     A step whose gradients contain NaN or inf is skipped as a whole (weights and momentum buffers
-    untouched) and counted in :attr:`skipped_steps`. A step that would shrink a free tau path value
-    below ``min_ratio`` times its value (or flip its sign) is clamped there and counted in
-    :attr:`guard_hits`.
+    untouched) and counted in :attr:`skipped_steps`; so is a step for which a hidden chain layer's
+    per-unit sum ``sum(w * grad)`` is not finite (non-finite weights, or an overflow that would make
+    the step itself non-finite). A step that would shrink a free tau path value below ``min_ratio``
+    times its value (or flip its sign) is clamped there and counted in :attr:`guard_hits`.
+
+    Cost: the step is the cheap form of gsgd-math.md section 4b (SGD with a per-row/column
+    preconditioner and a per-row rescale, a few in-place ``torch._foreach_*`` passes, plus one row
+    reduction per hidden layer); its state is the momentum buffers, as for ``torch.optim.SGD``. On
+    the CPU, where reading a flag is free, a non-finite step is detected before anything is written;
+    on accelerators ``step`` never reads a tensor value on the host (no synchronization): it computes
+    the step on copies and applies it with ``torch.where``. Index tensors are built in :meth:`bind`
+    (and once more, with one host-to-device copy, if the model later moves to another device).
 
     Args:
         params: Parameters or parameter groups, as for any torch optimizer.
