@@ -4,7 +4,7 @@ The model is an ordinary LightningModule whose ``configure_optimizers`` returns 
 ``GSGDCallback`` turns that SGD into G-SGD at the start of ``fit`` and sets the skeleton weights to 1
 (``skeleton_init=True``, the default: it changes the initial function). Offline, CPU only::
 
-    python examples/quickstart.py              # 20 epochs, ~10 s after imports on a 2-core CPU
+    python examples/quickstart.py              # 20 epochs, about 10 s on a 2-core CPU (imports included)
     python examples/quickstart.py --epochs 1   # smoke size
 """
 
