@@ -187,7 +187,8 @@ class GSGDCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Detect the topology, install the bound ``GSGD`` and (fresh fit only) initialize the skeleton."""
+        """Detect the topology, install the bound ``GSGD``, initialize the skeleton (fresh fit), set up diagnostics."""
+        self._example = None
         configured = check_single_optimizer(trainer.strategy.optimizers)
         if self.overrides.lr is not None and schedulers_of(trainer, configured):
             raise MisconfigurationException(
@@ -215,6 +216,7 @@ class GSGDCallback(Callback):
             if topology.chains:
                 rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
         self.diagnostics.setup(trainer, topology, lambda: self._example_input(trainer, pl_module))
+        self._example = None  # the diagnostics keep their own reference if they need it
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -282,7 +284,6 @@ class GSGDCallback(Callback):
 
     def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Topology:
         # Outside the precision plugin's autocast: the self-check compares outputs at full precision.
-        self._example = None  # a new fit may bring other data
         x = self._example_input(trainer, pl_module)
         topology = detect_topology(pl_module, x, allow_empty=True, **self.detect_options)
         if not topology.chains and not topology.bn_layers:
