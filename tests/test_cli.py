@@ -87,9 +87,11 @@ def test_help_lists_the_callback_arguments(capsys):
         cli_main(["fit", "--trainer.callbacks.help", "lightning_gsgd.GSGDCallback"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for arg in ("lr", "momentum", "weight_decay", "skeleton_init", "min_ratio", "allow_empty", "min_coverage"):
+    args = ("lr", "momentum", "weight_decay", "skeleton_init", "min_ratio", "allow_empty", "min_coverage")
+    for arg in args + ("diagnostics", "per_chain", "invariance_check"):
         assert f"--trainer.callbacks.{arg} " in out, arg
     assert "keeps the configured optimizer's" in out  # the Args: docstring became the help text
+    assert "gsgd/invariance_residual" in out
 
 
 # The documented shell commands (python examples/cli.py fit ...) are run in tests/test_examples.py.
