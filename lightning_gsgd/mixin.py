@@ -22,7 +22,8 @@ class GSGDMixin:
     from ``configure_optimizers`` (or built from bare parameters by the Lightning CLI's
     ``--optimizer lightning_gsgd.GSGD``) is bound to the module at the start of ``fit``, before the
     first step and before ``Tuner.lr_find``'s range test; a ``torch.optim.SGD`` is replaced by
-    ``GSGD``; the skeleton is initialized on a fresh fit. A ``GSGDCallback`` passed to the Trainer
+    ``GSGD``; the skeleton is initialized on a fresh fit; the ``gsgd/`` diagnostics go to the Trainer's
+    loggers (``docs/diagnostics.md``). A ``GSGDCallback`` passed to the Trainer
     takes precedence over the mixin's (so ``--trainer.callbacks`` flags still apply).
 
     Override :meth:`configure_gsgd` to change the callback's arguments. If your module overrides

@@ -7,7 +7,7 @@ Command line::
 
 draws one panel per curve against the step: the losses and accuracies the run logged, then
 ``path_grad_norm``, ``basis_path_norm``, the skeleton-path ``|v|`` (min / median / max in one
-panel), ``imbalance``, ``relative_update``, ``guard_hits``, ``skipped_steps`` and any other
+panel), ``imbalance``, ``relative_update``, ``guard_hits``, ``skipped_steps``, ``steps`` and any other
 step-wise ``gsgd/`` key. A second run (``--compare``) is drawn on the same axes. Keys a run did not
 log are skipped for that run with a note (in the panel and in the log); keys logged once (the
 fit-start summary: chains, hidden units, basis paths, coverage) are printed under the grid.
@@ -43,6 +43,7 @@ _ORDER = (
     "relative_update",
     "guard_hits",
     "skipped_steps",
+    "steps",
     "invariance_residual",
 )
 _TITLES = {
@@ -53,12 +54,13 @@ _TITLES = {
     "relative_update": "relative update ||dv|| / ||v||",
     "guard_hits": "guard hits (cumulative)",
     "skipped_steps": "skipped steps (cumulative)",
+    "steps": "G-SGD steps taken (cumulative)",
     "invariance_residual": "invariance residual (relative)",
 }
 _SKELETON = ("skeleton_abs_min", "skeleton_abs_median", "skeleton_abs_max")
 _SKELETON_STYLE = {"skeleton_abs_min": ":", "skeleton_abs_median": "-", "skeleton_abs_max": "--"}
 _COLOURS = ("tab:blue", "tab:orange")
-_COUNTERS = ("guard_hits", "skipped_steps")
+_COUNTERS = ("guard_hits", "skipped_steps", "steps")
 _PER_CHAIN = re.compile(r"chain\d+/")
 
 
