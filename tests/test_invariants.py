@@ -262,11 +262,19 @@ def test_sigma_weights_stay_fixed_and_only_they(name):
     model, x = make(name)
     topo = detect_topology(model, x)
     _init(model, topo, "rescaled")
+    # A unit that is dead on the whole batch has all its path values decay by one factor, which
+    # leaves its incoming weights exactly unchanged: use a batch large enough that none is dead.
+    x = torch.randn(256, *x.shape[1:], dtype=x.dtype, generator=torch.Generator().manual_seed(5))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = GSGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=0.01, topology=topo)
-    for _ in range(5):
+    for step in range(5):
         opt.zero_grad()
         model(x).pow(2).mean().backward()
+        if step == 0:
+            for chain in topo.chains:
+                for layer in chain.layers[:-1]:
+                    rows = layer.weight3d(layer.weight.grad).flatten(1).abs().sum(1)
+                    assert bool((rows > 0).all()), f"{layer.name}: a unit is dead on the test batch"
         opt.step()
     assert int(opt.guard_hits) == 0
     sigma = _expected_sigma(model, topo)
