@@ -25,11 +25,10 @@ import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from _common import Classifier, mlp
 from _data import digits
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
-from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_gsgd import GSGDMixin
@@ -58,7 +57,7 @@ class DigitsData(LightningDataModule):
         return self.split.test_loader()
 
 
-class MLPClassifier(LightningModule):
+class MLPClassifier(Classifier):
     """A ReLU MLP classifier that returns a plain ``torch.optim.SGD`` (add ``GSGDCallback`` for G-SGD).
 
     Args:
@@ -81,30 +80,11 @@ class MLPClassifier(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        layers: list[nn.Module] = []
-        width = n_features
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        layers.append(nn.Linear(width, n_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp(n_features, hidden, depth, n_classes)
         self.example_input_array = torch.zeros(2, n_features)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(dim=1) == y).float().mean())
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        self.log("val_acc", self.accuracy(batch))
 
 
 class GSGDMLPClassifier(GSGDMixin, MLPClassifier):

@@ -21,6 +21,7 @@ import time
 
 import lightning as L
 import torch
+from _common import TRAINER_DEFAULTS
 from _data import digits
 from quickstart import DigitsMLP
 from torch import Tensor
@@ -71,11 +72,7 @@ def main(epochs: int = 20, lr: float = 0.03, batch_size: int = 32, strategy: str
         devices=2,
         strategy=strategy,
         callbacks=[GSGDCallback(skeleton_init=True), ReplicaCheck(data.x_test, data.y_test)],
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **TRAINER_DEFAULTS,  # deterministic; no logger, checkpoints, progress bar or summary
     )
     # Under DDP Lightning swaps the sampler for a DistributedSampler seeded by seed_everything. No
     # torch.Generator in the loader: ddp_spawn cannot pickle one (pytorch/pytorch#146828).

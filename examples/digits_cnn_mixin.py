@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from _common import TRAINER_DEFAULTS, Classifier, evaluate
 from _data import digits
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_gsgd import GSGD, GSGDCallback, GSGDMixin
 
 
-class DigitsCNN(GSGDMixin, L.LightningModule):
+class DigitsCNN(GSGDMixin, Classifier):
     """Conv(1->c) - ReLU - Conv(c->2c) - ReLU - MaxPool 2 - Flatten - Linear(32c->64) - ReLU - Linear(64->10).
 
     Args:
@@ -46,19 +45,6 @@ class DigitsCNN(GSGDMixin, L.LightningModule):
         )  # fmt: skip
         self.example_input_array = torch.zeros(2, 1, 8, 8)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean())
-
     def configure_optimizers(self) -> GSGD:
         # Bare parameters: the mixin binds this GSGD to the model's topology before the first step.
         return GSGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
@@ -73,21 +59,12 @@ def main(epochs: int = 15, channels: int = 16, lr: float = 0.02, batch_size: int
     L.seed_everything(seed, verbose=False)
     data = digits(images=True)
     model = DigitsCNN(channels, lr)
-    trainer = L.Trainer(  # no GSGDCallback here: the module brings its own
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    # no GSGDCallback here: the module brings its own
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, **TRAINER_DEFAULTS)
     trainer.fit(model, data.train_loader(batch_size, seed))
     if not isinstance(trainer.optimizers[0], GSGD) or not trainer.optimizers[0].is_bound:
         raise RuntimeError("expected the mixin to bind the GSGD optimizer")
-    (result,) = trainer.test(model, data.test_loader(), verbose=False)
-    return float(result["test_acc"])
+    return evaluate(trainer, model, data)
 
 
 if __name__ == "__main__":

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from _common import TRAINER_DEFAULTS, Classifier, evaluate, mlp
 from _data import Split, mnist1d
-from torch import Tensor, nn
 
 from lightning_gsgd import GSGDCallback, detect_topology, init_skeleton_
 
 METHODS = ("gsgd", "sgd", "sgd+skeleton")
 
 
-class MNIST1DMLP(L.LightningModule):
+class MNIST1DMLP(Classifier):
     """ReLU MLP ``n_in -> width -> width -> n_classes`` trained with ``torch.optim.SGD``.
 
     Args:
@@ -44,26 +42,8 @@ class MNIST1DMLP(L.LightningModule):
     def __init__(self, n_in: int, n_classes: int, width: int = 256, lr: float = 0.05, momentum: float = 0.9) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, n_classes)
-        )
+        self.net = mlp(n_in, width, 2, n_classes)
         self.example_input_array = torch.zeros(2, n_in)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
 def train(method: str, data: Split, epochs: int, width: int, lr: float, batch_size: int, seed: int) -> float:
@@ -77,20 +57,9 @@ def train(method: str, data: Split, epochs: int, width: int, lr: float, batch_si
         callbacks.append(GSGDCallback(skeleton_init=True))
     elif method == "sgd+skeleton":
         init_skeleton_(detect_topology(model, model.example_input_array))  # G-SGD's starting weights, plain SGD
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        callbacks=callbacks,
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, callbacks=callbacks, **TRAINER_DEFAULTS)
     trainer.fit(model, data.train_loader(batch_size, seed))
-    (result,) = trainer.test(model, data.test_loader(), verbose=False)
-    return float(result["test_acc"])
+    return evaluate(trainer, model, data)
 
 
 def main(

@@ -11,19 +11,19 @@ The model is an ordinary LightningModule whose ``configure_optimizers`` returns 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+from _common import TRAINER_DEFAULTS, Classifier, evaluate, mlp
 from _data import digits
-from torch import Tensor, nn
 
 from lightning_gsgd import GSGDCallback
 
 
-class DigitsMLP(L.LightningModule):
+class DigitsMLP(Classifier):
     """A ReLU MLP for 64-pixel digits: ``depth`` hidden layers of ``hidden`` units, trained with SGD.
+
+    Its ``configure_optimizers`` (in ``examples/_common.py``) returns ``torch.optim.SGD``.
 
     Args:
         hidden: Width of every hidden layer.
@@ -35,29 +35,8 @@ class DigitsMLP(L.LightningModule):
     def __init__(self, hidden: int = 64, depth: int = 3, lr: float = 0.03, momentum: float = 0.9) -> None:
         super().__init__()
         self.save_hyperparameters()
-        layers: list[nn.Module] = []
-        width = 64
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        self.net = nn.Sequential(*layers, nn.Linear(width, 10))
+        self.net = mlp(64, hidden, depth, 10)
         self.example_input_array = torch.zeros(2, 64)  # what GSGDCallback runs to find the ReLU chains
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
 def main(epochs: int = 20, lr: float = 0.03, batch_size: int = 64, seed: int = 0) -> float:
@@ -70,15 +49,10 @@ def main(epochs: int = 20, lr: float = 0.03, batch_size: int = 64, seed: int = 0
         accelerator="cpu",
         devices=1,
         callbacks=[GSGDCallback(skeleton_init=True)],
-        deterministic=True,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **TRAINER_DEFAULTS,  # deterministic; no logger, checkpoints, progress bar or summary
     )
     trainer.fit(model, data.train_loader(batch_size, seed))
-    (result,) = trainer.test(model, data.test_loader(), verbose=False)
-    return float(result["test_acc"])
+    return evaluate(trainer, model, data)
 
 
 if __name__ == "__main__":
