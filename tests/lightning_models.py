@@ -52,11 +52,15 @@ class MLPModule(LightningModule):
         super().__init__()
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.optimizer_kind, self.scheduler_kind = optimizer, scheduler
-        self.net = nn.Sequential(
-            nn.Linear(N_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, N_OUT)
-        )
+        self.net = self.build_net(hidden)
         if example:
             self.example_input_array = torch.zeros(2, N_IN)
+
+    def build_net(self, hidden: int) -> nn.Module:
+        """The network (``N_IN`` inputs, ``N_OUT`` outputs); a subclass may build another."""
+        return nn.Sequential(
+            nn.Linear(N_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, N_OUT)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_gsgd import Topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
+
 
 def mlp_equal(bias: bool = True) -> nn.Sequential:
     return nn.Sequential(
@@ -88,6 +90,13 @@ def mixed() -> nn.Sequential:
     )
 
 
+def two_chains() -> nn.Sequential:
+    """4-6-5 | LayerNorm(5) | 5-7-3: the LayerNorm splits this MLP into two chains and is left to plain SGD."""
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)
+    )
+
+
 MODELS = {
     "mlp_equal": (mlp_equal, (6, 4)),
     "mlp_equal_nobias": (lambda: mlp_equal(False), (6, 4)),
@@ -105,3 +114,28 @@ def make(name: str, seed: int = 0, dtype=torch.float64):
     model = factory().to(dtype)
     x = torch.randn(*shape, dtype=dtype)
     return model, x
+
+
+INITS = ["skeleton", "skeleton_rescaled", "order_one"]
+
+
+def initialize(model: nn.Module, topo: Topology, mode: str) -> None:
+    """Set ``model``'s weights for an oracle comparison; ``mode`` is one of :data:`INITS`.
+
+    ``skeleton``: skeleton weights 1. ``skeleton_rescaled``: then every hidden unit rescaled by a
+    random factor, which moves every sigma/tau weight off 1 so that the B and F products matter.
+    ``order_one``: every parameter drawn with magnitude in [0.5, 1.5) and a random sign.
+    """
+    if mode not in INITS:
+        raise ValueError(f"unknown init {mode!r}; choose from {INITS}")
+    if mode.startswith("skeleton"):
+        init_skeleton_(topo)
+    if mode == "skeleton_rescaled":
+        rescale_hidden_units_(topo, random_unit_factors(topo, 1.0, torch.Generator().manual_seed(3)))
+    if mode == "order_one":
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for p in model.parameters():
+                mag = torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5
+                sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1
+                p.copy_(mag * sign)

@@ -27,9 +27,18 @@ class Between(nn.Module):
         return self.fc3(F.relu(self.fc2(h)))
 
 
-def _chains(model: nn.Module, x, **kw) -> list[tuple[str, ...]]:
-    topo = detect_topology(model, x, allow_empty=True, **kw)
+def _chain_names(topo) -> list[tuple[str, ...]]:
     return [tuple(layer.name for layer in c.layers) for c in topo.chains]
+
+
+def _chains(model: nn.Module, x, **kw) -> list[tuple[str, ...]]:
+    return _chain_names(detect_topology(model, x, allow_empty=True, **kw))
+
+
+def _between(op: Callable[[torch.Tensor], torch.Tensor] | nn.Module) -> tuple[Between, torch.Tensor]:
+    """A float64 ``Between(op)`` and a 3-sample input, both from seed 0."""
+    torch.manual_seed(0)
+    return Between(op).double(), torch.randn(3, 4, dtype=torch.float64)
 
 
 PASS = {
@@ -68,29 +77,23 @@ STOP = {
 @pytest.mark.parametrize("method", ["auto", "record"])
 @pytest.mark.parametrize("label", list(PASS))
 def test_homogeneous_ops_keep_the_chain(label, method):
-    torch.manual_seed(0)
-    model = Between(PASS[label]()).double()
-    x = torch.randn(3, 4, dtype=torch.float64)
+    model, x = _between(PASS[label]())
     assert _chains(model, x, method=method) == [("fc1", "fc2", "fc3")]
 
 
 @pytest.mark.parametrize("method", ["auto", "record"])
 @pytest.mark.parametrize("label", list(STOP))
 def test_other_ops_end_the_chain(label, method):
-    torch.manual_seed(0)
-    model = Between(STOP[label]()).double()
-    x = torch.randn(3, 4, dtype=torch.float64)
+    model, x = _between(STOP[label]())
     topo = detect_topology(model, x, allow_empty=True, method=method)
-    assert [tuple(layer.name for layer in c.layers) for c in topo.chains] == [("fc2", "fc3")]
+    assert _chain_names(topo) == [("fc2", "fc3")]
     reason = {e.name: e.reason for e in topo.excluded}["fc1.weight"]
     assert "'fc1' is in no ReLU chain (after it:" in reason
 
 
 def test_nondeterministic_eval_forward_is_reported():
     """Dropout hard-wired to training mode makes the self-check impossible: say so."""
-    torch.manual_seed(0)
-    model = Between(lambda h: F.dropout(h, 0.5, True)).double()
-    x = torch.randn(3, 4, dtype=torch.float64)
+    model, x = _between(lambda h: F.dropout(h, 0.5, True))
     with pytest.raises(TopologyError, match="differs between two identical forward passes"):
         detect_topology(model, x)
     assert _chains(model, x, self_check=False) == [("fc1", "fc2", "fc3")]
@@ -206,7 +209,7 @@ def test_conv_to_linear_transitions(label, reduce, n_in, chain):
 def test_attention_embedding_groupnorm_convtranspose():
     torch.manual_seed(0)
     topo = detect_topology(Attention().double(), torch.randint(0, 10, (2, 5)))
-    assert [tuple(layer.name for layer in c.layers) for c in topo.chains] == [("fc1", "fc2")]
+    assert _chain_names(topo) == [("fc1", "fc2")]
     reasons = {e.name: e.reason for e in topo.excluded}
     assert "Embedding 'emb'" in reasons["emb.weight"]
     assert "MultiheadAttention 'attn'" in reasons["attn.in_proj_weight"]

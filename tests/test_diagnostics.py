@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_gsgd import GSGD, detect_topology, diagnostics, init_skeleton_, path_metrics, selfcheck
 from lightning_gsgd.diagnostics import (
@@ -22,17 +21,10 @@ from lightning_gsgd.diagnostics import (
     topology_summary,
 )
 from lightning_gsgd.skeleton import random_unit_factors, rescale_hidden_units_
-from tests.models import MODELS, make
+from tests.models import MODELS, initialize, make, two_chains
 from tests.oracle import PathParameterization, path_values, sigma_mask
 
 RTOL = 1e-10
-
-
-def two_chains() -> nn.Sequential:
-    """A LayerNorm splits this MLP into two chains and is left to plain SGD."""
-    return nn.Sequential(
-        nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)
-    )
 
 
 def _model(name: str, seed: int = 0):
@@ -43,19 +35,6 @@ def _model(name: str, seed: int = 0):
 
 
 ALL = list(MODELS) + ["two_chains"]
-
-
-def _init(model, topo, mode: str) -> None:
-    init_skeleton_(topo)
-    # move every sigma/tau weight off 1 so that the B and F products matter
-    rescale_hidden_units_(topo, random_unit_factors(topo, 1.0, torch.Generator().manual_seed(3)))
-    if mode == "order_one":
-        g = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            for p in model.parameters():
-                mag = torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5
-                sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1
-                p.copy_(mag * sign)
 
 
 def _loss(model, x):
@@ -132,7 +111,7 @@ def _direct_imbalance_terms(chain) -> list[float]:
 def test_before_step_matches_oracle(name, init):
     model, x = _model(name)
     topo = detect_topology(model, x)
-    _init(model, topo, init)
+    initialize(model, topo, init)
     loss_fn = _loss(model, x)
     g2 = _oracle_grad_sq(model, topo, x, loss_fn)
 
@@ -177,7 +156,7 @@ def test_keys_shapes_and_device():
 def test_rescaling_changes_imbalance_only():
     model, x = _model("cnn")
     topo = detect_topology(model, x)
-    _init(model, topo, "skeleton_rescaled")
+    initialize(model, topo, "skeleton_rescaled")
     loss_fn = _loss(model, x)
     scaled = copy.deepcopy(model)
     stopo = detect_topology(scaled, x)
@@ -206,7 +185,7 @@ def test_rescaling_changes_imbalance_only():
 def test_relative_update_matches_oracle(name, optim):
     model, x = _model(name)
     topo = detect_topology(model, x)
-    _init(model, topo, "skeleton_rescaled")
+    initialize(model, topo, "skeleton_rescaled")
     loss_fn = _loss(model, x)
 
     def flat():

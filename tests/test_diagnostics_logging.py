@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from lightning_gsgd import GSGD, GSGDCallback, GSGDMixin, detect_topology, init_skeleton_
 from lightning_gsgd.diagnostics import AFTER_KEYS, BEFORE_KEYS, PathDiagnostics
-from tests.lightning_models import cpu_trainer, make_dataset, make_loader
+from tests.lightning_models import MLPModule, cpu_trainer, make_dataset, make_loader
+from tests.models import two_chains
 
 STEP_KEYS = tuple(f"gsgd/{k}" for k in BEFORE_KEYS + AFTER_KEYS)
 SUMMARY_KEYS = tuple(
@@ -30,28 +31,19 @@ SUMMARY_KEYS = tuple(
 )
 
 
-class TwoChainModule(LightningModule):
+class TwoChainModule(MLPModule):
     """4-6-5 | LayerNorm(5) | 5-7-3: two ReLU chains and a LayerNorm left to plain SGD; logs its loss."""
 
     def __init__(self, lr: float = 0.05, momentum: float = 0.9) -> None:
-        super().__init__()
-        self.lr, self.momentum = lr, momentum
-        self.net = nn.Sequential(
-            nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)
-        )
-        self.example_input_array = torch.zeros(2, 4)
+        super().__init__(lr=lr, momentum=momentum)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def build_net(self, hidden: int) -> nn.Module:
+        return two_chains()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = super().training_step(batch, batch_idx)
         self.log("train_loss", loss)
         return loss
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 class MixinTwoChain(GSGDMixin, TwoChainModule):

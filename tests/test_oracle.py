@@ -8,26 +8,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from lightning_gsgd import GSGD, detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
-from tests.models import MODELS, make
+from lightning_gsgd import GSGD, detect_topology
+from tests.models import INITS, MODELS, initialize, make
 from tests.oracle import oracle_run
-
-INITS = ["skeleton", "skeleton_rescaled", "order_one"]
-
-
-def _init(model, topo, mode: str) -> None:
-    if mode.startswith("skeleton"):
-        init_skeleton_(topo)
-    if mode == "skeleton_rescaled":
-        # moves every sigma/tau weight off 1, so B and F products are exercised
-        rescale_hidden_units_(topo, random_unit_factors(topo, 1.0, torch.Generator().manual_seed(3)))
-    if mode == "order_one":
-        g = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            for p in model.parameters():
-                mag = torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5
-                sign = torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1
-                p.copy_(mag * sign)
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -44,7 +27,7 @@ def _init(model, topo, mode: str) -> None:
 def test_step_matches_path_space_oracle(name, init, hyper, steps):
     model, x = make(name)
     topo = detect_topology(model, x)
-    _init(model, topo, init)
+    initialize(model, topo, init)
     if init == "order_one":
         # large weights give large path gradients: a smaller step keeps the guard out of play
         hyper = dict(hyper, lr=hyper["lr"] * 1e-2)
