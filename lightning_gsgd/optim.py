@@ -34,7 +34,13 @@ class GSGD(Optimizer):
     untouched) and counted in :attr:`skipped_steps`; so is a step for which a hidden chain layer's
     per-unit sum ``sum(w * grad)`` is not finite (non-finite weights, or an overflow that would make
     the step itself non-finite). A step that would shrink a free tau path value below ``min_ratio``
-    times its value (or flip its sign) is clamped there and counted in :attr:`guard_hits`.
+    times its value (or flip its sign) is clamped there and counted in :attr:`guard_hits`. A guard
+    that clamps the same path step after step shrinks it geometrically; a step whose O(H) per-unit
+    factors (``F'``, ``1 / rho``, ``1 / F``, ``1 / (F F')``, new tau weights and momentum entries) are
+    not finite, or whose new ``F'`` is so small that ``1 / F'**2`` is not (float32: ``F' < ~5.4e-20``),
+    is skipped too and counted in :attr:`skipped_steps`, so the step never writes a non-finite weight
+    from an underflowed path value. Training does not recover from that by itself (lower the lr or
+    momentum, or resume from a checkpoint).
 
     Cost: the step is the cheap form of gsgd-math.md section 4b (SGD with a per-row/column
     preconditioner and a per-row rescale, a few in-place ``torch._foreach_*`` passes, plus one row
@@ -205,7 +211,7 @@ class GSGD(Optimizer):
 
     @property
     def skipped_steps(self) -> Tensor:
-        """Number of steps skipped because a gradient was not finite (a 0-d int64 tensor)."""
+        """Steps skipped because a gradient or a per-unit factor was not finite (a 0-d int64 tensor)."""
         return self._counters.get("skipped_steps", torch.zeros((), dtype=torch.int64))
 
     @property
@@ -253,10 +259,12 @@ class GSGD(Optimizer):
         """Perform one G-SGD step.
 
         The step is skipped as a whole (counted in :attr:`skipped_steps`) when a gradient is not
-        finite, or when a per-node sum ``sum(w * grad)`` that the step needs is not (an overflow
-        there would make the step non-finite too). On the CPU this is decided before anything is
-        written; on other devices, where reading the flag would stall the host, the step is computed
-        on copies and applied with ``torch.where``, so ``step`` never synchronizes with the device.
+        finite, when a per-node sum ``sum(w * grad)`` that the step needs is not (an overflow
+        there would make the step non-finite too), or when an O(H) per-unit factor of the step is
+        not finite or a new tau product ``F'`` falls below the floor (see the class docstring). On
+        the CPU this is decided before anything is written; on other devices, where reading the
+        flag would stall the host, the step is computed on copies and applied with ``torch.where``,
+        so ``step`` never synchronizes with the device.
 
         Args:
             closure: Re-evaluates the model and returns the loss (run under ``torch.enable_grad``).
@@ -290,12 +298,12 @@ class GSGD(Optimizer):
             return loss
         # Reading a device flag costs nothing on the CPU; elsewhere it would stall the host.
         host_reads = device.type == "cpu" if self._host_reads is None else self._host_reads
-        prepared: list[tuple[Prepared, float]] = []
+        prepared: list[Prepared] = []
         checks: list[Tensor] = []
         for ci, chain in enumerate(self.topology.chains):
-            prep = self._prepare(ci, chain, hp_of)
+            prep = self._prepare(ci, chain, hp_of, None if host_reads else False)
             if prep is not None:
-                prepared.append((prep, hp_of[id(chain.layers[0].weight)][1]["min_ratio"]))
+                prepared.append(prep)
                 checks.extend(prep.checks())
         in_chain = self._in_chain
         plain = [
@@ -315,7 +323,7 @@ class GSGD(Optimizer):
             return loss
         where_ok = None if host_reads else ok
         hits = self._counter("guard_hits", device)
-        for prep, min_ratio in prepared:
+        for prep in prepared:
             slots = prep.slots()
             for s in slots:
                 if where_ok is not None:
@@ -323,7 +331,7 @@ class GSGD(Optimizer):
                     s.buf_target = None if s.buf is None else s.buf.clone()
                 else:
                     s.buf_target = s.buf
-            chain_hits = apply_chain(prep, min_ratio, unit_b=None if host_reads else False)
+            chain_hits = apply_chain(prep)
             hits += chain_hits if where_ok is None else chain_hits * where_ok
             for s in slots:
                 if where_ok is not None:
@@ -341,7 +349,9 @@ class GSGD(Optimizer):
             skipped += (~where_ok).long()
         return loss
 
-    def _prepare(self, ci: int, chain: Chain, hp_of: dict[int, tuple[Hyper, dict[str, Any]]]) -> Prepared | None:
+    def _prepare(
+        self, ci: int, chain: Chain, hp_of: dict[int, tuple[Hyper, dict[str, Any]]], unit_b: bool | None
+    ) -> Prepared | None:
         """Slots of a chain and phase one of its step; ``None`` when no layer has a gradient."""
         layers = chain.layers
         if all(layer.weight.grad is None for layer in layers):
@@ -366,7 +376,8 @@ class GSGD(Optimizer):
                 st = state.get(b)
                 bbuf = None if st is None else st.get("momentum_buffer")
                 biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
-        return prepare_chain(self._chain_work(ci, chain), weights, biases)
+        min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
+        return prepare_chain(self._chain_work(ci, chain), weights, biases, min_ratio, unit_b=unit_b)
 
     # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): one layer, see bn_heuristic.py
     def _bn_heuristic_step(self, layer: ChainLayer, hp: Hyper, ok: Tensor | None) -> None:
