@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.chain_bulk import Item, bulk
+from lightning_gsgd.chain_readings import ChainReading, read_before
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
 
@@ -80,6 +81,10 @@ class Prepared:
         factor_check: Finite exactly when the per-row factors and new skeleton values are finite
             and every new ``F'`` is above the floor (see :func:`prepare_chain`).
         tau_buf: Whether the new tau buffer entries were written into the work area.
+        bias_params: With readings requested, every layer's bias (``None`` where there is none).
+        reading: With readings requested, the before-step diagnostics (:mod:`lightning_gsgd.chain_readings`).
+        tau_aux: With readings requested, the O(H) intermediates the readings need.
+        row_sq: With readings requested, the per-row sums of squares the readings computed.
     """
 
     work: ChainWork
@@ -91,6 +96,10 @@ class Prepared:
     hits: Tensor
     factor_check: Tensor
     tau_buf: bool
+    bias_params: list[Tensor | None] | None = None
+    reading: ChainReading | None = None
+    tau_aux: dict[str, Tensor] | None = None
+    row_sq: tuple[list[Tensor], list[Tensor]] | None = None
 
     def slots(self) -> list[Slot]:
         """Every weight and bias slot."""
@@ -102,7 +111,13 @@ class Prepared:
 
 
 def prepare_chain(
-    work: ChainWork, weights: list[Slot], biases: list[Slot | None], min_ratio: float, *, unit_b: bool | None
+    work: ChainWork,
+    weights: list[Slot],
+    biases: list[Slot | None],
+    min_ratio: float,
+    *,
+    unit_b: bool | None,
+    bias_params: list[Tensor | None] | None = None,
 ) -> Prepared:
     """Phase one of a chain's step: gather, row sums and every O(H) quantity; writes no parameter.
 
@@ -121,6 +136,8 @@ def prepare_chain(
         min_ratio: Guard of free tau path values (see :class:`lightning_gsgd.GSGD`).
         unit_b: Whether every ``B`` is known to be 1 (row-only scaling). ``None``: find out by
             reading the values (a host read: CPU only); ``False``: use the general form.
+        bias_params: Every layer's bias (detached, ``None`` where there is none): also compute the
+            diagnostics readings of :mod:`lightning_gsgd.chain_readings` (``prep.reading``).
     """
     plan = work.plan
     L = plan.n_layers
@@ -143,7 +160,11 @@ def prepare_chain(
     work.base_h.addcmul_(w_sig, g_sig, value=-1)
     lo, hi = torch.aminmax(weights[-1].grad)
     prep = Prepared(work, list(weights), list(biases), momentum, torch.stack([lo, hi]), False, lo, lo, False)
+    prep.bias_params = bias_params
     _solve(prep, min_ratio, unit_b)
+    if bias_params is not None:
+        assert prep.tau_aux is not None
+        prep.reading = read_before(prep, prep.tau_aux)
     return prep
 
 
@@ -210,6 +231,13 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     w_tau, g_tau, m_tau = work.skel.take(plan.tau_take).unbind(0)
     v = B * F
     d = torch.addcmul(gamma, g_tau, w_tau, value=-1).div_(v).neg_()
+    aux: dict[str, Tensor] | None = None
+    if prep.bias_params is not None:  # diagnostics readings requested: keep what they need
+        w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
+        aux = {"v": v, "d0": d.clone(), "tau_sg": g_tau * w_tau / v, "sig_wg": w_sig * g_sig}
+        aux["sig_sg"] = aux["sig_wg"] / v
+        bias_wg = [b.param.dot(b.grad) for b in prep.biases if b is not None]
+        aux["bias_wg"] = torch.stack(bias_wg).sum() if bias_wg else v.new_zeros(())
     if not _is(wd, 0):
         _axpy(d, v, wd)
     buf_tau = None
@@ -234,6 +262,13 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     rho = work.rho
     torch.take(work.ratio_ext, plan.first_free, out=rho)
     w_tau_new = (w_tau * ratio).div_(work.rho_ext.take(plan.nxt))
+    if aux is not None:
+        free = plan.free_nodes
+        dv = (v * ratio - v).index_select(0, free).square().sum()
+        aux["tau_dv"] = dv
+        step = direction * lr
+        aux["tau_fix"] = dv - step.index_select(0, free).square().sum()
+        prep.tau_aux = aux
 
     # ---- per-row vectors (the last layer's rows stay 1): q = 1 / F', q2 = 1 / (F F')
     torch.reciprocal(rho, out=work.rhoinv_h)

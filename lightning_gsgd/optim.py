@@ -11,6 +11,8 @@ from torch.optim import Optimizer
 
 from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
+from lightning_gsgd.chain_readings import ChainReading, update_momentum
+from lightning_gsgd.chain_readings import supported as readings_supported
 from lightning_gsgd.chain_step import Prepared, Slot, apply_chain, prepare_chain
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
@@ -99,6 +101,10 @@ class GSGD(Optimizer):
         self._host_reads: bool | None = None
         self._pending_fingerprint: list[Any] | None = None
         self._counters: dict[str, Tensor] = {}
+        # Diagnostics by-products (PathDiagnostics on logging steps, see chain_readings.py): a request
+        # for the next step only, and that step's readings per chain index.
+        self._readings_request = False
+        self._readings: dict[int, ChainReading] | None = None
         if topology is not None:
             self.bind(topology)
 
@@ -298,12 +304,17 @@ class GSGD(Optimizer):
             return loss
         # Reading a device flag costs nothing on the CPU; elsewhere it would stall the host.
         host_reads = device.type == "cpu" if self._host_reads is None else self._host_reads
+        want = self._readings_request
+        self._readings_request = False
+        self._readings = None
         prepared: list[Prepared] = []
         checks: list[Tensor] = []
+        chain_of: list[int] = []
         for ci, chain in enumerate(self.topology.chains):
-            prep = self._prepare(ci, chain, hp_of, None if host_reads else False)
+            prep = self._prepare(ci, chain, hp_of, None if host_reads else False, want)
             if prep is not None:
                 prepared.append(prep)
+                chain_of.append(ci)
                 checks.extend(prep.checks())
         in_chain = self._in_chain
         plain = [
@@ -320,9 +331,12 @@ class GSGD(Optimizer):
         skipped = self._counter("skipped_steps", device)
         if host_reads and not bool(ok):
             skipped += 1
+            if want:
+                self._readings = _readings(prepared, chain_of, None, None)
             return loss
         where_ok = None if host_reads else ok
         hits = self._counter("guard_hits", device)
+        updates: list[Tensor] = []
         for prep in prepared:
             slots = prep.slots()
             for s in slots:
@@ -333,6 +347,8 @@ class GSGD(Optimizer):
                     s.buf_target = s.buf
             chain_hits = apply_chain(prep)
             hits += chain_hits if where_ok is None else chain_hits * where_ok
+            if want:
+                updates.append(_update_sq(prep))
             for s in slots:
                 if where_ok is not None:
                     _write(s.param, s.target, where_ok)
@@ -345,12 +361,19 @@ class GSGD(Optimizer):
         for p, hp in plain:
             self._plain_sgd(p, hp, where_ok)
         self._counter("steps", device).add_(1 if where_ok is None else where_ok.long())
+        if want:
+            self._readings = _readings(prepared, chain_of, updates, where_ok)
         if where_ok is not None:
             skipped += (~where_ok).long()
         return loss
 
     def _prepare(
-        self, ci: int, chain: Chain, hp_of: dict[int, tuple[Hyper, dict[str, Any]]], unit_b: bool | None
+        self,
+        ci: int,
+        chain: Chain,
+        hp_of: dict[int, tuple[Hyper, dict[str, Any]]],
+        unit_b: bool | None,
+        readings: bool = False,
     ) -> Prepared | None:
         """Slots of a chain and phase one of its step; ``None`` when no layer has a gradient."""
         layers = chain.layers
@@ -377,7 +400,36 @@ class GSGD(Optimizer):
                 bbuf = None if st is None else st.get("momentum_buffer")
                 biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
         min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
-        return prepare_chain(self._chain_work(ci, chain), weights, biases, min_ratio, unit_b=unit_b)
+        work = self._chain_work(ci, chain)
+        bias_params = None
+        if readings and readings_supported([s.hp for s in [*weights, *biases] if s is not None], work.dtype):
+            bias_params = [None if layer.bias is None else layer.bias.detach() for layer in layers]
+        return prepare_chain(work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params)
+
+    # ------------------------------------------------------------------ diagnostics by-products
+    def _request_readings(self) -> bool:
+        """Have the next :meth:`step` produce the diagnostics readings (``PathDiagnostics``; private).
+
+        Returns ``False`` (and requests nothing) unless the step can read every chain: float32 or
+        float64 parameters, and hyper-parameters :func:`lightning_gsgd.chain_readings.supported`
+        covers. After that step, :attr:`_readings` maps a chain's index to its
+        :class:`~lightning_gsgd.chain_readings.ChainReading` for every chain it stepped (a chain
+        without gradients is left out, and everything when the step never ran). Costs nothing on
+        other steps.
+        """
+        self._readings = None
+        self._readings_request = False
+        if self.topology is None:
+            return False
+        hp_of = {id(p): _hyper(g) for g in self.param_groups for p in g["params"]}
+        for chain in self.topology.chains:
+            last = len(chain.layers) - 1
+            tensors = [layer.weight for layer in chain.layers]
+            tensors += [layer.bias for l, layer in enumerate(chain.layers) if layer.bias is not None and l < last]
+            if not readings_supported([hp_of[id(t)] for t in tensors], tensors[0].dtype):
+                return False
+        self._readings_request = True
+        return True
 
     # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): one layer, see bn_heuristic.py
     def _bn_heuristic_step(self, layer: ChainLayer, hp: Hyper, ok: Tensor | None) -> None:
@@ -454,6 +506,35 @@ def _hyper(group: dict[str, Any]) -> Hyper:
         weight_decay=group["weight_decay"],
         nesterov=group["nesterov"],
     )
+
+
+def _update_sq(prep: Prepared) -> Tensor | None:
+    """``||v' - v||^2`` of a chain whose step was just written (``None`` without readings)."""
+    if prep.reading is None:
+        return None
+    assert prep.tau_aux is not None
+    if prep.weights[0].hp.momentum != 0:
+        return update_momentum(prep, prep.tau_aux)
+    return prep.reading.update_sq  # without momentum: computed before the step was written
+
+
+def _readings(
+    prepared: list[Prepared], chain_of: list[int], updates: list[Tensor | None] | None, ok: Tensor | None
+) -> dict[int, ChainReading]:
+    """The readings of the chains that produced them; ``updates`` ``None``: the step was skipped."""
+    out: dict[int, ChainReading] = {}
+    for k, (prep, ci) in enumerate(zip(prepared, chain_of)):
+        r = prep.reading
+        if r is None:
+            continue
+        upd = None if updates is None else updates[k]
+        if upd is None:
+            upd = torch.zeros_like(r.grad_sq)
+        elif ok is not None:
+            upd = torch.where(ok, upd, torch.zeros_like(upd))
+        r.update_sq = upd
+        out[ci] = r
+    return out
 
 
 def _minmax(t: Tensor) -> Tensor:
