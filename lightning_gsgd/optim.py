@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper, sgd_update_
 from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
 from lightning_gsgd.chain_readings import ChainReading, update_momentum
@@ -131,23 +132,7 @@ class GSGD(Optimizer):
             TopologyError: A chain parameter is not in this optimizer's parameter groups, is
                 frozen, or is listed twice; or saved state does not fit the topology.
         """
-        owned = {id(p) for group in self.param_groups for p in group["params"]}
-        for chain in topology.chains:
-            for layer in chain.layers:
-                for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
-                    if p is None:
-                        continue
-                    if id(p) not in owned:
-                        raise TopologyError(
-                            f"GSGD: the {kind} of layer '{layer.name}' is not among this optimizer's "
-                            "parameters: was the topology built for a different model, or were "
-                            "parameters left out of the optimizer?"
-                        )
-                    if not p.requires_grad:
-                        raise TopologyError(
-                            f"GSGD: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
-                            "exclude that layer from the topology"
-                        )
+        owned = check_chain_params(topology, self.param_groups, "GSGD")
         # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): bind check, see bn_heuristic.py
         for layer in getattr(topology, "bn_layers", ()):
             if id(layer.weight) not in owned or not layer.weight.requires_grad:
@@ -281,21 +266,19 @@ class GSGD(Optimizer):
         Raises:
             RuntimeError: The optimizer has no topology (see :meth:`bind`).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self.topology is None:
-            raise RuntimeError(
-                "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
-                "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
-                "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
-                "lightning_gsgd.GSGDMixin first among your LightningModule's base classes"
-            )
+        loss = begin_step(
+            closure,
+            self.topology,
+            "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
+            "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
+            "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
+            "lightning_gsgd.GSGDMixin first among your LightningModule's base classes",
+        )
+        assert self.topology is not None
         hp_of: dict[int, tuple[Hyper, dict[str, Any]]] = {}
         device = None
         for g in self.param_groups:
-            hp = _hyper(g)
+            hp = hyper(g)
             for p in g["params"]:
                 hp_of[id(p)] = (hp, g)
                 if device is None and p.grad is not None:
@@ -421,7 +404,7 @@ class GSGD(Optimizer):
         self._readings_request = False
         if self.topology is None:
             return False
-        hp_of = {id(p): _hyper(g) for g in self.param_groups for p in g["params"]}
+        hp_of = {id(p): hyper(g) for g in self.param_groups for p in g["params"]}
         for chain in self.topology.chains:
             last = len(chain.layers) - 1
             tensors = [layer.weight for layer in chain.layers]
@@ -455,57 +438,25 @@ class GSGD(Optimizer):
     # --- end BN heuristic
 
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
-        # The same tensor ops as torch.optim.SGD's single-tensor path (add with alpha rounds
-        # differently from a * b + c), so that parameters outside chains match it bit for bit;
-        # in place on the CPU, on a copy applied with ``where`` when ``ok`` is given.
-        g = p.grad
-        assert g is not None
+        # torch.optim.SGD's single-tensor rule, so that parameters outside chains match it bit for
+        # bit; in place on the CPU, on a copy applied with ``where`` when ``ok`` is given.
+        assert p.grad is not None
         target = p if ok is None else p.clone()
-        d = g.add(p, alpha=hp.weight_decay) if hp.weight_decay != 0 else g
-        if hp.momentum != 0:
-            old = self.state[p].get("momentum_buffer")
-            if old is None:
-                buf = d.clone()
-            else:
-                buf = old if ok is None else old.clone()
-                buf.mul_(hp.momentum).add_(d, alpha=1 - hp.dampening)
-            d = d.add(buf, alpha=hp.momentum) if hp.nesterov else buf
+        old = self.state[p].get("momentum_buffer") if hp.momentum != 0 else None
+        buf = sgd_update_(
+            p, p.grad, old if ok is None or old is None else old.clone(), hp, scratch=False, target=target
+        )
+        if buf is not None:
             self.state[p]["momentum_buffer"] = _keep(buf, old, ok)
-        if isinstance(hp.lr, Tensor):
-            target.addcmul_(d, hp.lr.to(target), value=-1)
-        else:
-            target.add_(d, alpha=-hp.lr)
         if ok is not None:
             _write(p, target, ok)
 
 
 def _check_hyper(h: dict[str, Any], where: str) -> None:
     """Raise a ValueError naming the first out-of-range hyper-parameter of ``h``."""
-    lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
-    if lr < 0.0:
-        raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
-    if momentum < 0.0:
-        raise ValueError(f"{where}: invalid momentum={momentum}; it must be >= 0")
-    if h["weight_decay"] < 0.0:
-        raise ValueError(f"{where}: invalid weight_decay={h['weight_decay']}; it must be >= 0")
-    if not 0.0 <= dampening <= 1.0:
-        raise ValueError(f"{where}: invalid dampening={dampening}; it must be in [0, 1]")
-    if h["nesterov"] and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+    check_hyper(h, where)
     if not 0.0 < h["min_ratio"] < 1.0:
         raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
-
-
-def _hyper(group: dict[str, Any]) -> Hyper:
-    return Hyper(
-        lr=group["lr"],
-        momentum=group["momentum"],
-        dampening=group["dampening"],
-        weight_decay=group["weight_decay"],
-        nesterov=group["nesterov"],
-    )
 
 
 def _update_sq(prep: Prepared) -> Tensor | None:
