@@ -191,3 +191,32 @@ def update_plain(prep: Prepared, tau: dict[str, Tensor], lr: float | Tensor, wd:
         if b is not None:
             acc = acc + (b.grad * work.row1["r"][l] + wd * b.param * work.row1["F"][l]).square().sum()
     return acc * (lr * lr) + tau["tau_dv"]
+
+
+def update_after(prep: Prepared) -> Tensor | None:
+    """``||v' - v||^2`` of a chain whose step was just written (``None`` without readings)."""
+    if prep.reading is None:
+        return None
+    assert prep.tau_aux is not None
+    if prep.weights[0].hp.momentum != 0:
+        return update_momentum(prep, prep.tau_aux)
+    return prep.reading.update_sq  # without momentum: computed before the step was written
+
+
+def collect_readings(
+    prepared: list[Prepared], chain_of: list[int], updates: list[Tensor | None] | None, ok: Tensor | None
+) -> dict[int, ChainReading]:
+    """The readings of the chains that produced them; ``updates`` ``None``: the step was skipped."""
+    out: dict[int, ChainReading] = {}
+    for k, (prep, ci) in enumerate(zip(prepared, chain_of)):
+        r = prep.reading
+        if r is None:
+            continue
+        upd = None if updates is None else updates[k]
+        if upd is None:
+            upd = torch.zeros_like(r.grad_sq)
+        elif ok is not None:
+            upd = torch.where(ok, upd, torch.zeros_like(upd))
+        r.update_sq = upd
+        out[ci] = r
+    return out

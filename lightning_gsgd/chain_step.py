@@ -159,8 +159,19 @@ def prepare_chain(
     w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
     work.base_h.addcmul_(w_sig, g_sig, value=-1)
     lo, hi = torch.aminmax(weights[-1].grad)
-    prep = Prepared(work, list(weights), list(biases), momentum, torch.stack([lo, hi]), False, lo, lo, False)
-    prep.bias_params = bias_params
+    # unit_b, hits, factor_check and tau_buf are placeholders that _solve sets
+    prep = Prepared(
+        work,
+        list(weights),
+        list(biases),
+        momentum,
+        torch.stack([lo, hi]),
+        unit_b=False,
+        hits=lo,
+        factor_check=lo,
+        tau_buf=False,
+        bias_params=bias_params,
+    )
     _solve(prep, min_ratio, unit_b)
     if bias_params is not None:
         assert prep.tau_aux is not None

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper, sgd_update_
 from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
-from lightning_gsgd.chain_readings import ChainReading, update_momentum
+from lightning_gsgd.chain_readings import ChainReading, collect_readings, update_after
 from lightning_gsgd.chain_readings import supported as readings_supported
 from lightning_gsgd.chain_step import Prepared, Slot, apply_chain, prepare_chain
 from lightning_gsgd.chain_work import ChainWork
@@ -315,7 +315,7 @@ class GSGD(Optimizer):
         if host_reads and not bool(ok):
             skipped += 1
             if want:
-                self._readings = _readings(prepared, chain_of, None, None)
+                self._readings = collect_readings(prepared, chain_of, None, None)
             return loss
         where_ok = None if host_reads else ok
         hits = self._counter("guard_hits", device)
@@ -331,7 +331,7 @@ class GSGD(Optimizer):
             chain_hits = apply_chain(prep)
             hits += chain_hits if where_ok is None else chain_hits * where_ok
             if want:
-                updates.append(_update_sq(prep))
+                updates.append(update_after(prep))
             for s in slots:
                 if where_ok is not None:
                     _write(s.param, s.target, where_ok)
@@ -345,7 +345,7 @@ class GSGD(Optimizer):
             self._plain_sgd(p, hp, where_ok)
         self._counter("steps", device).add_(1 if where_ok is None else where_ok.long())
         if want:
-            self._readings = _readings(prepared, chain_of, updates, where_ok)
+            self._readings = collect_readings(prepared, chain_of, updates, where_ok)
         if where_ok is not None:
             skipped += (~where_ok).long()
         return loss
@@ -457,35 +457,6 @@ def _check_hyper(h: dict[str, Any], where: str) -> None:
     check_hyper(h, where)
     if not 0.0 < h["min_ratio"] < 1.0:
         raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
-
-
-def _update_sq(prep: Prepared) -> Tensor | None:
-    """``||v' - v||^2`` of a chain whose step was just written (``None`` without readings)."""
-    if prep.reading is None:
-        return None
-    assert prep.tau_aux is not None
-    if prep.weights[0].hp.momentum != 0:
-        return update_momentum(prep, prep.tau_aux)
-    return prep.reading.update_sq  # without momentum: computed before the step was written
-
-
-def _readings(
-    prepared: list[Prepared], chain_of: list[int], updates: list[Tensor | None] | None, ok: Tensor | None
-) -> dict[int, ChainReading]:
-    """The readings of the chains that produced them; ``updates`` ``None``: the step was skipped."""
-    out: dict[int, ChainReading] = {}
-    for k, (prep, ci) in enumerate(zip(prepared, chain_of)):
-        r = prep.reading
-        if r is None:
-            continue
-        upd = None if updates is None else updates[k]
-        if upd is None:
-            upd = torch.zeros_like(r.grad_sq)
-        elif ok is not None:
-            upd = torch.where(ok, upd, torch.zeros_like(upd))
-        r.update_sq = upd
-        out[ci] = r
-    return out
 
 
 def _minmax(t: Tensor) -> Tensor:

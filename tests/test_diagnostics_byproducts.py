@@ -115,3 +115,38 @@ def test_nesterov_is_measured_by_the_diagnostics_themselves():
     assert set(diag.before_step(opt)) == set(BEFORE_KEYS), "nesterov has no by-products: measure before the step"
     opt.step()
     assert set(diag.after_step(opt)) == set(AFTER_KEYS)
+
+
+@pytest.mark.parametrize("momenta", [(0.9, 0.5, 0.7), (0.0, 0.0, 0.0)], ids=["per_layer_momentum", "plain"])
+def test_per_layer_groups_and_tensor_lr(momenta):
+    """Per-layer lr (a tensor in one group) and momentum: the tau entries' lr is then a vector."""
+    model, x = _model("mlp_unequal")
+    topo = detect_topology(model, x)
+    _init(model, topo, "skeleton_rescaled")
+    other = copy.deepcopy(model)
+    topo2 = detect_topology(other, x)
+
+    def groups(m):
+        layers = [layer for layer in m if isinstance(layer, torch.nn.Linear)]
+        out = []
+        for i, layer in enumerate(layers):
+            lr = torch.tensor(0.01, dtype=x.dtype) if (i == 1 and momenta[0]) else 0.01 * (1 + i * (momenta[0] > 0))
+            out.append(dict(params=list(layer.parameters()), lr=lr, momentum=momenta[min(i, 2)]))
+        return out
+
+    opt, ref_opt = GSGD(groups(model), topology=topo), GSGD(groups(other), topology=topo2)
+    diag, ref = PathDiagnostics(topo), PathDiagnostics(topo2)
+    loss_fn = _loss(model, x)
+    for _ in range(3):
+        for m, o in ((model, opt), (other, ref_opt)):
+            o.zero_grad()
+            loss_fn(m(x)).backward()
+        assert diag.before_step(opt) == {}
+        opt.step()
+        got = diag.after_step(opt)
+        want = ref.before_step()
+        ref_opt.step()
+        want.update(ref.after_step(ref_opt))
+        for k in want:
+            assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-9, abs=1e-14), k
+        assert float(want["relative_update"]) > 1e-6
