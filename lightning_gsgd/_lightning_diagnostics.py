@@ -118,12 +118,16 @@ class DiagnosticsLogger:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
 
-    def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """On a logging step: gradient and weight metrics, before the optimizer changes the weights."""
+    def before_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any = None) -> None:
+        """On a logging step: gradient and weight metrics, before the optimizer changes the weights.
+
+        Given the ``GSGD`` about to step, the metrics come out of its step as by-products and are
+        logged by :meth:`after_step` (see :meth:`PathDiagnostics.before_step`).
+        """
         self._pending = False
         if self.diagnostics is None or not is_logging_step(trainer):
             return
-        self._log(pl_module, self.diagnostics.before_step())
+        self._log(pl_module, self.diagnostics.before_step(optimizer))
         self._pending = True
 
     def after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:

@@ -227,7 +227,7 @@ class GSGDCallback(Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """On a logging step, measure the gradients and weights before the step (once per optimizer step)."""
-        self.diagnostics.before_step(trainer, pl_module)
+        self.diagnostics.before_step(trainer, pl_module, self.optimizer)
 
     @override
     def on_train_batch_end(

@@ -25,7 +25,8 @@ their buffer entries zero). ``Gamma`` needs one row reduction ``sum(w * g)`` per
 whether those sums are finite is also the step's non-finite check for those layers.
 
 The step has two phases so that it can be skipped before anything is written:
-:func:`prepare_chain` (reads only) and :func:`apply_chain` (writes).
+:func:`prepare_chain` (reads the parameters, computes every O(H) quantity into the work area and
+checks it) and :func:`apply_chain` (the elementwise passes; writes).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.chain_bulk import Item, bulk
+from lightning_gsgd.chain_readings import ChainReading, read_before
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
 
@@ -66,14 +68,23 @@ class Slot:
 
 @dataclass
 class Prepared:
-    """A chain after :func:`prepare_chain`: its slots, with the skeleton block and row sums filled in.
+    """A chain after :func:`prepare_chain`: its slots, and every O(H) quantity of its step.
 
     Attributes:
-        work: The chain's work area (holds the gathered values).
+        work: The chain's work area (holds the gathered values and the per-row factors).
         weights: One :class:`Slot` per layer weight.
         biases: One :class:`Slot` (or ``None``) per layer; the last layer's bias is never here.
         momentum: Whether any weight has momentum (the buffer block was gathered).
         last_check: ``[min, max]`` of the last layer's weight gradient (its rows need no sums).
+        unit_b: Whether every ``B`` is 1 (row-only scaling); ``False`` also when not known.
+        hits: 0-d int64 tensor, the number of free tau path values the guard clamped.
+        factor_check: Finite exactly when the per-row factors and new skeleton values are finite
+            and every new ``F'`` is above the floor (see :func:`prepare_chain`).
+        tau_buf: Whether the new tau buffer entries were written into the work area.
+        bias_params: With readings requested, every layer's bias (``None`` where there is none).
+        reading: With readings requested, the before-step diagnostics (:mod:`lightning_gsgd.chain_readings`).
+        tau_aux: With readings requested, the O(H) intermediates the readings need.
+        row_sq: With readings requested, the per-row sums of squares the readings computed.
     """
 
     work: ChainWork
@@ -81,23 +92,52 @@ class Prepared:
     biases: list[Slot | None]
     momentum: bool
     last_check: Tensor
+    unit_b: bool
+    hits: Tensor
+    factor_check: Tensor
+    tau_buf: bool
+    bias_params: list[Tensor | None] | None = None
+    reading: ChainReading | None = None
+    tau_aux: dict[str, Tensor] | None = None
+    row_sq: tuple[list[Tensor], list[Tensor]] | None = None
 
     def slots(self) -> list[Slot]:
         """Every weight and bias slot."""
         return [*self.weights, *(b for b in self.biases if b is not None)]
 
     def checks(self) -> list[Tensor]:
-        """Values that are all finite exactly when the step can run (gradients and row sums finite)."""
-        return [self.work.base_h, self.last_check]
+        """Values that are all finite exactly when the step can be written (see :func:`prepare_chain`)."""
+        return [self.work.base_h, self.last_check, self.factor_check]
 
 
-def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None]) -> Prepared:
-    """Gather the skeleton entries and the per-row sums ``sum(w * g)`` of a chain (no writes).
+def prepare_chain(
+    work: ChainWork,
+    weights: list[Slot],
+    biases: list[Slot | None],
+    min_ratio: float,
+    *,
+    unit_b: bool | None,
+    bias_params: list[Tensor | None] | None = None,
+) -> Prepared:
+    """Phase one of a chain's step: gather, row sums and every O(H) quantity; writes no parameter.
+
+    Besides the gradients and row sums, the step is checked here, before anything is written, by
+    its O(H) values: the chain vectors ``B``, ``F``, the per-row factors ``1 / rho``, ``1 / F``,
+    ``1 / F'`` and ``1 / (F F')``, the new free tau weights and buffer entries, and the floor
+    ``1 / F'^2`` (``F' = F rho`` is the new product of tau weights below a node, the next step's
+    ``F``; its inverse square is what that step's preconditioner holds). A chain passes when all of
+    them are finite: so a step that would underflow a tau path value, as a guard clamped again and
+    again does, is refused instead of writing inf weights.
 
     Args:
         work: Work area of the chain.
         weights: Per layer, the weight slot (``[n_out, n_in, taps]`` views).
         biases: Per layer, the bias slot or ``None`` (no bias, a bias without gradient, the last layer).
+        min_ratio: Guard of free tau path values (see :class:`lightning_gsgd.GSGD`).
+        unit_b: Whether every ``B`` is known to be 1 (row-only scaling). ``None``: find out by
+            reading the values (a host read: CPU only); ``False``: use the general form.
+        bias_params: Every layer's bias (detached, ``None`` where there is none): also compute the
+            diagnostics readings of :mod:`lightning_gsgd.chain_readings` (``prep.reading``).
     """
     plan = work.plan
     L = plan.n_layers
@@ -119,7 +159,24 @@ def prepare_chain(work: ChainWork, weights: list[Slot], biases: list[Slot | None
     w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
     work.base_h.addcmul_(w_sig, g_sig, value=-1)
     lo, hi = torch.aminmax(weights[-1].grad)
-    return Prepared(work, list(weights), list(biases), momentum, torch.stack([lo, hi]))
+    # unit_b, hits, factor_check and tau_buf are placeholders that _solve sets
+    prep = Prepared(
+        work,
+        list(weights),
+        list(biases),
+        momentum,
+        torch.stack([lo, hi]),
+        unit_b=False,
+        hits=lo,
+        factor_check=lo,
+        tau_buf=False,
+        bias_params=bias_params,
+    )
+    _solve(prep, min_ratio, unit_b)
+    if bias_params is not None:
+        assert prep.tau_aux is not None
+        prep.reading = read_before(prep, prep.tau_aux)
+    return prep
 
 
 def _key(s: Slot) -> tuple:
@@ -168,18 +225,9 @@ def _axpy(y: Tensor, x: Tensor, a: float | Tensor) -> Tensor:
     return y.addcmul_(x, a) if isinstance(a, Tensor) else y.add_(x, alpha=a)
 
 
-def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Tensor:
-    """Compute the step of a prepared chain and write it into the slots' targets.
-
-    Args:
-        prep: From :func:`prepare_chain`; slot targets (and buffer targets) hold the current values.
-        min_ratio: Guard of free tau path values (see :class:`lightning_gsgd.GSGD`).
-        unit_b: Whether every ``B`` is known to be 1 (row-only scaling). ``None``: find out by
-            reading the values (a host read: CPU only); ``False``: use the general form.
-
-    Returns:
-        0-d int64 tensor: the number of free tau path values the guard clamped.
-    """
+def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
+    """The O(H) part of the step, into the work area: B, F, Gamma, the free tau step with its guard,
+    rho and the per-row factors, the new skeleton block; fills ``prep``'s result fields."""
     work = prep.work
     plan = work.plan
 
@@ -194,6 +242,13 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     w_tau, g_tau, m_tau = work.skel.take(plan.tau_take).unbind(0)
     v = B * F
     d = torch.addcmul(gamma, g_tau, w_tau, value=-1).div_(v).neg_()
+    aux: dict[str, Tensor] | None = None
+    if prep.bias_params is not None:  # diagnostics readings requested: keep what they need
+        w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
+        aux = {"v": v, "d0": d.clone(), "tau_sg": g_tau * w_tau / v, "sig_wg": w_sig * g_sig}
+        aux["sig_sg"] = aux["sig_wg"] / v
+        bias_wg = [b.param.dot(b.grad) for b in prep.biases if b is not None]
+        aux["bias_wg"] = torch.stack(bias_wg).sum() if bias_wg else v.new_zeros(())
     if not _is(wd, 0):
         _axpy(d, v, wd)
     buf_tau = None
@@ -218,31 +273,60 @@ def apply_chain(prep: Prepared, min_ratio: float, *, unit_b: bool | None) -> Ten
     rho = work.rho
     torch.take(work.ratio_ext, plan.first_free, out=rho)
     w_tau_new = (w_tau * ratio).div_(work.rho_ext.take(plan.nxt))
+    if aux is not None:
+        free = plan.free_nodes
+        dv = (v * ratio - v).index_select(0, free).square().sum()
+        aux["tau_dv"] = dv
+        step = direction * lr
+        aux["tau_fix"] = dv - step.index_select(0, free).square().sum()
+        prep.tau_aux = aux
 
-    # ---- per-row vectors (the last layer's rows stay 1)
+    # ---- per-row vectors (the last layer's rows stay 1): q = 1 / F', q2 = 1 / (F F')
     torch.reciprocal(rho, out=work.rhoinv_h)
     torch.reciprocal(work.F, out=work.r)
-    if any(s.hp.momentum == 0 or s.hp.nesterov for s in prep.slots()):  # only these read q and q2
-        torch.mul(work.r, work.rhoinv, out=work.q)
-        torch.mul(work.r, work.q, out=work.q2)
+    torch.mul(work.r, work.rhoinv, out=work.q)
+    torch.mul(work.r, work.q, out=work.q2)
     if unit_b is None:
         unit_b = torch.equal(B, work.ones_h)
-    bulk(_items(prep, None if unit_b else B))
 
-    # ---- skeleton entries: sigma weights unchanged (buffer 0), free tau entries updated
+    # ---- the new skeleton block: sigma weights unchanged (buffer 0), free tau entries updated
     # (the gathered block is not needed any more: it becomes the block to write back; the buffer
     # block is zero at sigma entries already, as every step leaves the buffers there)
     work.sw.index_copy_(0, plan.free_pos, w_tau_new.index_select(0, plan.free_nodes))
     if buf_tau is not None:
         work.sbuf.index_copy_(0, plan.free_pos, buf_tau.index_select(0, plan.free_nodes))
+
+    # ---- the check: every row vector (B, F, 1/rho, 1/F, 1/F', 1/(F F')), the new skeleton block
+    # and the floor 1/F'^2 (the next step's squared preconditioner) finite
+    checks = [work.rowblk, work.sw, work.q[: plan.hidden].square()]
+    if buf_tau is not None:
+        checks.append(work.sbuf)
+    prep.factor_check = torch.cat(checks)
+    prep.unit_b = unit_b
+    prep.hits = hit.sum()
+    prep.tau_buf = buf_tau is not None
+
+
+def apply_chain(prep: Prepared) -> Tensor:
+    """Phase two: write the prepared step into the slots' targets (and buffer targets).
+
+    Args:
+        prep: From :func:`prepare_chain`; slot targets (and buffer targets) hold the current values.
+
+    Returns:
+        0-d int64 tensor: the number of free tau path values the guard clamped.
+    """
+    work = prep.work
+    plan = work.plan
+    bulk(_items(prep, None if prep.unit_b else work.B))
     # index_copy_ on flat views, not put_: put_ has no deterministic mode (use_deterministic_algorithms)
     for l, s in enumerate(prep.weights):
         sel = plan.sel[l]
         if sel.numel():
             s.target.view(-1).index_copy_(0, sel, work.sw_l[l])
-            if s.buf_target is not None and buf_tau is not None:
+            if s.buf_target is not None and prep.tau_buf:
                 s.buf_target.view(-1).index_copy_(0, sel, work.sbuf_l[l])
-    return hit.sum()
+    return prep.hits
 
 
 def _items(prep: Prepared, B: Tensor | None) -> list[Item]:

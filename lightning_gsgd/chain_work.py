@@ -48,6 +48,7 @@ class ChainWork:
         self.sw = skel[:n_sel]
         self.sg = skel[n_sel + 1 : 2 * n_sel + 1]
         self.sbuf = skel[2 * n_sel + 1 :]
+        self.rowblk = rowblk
         self.bf = rowblk[: 2 * H]
         self.B = rowblk[:H]
         F, rhoinv, r, q, q2 = (rowblk[H + k * R : H + (k + 1) * R] for k in range(5))

@@ -110,10 +110,13 @@ class PathDiagnostics:
     2. :meth:`after_step` after the optimizer step (Lightning: ``on_train_batch_end``). Returns the
        relative update and the optimizer's counters, and drops the kept values.
 
-    Cost, in elementwise passes over the chain weights (a momentum SGD step makes three):
-    ``before_step`` about eight (see :func:`~lightning_gsgd.path_metrics.read_chain`), ``after_step`` four; the rest is
-    O(hidden units). No call synchronizes with the host. Measured on the MLP 784-1024x3-10 (one CPU
-    thread): both together about 5.6 times a ``torch.optim.SGD`` step (``docs/diagnostics.md``).
+    Cost: given a bound :class:`~lightning_gsgd.GSGD` (``before_step(optimizer)``, what the Lightning
+    callback does), its step produces the metrics as by-products (:mod:`lightning_gsgd.chain_readings`):
+    a few row reductions per layer, measured at about 0.6 of a ``GSGD.step`` on the MLP
+    784-1024x3-10 (one CPU thread, ``docs/diagnostics.md``), and no kept copy of the weights.
+    Otherwise, in elementwise passes over the chain weights (a momentum SGD step makes three):
+    ``before_step`` about eight (see :func:`~lightning_gsgd.path_metrics.read_chain`), ``after_step``
+    four; the rest is O(hidden units), about 3.7 times ``GSGD.step`` there. No call synchronizes with the host.
 
     Args:
         topology: The model's topology (its chains hold the live parameters).
@@ -141,6 +144,7 @@ class PathDiagnostics:
         self._index: dict[int, tuple[torch.device, list[LayerIndex], list[FlatIndex]]] = {}
         self._kept: list[tuple[list[Tensor], list[Tensor | None]]] | None = None
         self._kept_sq: list[Tensor] = []
+        self._deferred: Any = None
 
     def summary(self) -> dict[str, float]:
         """The fit-start numbers (see :func:`topology_summary`)."""
@@ -156,20 +160,36 @@ class PathDiagnostics:
         return cached[1], cached[2]
 
     @torch.no_grad()
-    def before_step(self) -> dict[str, Tensor]:
+    def before_step(self, optimizer: Any = None) -> dict[str, Tensor]:
         """Gradient and weight metrics at the current weights; keeps what :meth:`after_step` needs.
 
         Gradients that are ``None`` count as zero (as in the optimizer). Non-finite gradients give a
         non-finite ``path_grad_norm``, which is what happened.
 
+        Args:
+            optimizer: The optimizer about to step. A :class:`~lightning_gsgd.GSGD` bound to this
+                topology produces the metrics as by-products of its step (a few row reductions
+                instead of these passes, see :mod:`lightning_gsgd.chain_readings`): then this
+                returns nothing and :meth:`after_step` returns every key. Where the step cannot
+                (hyper-parameters the by-products do not cover, no gradient, the step never ran),
+                this measures as usual; a chain the step did not read (no gradient, or the step never
+                ran) :meth:`after_step` measures itself, at the weights the step did not change.
+
         Returns:
-            The :data:`BEFORE_KEYS` (and per-chain keys if enabled) as 0-d tensors.
+            The :data:`BEFORE_KEYS` (and per-chain keys if enabled) as 0-d tensors; empty when
+            ``optimizer`` produces them.
         """
+        self._deferred = None
+        if optimizer is not None and getattr(optimizer, "topology", None) is self.topology:
+            request = getattr(optimizer, "_request_readings", None)
+            if request is not None and request():
+                self._deferred = optimizer
+                self._kept = None
+                return {}
         out: dict[str, Tensor] = {}
         readings: list[ChainReading] = []
         for ci, chain in enumerate(self.topology.chains):
-            index, flat = self._indices(ci, chain)
-            r = read_chain(*chain_tensors(chain), index, flat)
+            r = self._read(ci, chain)
             readings.append(r)
             if self.per_chain:
                 out.update(_prefixed(f"chain{ci}/", _stats([r])))
@@ -177,6 +197,10 @@ class PathDiagnostics:
         self._kept_sq = [r.value_sq for r in readings]
         out.update(_stats(readings))
         return out
+
+    def _read(self, ci: int, chain: Chain) -> ChainReading:
+        index, flat = self._indices(ci, chain)
+        return read_chain(*chain_tensors(chain), index, flat)
 
     @torch.no_grad()
     def after_step(self, optimizer: Any = None) -> dict[str, Tensor]:
@@ -191,29 +215,72 @@ class PathDiagnostics:
             ``relative_update`` (and ``chain{i}/relative_update`` if enabled), plus the
             :data:`COUNTER_KEYS` when the optimizer has them: ``guard_hits``, ``skipped_steps`` and
             ``steps`` (steps taken; a step skipped for non-finite gradients, by G-SGD itself or by
-            AMP's GradScaler, which then never calls the optimizer, is not counted).
+            AMP's GradScaler, which then never calls the optimizer, is not counted). When
+            :meth:`before_step` was given the optimizer, also the :data:`BEFORE_KEYS`.
 
         Raises:
             RuntimeError: :meth:`before_step` was not called since the last :meth:`after_step`.
         """
-        if self._kept is None:
-            raise RuntimeError("PathDiagnostics.after_step: call before_step() before the optimizer step first")
-        kept, self._kept = self._kept, None
-        out: dict[str, Tensor] = {}
-        diff_sq: list[Tensor] = []
-        for ci, chain in enumerate(self.topology.chains):
-            index, flat = self._indices(ci, chain)
-            weights, _, biases, _ = chain_tensors(chain, grads=False)
-            d2 = update_sq(kept[ci], weights, biases, index, flat)
-            diff_sq.append(d2)
-            if self.per_chain:
-                out[f"chain{ci}/relative_update"] = torch.sqrt(d2 / self._kept_sq[ci])
-        base = torch.stack(self._kept_sq).sum()
-        out["relative_update"] = torch.sqrt(torch.stack(diff_sq).sum() / base)
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            out = self._from_step(deferred)
+        else:
+            if self._kept is None:
+                raise RuntimeError("PathDiagnostics.after_step: call before_step() before the optimizer step first")
+            kept, self._kept = self._kept, None
+            out = {}
+            diff_sq: list[Tensor] = []
+            for ci, chain in enumerate(self.topology.chains):
+                index, flat = self._indices(ci, chain)
+                weights, _, biases, _ = chain_tensors(chain, grads=False)
+                d2 = update_sq(kept[ci], weights, biases, index, flat)
+                diff_sq.append(d2)
+                if self.per_chain:
+                    out[f"chain{ci}/relative_update"] = torch.sqrt(d2 / self._kept_sq[ci])
+            base = torch.stack(self._kept_sq).sum()
+            out["relative_update"] = torch.sqrt(torch.stack(diff_sq).sum() / base)
         if optimizer is not None and all(hasattr(optimizer, k) for k in COUNTER_KEYS):
             device = out["relative_update"].device
             for k in COUNTER_KEYS:
                 out[k] = getattr(optimizer, k).to(device=device, dtype=torch.float32)
+        return out
+
+    def _from_step(self, optimizer: Any) -> dict[str, Tensor]:
+        """Every metric from the readings the optimizer's step produced; missing chains measured here.
+
+        A chain the step did not read was not changed by it (no gradient), or the step never ran
+        (AMP's GradScaler skipped it): its weights and gradients are still those of before the step,
+        so it is measured now and its update is 0.
+        """
+        got = optimizer._readings or {}
+        optimizer._readings_request = False
+        out: dict[str, Tensor] = {}
+        readings: list[ChainReading] = []
+        updates: list[Tensor] = []
+        for ci, chain in enumerate(self.topology.chains):
+            step = got.get(ci)
+            if step is None:
+                r = self._read(ci, chain)
+                upd = torch.zeros_like(r.value_sq)
+            else:
+                dtype = torch.promote_types(step.grad_sq.dtype, torch.float32)
+                r = ChainReading(
+                    step.grad_sq.to(dtype),
+                    step.value_sq.to(dtype),
+                    step.skeleton_abs.to(dtype),
+                    step.imbalance_terms.to(dtype),
+                    ([], []),
+                )
+                assert step.update_sq is not None
+                upd = step.update_sq.to(dtype)
+            readings.append(r)
+            updates.append(upd)
+            if self.per_chain:
+                out.update(_prefixed(f"chain{ci}/", _stats([r])))
+                out[f"chain{ci}/relative_update"] = torch.sqrt(upd / r.value_sq)
+        out.update(_stats(readings))
+        base = torch.stack([r.value_sq for r in readings]).sum()
+        out["relative_update"] = torch.sqrt(torch.stack(updates).sum() / base)
         return out
 
 

@@ -9,8 +9,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper, sgd_update_
 from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
+from lightning_gsgd.chain_readings import ChainReading, collect_readings, update_after
+from lightning_gsgd.chain_readings import supported as readings_supported
 from lightning_gsgd.chain_step import Prepared, Slot, apply_chain, prepare_chain
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
@@ -34,7 +37,13 @@ class GSGD(Optimizer):
     untouched) and counted in :attr:`skipped_steps`; so is a step for which a hidden chain layer's
     per-unit sum ``sum(w * grad)`` is not finite (non-finite weights, or an overflow that would make
     the step itself non-finite). A step that would shrink a free tau path value below ``min_ratio``
-    times its value (or flip its sign) is clamped there and counted in :attr:`guard_hits`.
+    times its value (or flip its sign) is clamped there and counted in :attr:`guard_hits`. A guard
+    that clamps the same path step after step shrinks it geometrically; a step whose O(H) per-unit
+    factors (``F'``, ``1 / rho``, ``1 / F``, ``1 / (F F')``, new tau weights and momentum entries) are
+    not finite, or whose new ``F'`` is so small that ``1 / F'**2`` is not (float32: ``F' < ~5.4e-20``),
+    is skipped too and counted in :attr:`skipped_steps`, so the step never writes a non-finite weight
+    from an underflowed path value. Training does not recover from that by itself (lower the lr or
+    momentum, or resume from a checkpoint).
 
     Cost: the step is the cheap form of gsgd-math.md section 4b (SGD with a per-row/column
     preconditioner and a per-row rescale, a few in-place ``torch._foreach_*`` passes, plus one row
@@ -93,6 +102,10 @@ class GSGD(Optimizer):
         self._host_reads: bool | None = None
         self._pending_fingerprint: list[Any] | None = None
         self._counters: dict[str, Tensor] = {}
+        # Diagnostics by-products (PathDiagnostics on logging steps, see chain_readings.py): a request
+        # for the next step only, and that step's readings per chain index.
+        self._readings_request = False
+        self._readings: dict[int, ChainReading] | None = None
         if topology is not None:
             self.bind(topology)
 
@@ -119,23 +132,7 @@ class GSGD(Optimizer):
             TopologyError: A chain parameter is not in this optimizer's parameter groups, is
                 frozen, or is listed twice; or saved state does not fit the topology.
         """
-        owned = {id(p) for group in self.param_groups for p in group["params"]}
-        for chain in topology.chains:
-            for layer in chain.layers:
-                for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
-                    if p is None:
-                        continue
-                    if id(p) not in owned:
-                        raise TopologyError(
-                            f"GSGD: the {kind} of layer '{layer.name}' is not among this optimizer's "
-                            "parameters: was the topology built for a different model, or were "
-                            "parameters left out of the optimizer?"
-                        )
-                    if not p.requires_grad:
-                        raise TopologyError(
-                            f"GSGD: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
-                            "exclude that layer from the topology"
-                        )
+        owned = check_chain_params(topology, self.param_groups, "GSGD")
         # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): bind check, see bn_heuristic.py
         for layer in getattr(topology, "bn_layers", ()):
             if id(layer.weight) not in owned or not layer.weight.requires_grad:
@@ -205,7 +202,7 @@ class GSGD(Optimizer):
 
     @property
     def skipped_steps(self) -> Tensor:
-        """Number of steps skipped because a gradient was not finite (a 0-d int64 tensor)."""
+        """Steps skipped because a gradient or a per-unit factor was not finite (a 0-d int64 tensor)."""
         return self._counters.get("skipped_steps", torch.zeros((), dtype=torch.int64))
 
     @property
@@ -253,10 +250,12 @@ class GSGD(Optimizer):
         """Perform one G-SGD step.
 
         The step is skipped as a whole (counted in :attr:`skipped_steps`) when a gradient is not
-        finite, or when a per-node sum ``sum(w * grad)`` that the step needs is not (an overflow
-        there would make the step non-finite too). On the CPU this is decided before anything is
-        written; on other devices, where reading the flag would stall the host, the step is computed
-        on copies and applied with ``torch.where``, so ``step`` never synchronizes with the device.
+        finite, when a per-node sum ``sum(w * grad)`` that the step needs is not (an overflow
+        there would make the step non-finite too), or when an O(H) per-unit factor of the step is
+        not finite or a new tau product ``F'`` falls below the floor (see the class docstring). On
+        the CPU this is decided before anything is written; on other devices, where reading the
+        flag would stall the host, the step is computed on copies and applied with ``torch.where``,
+        so ``step`` never synchronizes with the device.
 
         Args:
             closure: Re-evaluates the model and returns the loss (run under ``torch.enable_grad``).
@@ -267,21 +266,19 @@ class GSGD(Optimizer):
         Raises:
             RuntimeError: The optimizer has no topology (see :meth:`bind`).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self.topology is None:
-            raise RuntimeError(
-                "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
-                "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
-                "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
-                "lightning_gsgd.GSGDMixin first among your LightningModule's base classes"
-            )
+        loss = begin_step(
+            closure,
+            self.topology,
+            "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
+            "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
+            "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
+            "lightning_gsgd.GSGDMixin first among your LightningModule's base classes",
+        )
+        assert self.topology is not None
         hp_of: dict[int, tuple[Hyper, dict[str, Any]]] = {}
         device = None
         for g in self.param_groups:
-            hp = _hyper(g)
+            hp = hyper(g)
             for p in g["params"]:
                 hp_of[id(p)] = (hp, g)
                 if device is None and p.grad is not None:
@@ -290,12 +287,17 @@ class GSGD(Optimizer):
             return loss
         # Reading a device flag costs nothing on the CPU; elsewhere it would stall the host.
         host_reads = device.type == "cpu" if self._host_reads is None else self._host_reads
-        prepared: list[tuple[Prepared, float]] = []
+        want = self._readings_request
+        self._readings_request = False
+        self._readings = None
+        prepared: list[Prepared] = []
         checks: list[Tensor] = []
+        chain_of: list[int] = []
         for ci, chain in enumerate(self.topology.chains):
-            prep = self._prepare(ci, chain, hp_of)
+            prep = self._prepare(ci, chain, hp_of, None if host_reads else False, want)
             if prep is not None:
-                prepared.append((prep, hp_of[id(chain.layers[0].weight)][1]["min_ratio"]))
+                prepared.append(prep)
+                chain_of.append(ci)
                 checks.extend(prep.checks())
         in_chain = self._in_chain
         plain = [
@@ -312,10 +314,13 @@ class GSGD(Optimizer):
         skipped = self._counter("skipped_steps", device)
         if host_reads and not bool(ok):
             skipped += 1
+            if want:
+                self._readings = collect_readings(prepared, chain_of, None, None)
             return loss
         where_ok = None if host_reads else ok
         hits = self._counter("guard_hits", device)
-        for prep, min_ratio in prepared:
+        updates: list[Tensor] = []
+        for prep in prepared:
             slots = prep.slots()
             for s in slots:
                 if where_ok is not None:
@@ -323,8 +328,10 @@ class GSGD(Optimizer):
                     s.buf_target = None if s.buf is None else s.buf.clone()
                 else:
                     s.buf_target = s.buf
-            chain_hits = apply_chain(prep, min_ratio, unit_b=None if host_reads else False)
+            chain_hits = apply_chain(prep)
             hits += chain_hits if where_ok is None else chain_hits * where_ok
+            if want:
+                updates.append(update_after(prep))
             for s in slots:
                 if where_ok is not None:
                     _write(s.param, s.target, where_ok)
@@ -337,11 +344,20 @@ class GSGD(Optimizer):
         for p, hp in plain:
             self._plain_sgd(p, hp, where_ok)
         self._counter("steps", device).add_(1 if where_ok is None else where_ok.long())
+        if want:
+            self._readings = collect_readings(prepared, chain_of, updates, where_ok)
         if where_ok is not None:
             skipped += (~where_ok).long()
         return loss
 
-    def _prepare(self, ci: int, chain: Chain, hp_of: dict[int, tuple[Hyper, dict[str, Any]]]) -> Prepared | None:
+    def _prepare(
+        self,
+        ci: int,
+        chain: Chain,
+        hp_of: dict[int, tuple[Hyper, dict[str, Any]]],
+        unit_b: bool | None,
+        readings: bool = False,
+    ) -> Prepared | None:
         """Slots of a chain and phase one of its step; ``None`` when no layer has a gradient."""
         layers = chain.layers
         if all(layer.weight.grad is None for layer in layers):
@@ -366,7 +382,37 @@ class GSGD(Optimizer):
                 st = state.get(b)
                 bbuf = None if st is None else st.get("momentum_buffer")
                 biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
-        return prepare_chain(self._chain_work(ci, chain), weights, biases)
+        min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
+        work = self._chain_work(ci, chain)
+        bias_params = None
+        if readings and readings_supported([s.hp for s in [*weights, *biases] if s is not None], work.dtype):
+            bias_params = [None if layer.bias is None else layer.bias.detach() for layer in layers]
+        return prepare_chain(work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params)
+
+    # ------------------------------------------------------------------ diagnostics by-products
+    def _request_readings(self) -> bool:
+        """Have the next :meth:`step` produce the diagnostics readings (``PathDiagnostics``; private).
+
+        Returns ``False`` (and requests nothing) unless the step can read every chain: float32 or
+        float64 parameters, and hyper-parameters :func:`lightning_gsgd.chain_readings.supported`
+        covers. After that step, :attr:`_readings` maps a chain's index to its
+        :class:`~lightning_gsgd.chain_readings.ChainReading` for every chain it stepped (a chain
+        without gradients is left out, and everything when the step never ran). Costs nothing on
+        other steps.
+        """
+        self._readings = None
+        self._readings_request = False
+        if self.topology is None:
+            return False
+        hp_of = {id(p): hyper(g) for g in self.param_groups for p in g["params"]}
+        for chain in self.topology.chains:
+            last = len(chain.layers) - 1
+            tensors = [layer.weight for layer in chain.layers]
+            tensors += [layer.bias for l, layer in enumerate(chain.layers) if layer.bias is not None and l < last]
+            if not readings_supported([hp_of[id(t)] for t in tensors], tensors[0].dtype):
+                return False
+        self._readings_request = True
+        return True
 
     # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): one layer, see bn_heuristic.py
     def _bn_heuristic_step(self, layer: ChainLayer, hp: Hyper, ok: Tensor | None) -> None:
@@ -392,57 +438,25 @@ class GSGD(Optimizer):
     # --- end BN heuristic
 
     def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
-        # The same tensor ops as torch.optim.SGD's single-tensor path (add with alpha rounds
-        # differently from a * b + c), so that parameters outside chains match it bit for bit;
-        # in place on the CPU, on a copy applied with ``where`` when ``ok`` is given.
-        g = p.grad
-        assert g is not None
+        # torch.optim.SGD's single-tensor rule, so that parameters outside chains match it bit for
+        # bit; in place on the CPU, on a copy applied with ``where`` when ``ok`` is given.
+        assert p.grad is not None
         target = p if ok is None else p.clone()
-        d = g.add(p, alpha=hp.weight_decay) if hp.weight_decay != 0 else g
-        if hp.momentum != 0:
-            old = self.state[p].get("momentum_buffer")
-            if old is None:
-                buf = d.clone()
-            else:
-                buf = old if ok is None else old.clone()
-                buf.mul_(hp.momentum).add_(d, alpha=1 - hp.dampening)
-            d = d.add(buf, alpha=hp.momentum) if hp.nesterov else buf
+        old = self.state[p].get("momentum_buffer") if hp.momentum != 0 else None
+        buf = sgd_update_(
+            p, p.grad, old if ok is None or old is None else old.clone(), hp, scratch=False, target=target
+        )
+        if buf is not None:
             self.state[p]["momentum_buffer"] = _keep(buf, old, ok)
-        if isinstance(hp.lr, Tensor):
-            target.addcmul_(d, hp.lr.to(target), value=-1)
-        else:
-            target.add_(d, alpha=-hp.lr)
         if ok is not None:
             _write(p, target, ok)
 
 
 def _check_hyper(h: dict[str, Any], where: str) -> None:
     """Raise a ValueError naming the first out-of-range hyper-parameter of ``h``."""
-    lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
-    if lr < 0.0:
-        raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
-    if momentum < 0.0:
-        raise ValueError(f"{where}: invalid momentum={momentum}; it must be >= 0")
-    if h["weight_decay"] < 0.0:
-        raise ValueError(f"{where}: invalid weight_decay={h['weight_decay']}; it must be >= 0")
-    if not 0.0 <= dampening <= 1.0:
-        raise ValueError(f"{where}: invalid dampening={dampening}; it must be in [0, 1]")
-    if h["nesterov"] and (momentum <= 0 or dampening != 0):
-        raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+    check_hyper(h, where)
     if not 0.0 < h["min_ratio"] < 1.0:
         raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
-
-
-def _hyper(group: dict[str, Any]) -> Hyper:
-    return Hyper(
-        lr=group["lr"],
-        momentum=group["momentum"],
-        dampening=group["dampening"],
-        weight_decay=group["weight_decay"],
-        nesterov=group["nesterov"],
-    )
 
 
 def _minmax(t: Tensor) -> Tensor:

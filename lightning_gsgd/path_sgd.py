@@ -56,8 +56,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper, sgd_update_
 from lightning_gsgd.functional import Hyper
-from lightning_gsgd.topology import Chain, ChainLayer, Topology, TopologyError
+from lightning_gsgd.topology import Chain, ChainLayer, Topology
 
 # ---------------------------------------------------------------------------------------------------
 # Functional core: tensors in, no optimizer state (``path_gammas`` and ``path_scales`` are pure;
@@ -147,33 +148,12 @@ def path_sgd_chain_(
         if g is not None:
             # g / (gamma_out(b) * gamma_in(a)) as two broadcast products, without a full-size gamma tensor
             d = (g * r_out.view(-1, 1, 1)).mul_(gin[l].clamp_min(eps).reciprocal().view(1, -1, 1))
-            wbufs[l] = sgd_update_(w, d, wbufs[l], weight_hp[l])
+            wbufs[l] = sgd_update_(w, d, wbufs[l], weight_hp[l], scratch=True)
         b, gb, bhp = biases[l], bias_grads[l], bias_hp[l]
         if b is not None and gb is not None:
             assert bhp is not None
-            bbufs[l] = sgd_update_(b, gb * r_out, bbufs[l], bhp)
+            bbufs[l] = sgd_update_(b, gb * r_out, bbufs[l], bhp, scratch=True)
     return wbufs, bbufs
-
-
-def sgd_update_(p: Tensor, d: Tensor, buf: Tensor | None, hp: Hyper) -> Tensor | None:
-    """``torch.optim.SGD``'s rule (same operations, same rounding) with direction ``d``, in place.
-
-    ``d`` is consumed (it may be modified). Returns the momentum buffer (``buf`` updated in place, or
-    a new one on the first step; ``None`` without momentum).
-    """
-    if hp.weight_decay != 0:
-        d.add_(p, alpha=hp.weight_decay)
-    if hp.momentum != 0:
-        if buf is None:
-            buf = d.clone()
-        else:
-            buf.mul_(hp.momentum).add_(d, alpha=1 - hp.dampening)
-        d = d.add_(buf, alpha=hp.momentum) if hp.nesterov else buf
-    if isinstance(hp.lr, Tensor):
-        p.sub_(hp.lr * d)
-    else:
-        p.add_(d, alpha=-hp.lr)
-    return buf if hp.momentum != 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,18 +202,16 @@ class PathSGD(Optimizer):
         topology: Topology | None = None,
         eps: float = 1e-12,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("PathSGD: a tensor lr must have exactly one element")
-        if lr < 0.0:
-            raise ValueError(f"PathSGD: invalid learning rate lr={lr}; it must be >= 0")
-        if momentum < 0.0:
-            raise ValueError(f"PathSGD: invalid momentum={momentum}; it must be >= 0")
-        if weight_decay < 0.0:
-            raise ValueError(f"PathSGD: invalid weight_decay={weight_decay}; it must be >= 0")
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"PathSGD: invalid dampening={dampening}; it must be in [0, 1]")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("PathSGD: nesterov=True requires momentum > 0 and dampening = 0")
+        check_hyper(
+            {
+                "lr": lr,
+                "momentum": momentum,
+                "dampening": dampening,
+                "weight_decay": weight_decay,
+                "nesterov": nesterov,
+            },
+            "PathSGD",
+        )
         if not eps > 0.0:
             raise ValueError(f"PathSGD: invalid eps={eps}; it must be > 0")
         defaults = {
@@ -261,23 +239,7 @@ class PathSGD(Optimizer):
         Raises:
             TopologyError: A chain parameter is not in this optimizer's parameter groups or is frozen.
         """
-        owned = {id(p) for group in self.param_groups for p in group["params"]}
-        for chain in topology.chains:
-            for layer in chain.layers:
-                for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
-                    if p is None:
-                        continue
-                    if id(p) not in owned:
-                        raise TopologyError(
-                            f"PathSGD: the {kind} of layer '{layer.name}' is not among this optimizer's "
-                            "parameters: was the topology built for a different model, or were "
-                            "parameters left out of the optimizer?"
-                        )
-                    if not p.requires_grad:
-                        raise TopologyError(
-                            f"PathSGD: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
-                            "exclude that layer from the topology"
-                        )
+        check_chain_params(topology, self.param_groups, "PathSGD")
         self.topology = topology
         return self
 
@@ -299,25 +261,23 @@ class PathSGD(Optimizer):
         Raises:
             RuntimeError: The optimizer has no topology (see :meth:`bind`).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self.topology is None:
-            raise RuntimeError(
-                "PathSGD is not bound to a model: pass topology=detect_topology(model, example_input) "
-                "to PathSGD(...) or call optimizer.bind(topology)"
-            )
+        loss = begin_step(
+            closure,
+            self.topology,
+            "PathSGD is not bound to a model: pass topology=detect_topology(model, example_input) "
+            "to PathSGD(...) or call optimizer.bind(topology)",
+        )
+        assert self.topology is not None
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         in_chain = {id(p) for p in self.topology.chain_params()}
         for chain in self.topology.chains:
             self._chain_step(chain, group_of)
         for group in self.param_groups:
-            hp = _hyper(group)
+            hp = hyper(group)
             for p in group["params"]:
                 if p.grad is None or id(p) in in_chain:
                     continue
-                buf = sgd_update_(p, p.grad.clone(), self.state[p].get("momentum_buffer"), hp)
+                buf = sgd_update_(p, p.grad, self.state[p].get("momentum_buffer"), hp, scratch=False)
                 if buf is not None:
                     self.state[p]["momentum_buffer"] = buf
         return loss
@@ -332,8 +292,8 @@ class PathSGD(Optimizer):
             bias_grads=[None if b is None else b.grad for b in biases],
             weight_bufs=[_view3d(layer, self.state[layer.weight].get("momentum_buffer")) for layer in layers],
             bias_bufs=[None if b is None else self.state[b].get("momentum_buffer") for b in biases],
-            weight_hp=[_hyper(group_of[id(layer.weight)]) for layer in layers],
-            bias_hp=[None if b is None else _hyper(group_of[id(b)]) for b in biases],
+            weight_hp=[hyper(group_of[id(layer.weight)]) for layer in layers],
+            bias_hp=[None if b is None else hyper(group_of[id(b)]) for b in biases],
             eps=group_of[id(layers[0].weight)]["eps"],
         )
         for layer, wbuf, bias, bbuf in zip(layers, wbufs, biases, bbufs):
@@ -345,13 +305,3 @@ class PathSGD(Optimizer):
 
 def _view3d(layer: ChainLayer, buf: Tensor | None) -> Tensor | None:
     return None if buf is None else layer.weight3d(buf)
-
-
-def _hyper(group: dict[str, Any]) -> Hyper:
-    return Hyper(
-        lr=group["lr"],
-        momentum=group["momentum"],
-        dampening=group["dampening"],
-        weight_decay=group["weight_decay"],
-        nesterov=group["nesterov"],
-    )

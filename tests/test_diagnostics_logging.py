@@ -56,6 +56,7 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.before = 0
         self.after = 0
+        self.requests = 0
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         gsgd = next(cb for cb in trainer.callbacks if isinstance(cb, GSGDCallback))
@@ -64,15 +65,23 @@ class Recorder(Callback):
             return
         before, after = diag.before_step, diag.after_step
 
-        def counted_before() -> dict[str, Tensor]:
+        def counted_before(optimizer: Any = None) -> dict[str, Tensor]:
             self.before += 1
-            return before()
+            return before(optimizer)
 
         def counted_after(optimizer: Any = None) -> dict[str, Tensor]:
             self.after += 1
             return after(optimizer)
 
         diag.before_step, diag.after_step = counted_before, counted_after
+        # the optimizer's by-products are requested on logging steps only, too
+        request = gsgd.optimizer._request_readings
+
+        def counted_request() -> bool:
+            self.requests += 1
+            return request()
+
+        gsgd.optimizer._request_readings = counted_request
 
 
 class BreakGradient(Callback):
@@ -208,7 +217,7 @@ def test_no_work_on_steps_that_do_not_log(tmp_path):
     rec = Recorder()
     _, rows = fit(tmp_path / "a", TwoChainModule(), [GSGDCallback(), rec], steps=7, every=3)
     assert set(column(rows, "gsgd/path_grad_norm")) == set(column(rows, "train_loss")) == {2, 5}
-    assert (rec.before, rec.after) == (2, 2)
+    assert (rec.before, rec.after, rec.requests) == (2, 2, 2)
 
     # gradient accumulation: one measurement per optimizer step that logs, not per micro-batch
     rec = Recorder()
