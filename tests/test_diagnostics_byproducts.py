@@ -16,7 +16,8 @@ import torch
 
 from lightning_gsgd import GSGD, detect_topology
 from lightning_gsgd.diagnostics import AFTER_KEYS, BEFORE_KEYS, PER_CHAIN_KEYS, PathDiagnostics
-from tests.test_diagnostics import _init, _loss, _model
+from tests.models import initialize
+from tests.test_diagnostics import _loss, _model
 from tests.test_step_nosync import no_host_reads
 
 HYPERS = {
@@ -36,7 +37,7 @@ def _pair(name, init, hyper):
 
         init_skeleton_(topo)
     else:
-        _init(model, topo, "skeleton_rescaled")
+        initialize(model, topo, "skeleton_rescaled")
     other = copy.deepcopy(model)
     topo2 = detect_topology(other, x)
     return (model, topo, GSGD(model.parameters(), topology=topo, **hyper)), (other, topo2, x)
@@ -122,7 +123,7 @@ def test_per_layer_groups_and_tensor_lr(momenta):
     """Per-layer lr (a tensor in one group) and momentum: the tau entries' lr is then a vector."""
     model, x = _model("mlp_unequal")
     topo = detect_topology(model, x)
-    _init(model, topo, "skeleton_rescaled")
+    initialize(model, topo, "skeleton_rescaled")
     other = copy.deepcopy(model)
     topo2 = detect_topology(other, x)
 
