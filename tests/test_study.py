@@ -18,7 +18,7 @@ from benchmarks.study.data import StudyData, digits_splits, mnist1d_splits
 from benchmarks.study.harness import RunConfig, initial_model, kw, run_one
 from benchmarks.study.methods import gsgd_callback
 from benchmarks.study.models import MODELS, build_model
-from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, summarize, tune, write_tables
+from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, mean_std, summarize, tune, write_tables
 from lightning_gsgd import detect_topology
 
 
@@ -297,3 +297,11 @@ def test_reduce_keeps_the_protocol_and_refuses_what_does_not_fit():
         ex.reduce(exps["width"], only={"width": ["7"]})
     with pytest.raises(ValueError, match="at least 3"):
         ex.reduce(exps["width"], grid_points=2)
+
+
+def test_mean_std_is_nan_when_a_value_is_not_finite():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert all(math.isnan(v) for v in mean_std([1.0, math.nan, 3.0]))
+    assert all(math.isnan(v) for v in mean_std([1.0, math.inf]))
+    m, s = mean_std([4.0])
+    assert m == 4.0 and math.isnan(s)

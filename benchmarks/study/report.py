@@ -114,6 +114,52 @@ _ROW_FIELDS = {
 }
 
 
+def invariance_table(
+    runs: dict[str, dict[str, str]], curves: dict[str, list[dict[str, float]]], tol: float = 1e-3
+) -> str:
+    """How far each rescaled run moved from the unscaled run of the same method and seed.
+
+    Per method and spread ``s > 0``, over the final seeds: the first epoch (1-based) whose training
+    loss differs from the ``s = 0`` run's by more than ``tol`` relative (median over seeds; "never"
+    when it stays within ``tol`` to the end), and the mean absolute change of the final test accuracy.
+    """
+    final = {(r["method"], float(r["rescale_spread"]), r["seed"]): k for k, r in runs.items() if r["phase"] == "final"}
+    lines = [
+        f"| method | s | first epoch with train-loss change > {tol:g} (median over seeds) "
+        "| mean abs change of final test acc (points) | diverged |",
+        "|---|---|---|---|---|",
+    ]
+    methods = _ordered(sorted({m for m, _, _ in final}))
+    spreads = sorted({s for _, s, _ in final if s > 0})
+    for m in methods:
+        for sp in spreads:
+            firsts, deltas, bad = [], [], 0
+            for (mm, ss, seed), k in final.items():
+                if mm != m or ss != sp or (m, 0.0, seed) not in final:
+                    continue
+                k0 = final[(m, 0.0, seed)]
+                bad += runs[k]["diverged"] == "True"
+                deltas.append(abs(_num(runs[k]["test_acc"]) - _num(runs[k0]["test_acc"])))
+                a, b = curves.get(k0, []), curves.get(k, [])
+                first = math.inf
+                for e in range(max(len(a), len(b))):
+                    if e >= min(len(a), len(b)):
+                        first = e + 1
+                        break
+                    x, y = a[e]["train_loss"], b[e]["train_loss"]
+                    if not (math.isfinite(x) and math.isfinite(y)) or abs(x - y) > tol * abs(x):
+                        first = e + 1
+                        break
+                firsts.append(first)
+            if not firsts:
+                continue
+            med = statistics.median(firsts)
+            med_s = "never" if math.isinf(med) else f"{med:g}"
+            change = 100 * statistics.fmean(deltas)
+            lines.append(f"| {LABELS.get(m, m)} | {sp:g} | {med_s} | {change:.1f} | {bad}/{len(firsts)} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- figures
 def _figure(ncols: int, nrows: int = 1, size: tuple[float, float] = (5.0, 3.8)) -> tuple[Any, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -163,24 +209,41 @@ def plot_error_vs(rows: Sequence[dict[str, Any]], key: str, path: Path, title: s
     return _save(fig, path)
 
 
-def plot_cnn_bars(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Test error per method for one setting, as bars with std error bars."""
-    fig, axes = _figure(1, size=(5.0, 3.8))
+def plot_bars(rows: Sequence[dict[str, Any]], seeds: dict[str, list[float]], path: Path, title: str) -> Path:
+    """Test error per method for one setting: bars (mean, std error bars) and every final seed as a dot."""
+    fig, axes = _figure(1, size=(5.2, 3.9))
     ax = axes[0][0]
     ms = _ordered([r["method"] for r in rows])
     by = {r["method"]: r for r in rows}
-    ax.bar(
-        range(len(ms)),
-        [100 * by[m]["test_err_mean"] for m in ms],
-        yerr=[100 * by[m]["test_acc_std"] for m in ms],
-        color=[COLOURS.get(m) for m in ms],
-        capsize=4,
-    )
-    ax.set_xticks(range(len(ms)), [LABELS.get(m, m) for m in ms], rotation=15)
-    ax.set_ylabel("test error % (mean +- std, 5 seeds)")
+    x = range(len(ms))
+    err = [100 * by[m]["test_err_mean"] for m in ms]
+    std = [100 * by[m]["test_acc_std"] for m in ms]
+    ax.bar(x, err, yerr=std, color=[COLOURS.get(m) for m in ms], alpha=0.55, capsize=4, label="mean +- std")
+    for i, m in enumerate(ms):
+        vals = seeds.get(m, [])
+        ax.plot(
+            [i] * len(vals),
+            [100 * (1 - v) for v in vals],
+            "o",
+            color="black",
+            markersize=4,
+            label="one seed" if i == 0 else None,
+        )
+    ax.set_xticks(list(x), [LABELS.get(m, m) for m in ms], rotation=15)
+    ax.set_ylabel("test error % (5 seeds)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def final_test_acc(runs: dict[str, dict[str, str]], model: str) -> dict[str, list[float]]:
+    """Final-seed test accuracies per method for one model (spread 0)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for r in runs.values():
+        if r["phase"] == "final" and r["model"] == model and float(r["rescale_spread"]) == 0.0:
+            out[r["method"]].append(_num(r["test_acc"]))
+    return out
 
 
 def plot_acc_vs_spread(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -228,8 +291,12 @@ def plot_loss_by_spread(
     """One panel per method: ``key`` per epoch (mean over the final seeds), one line per spread."""
     spreads = sorted({float(r["rescale_spread"]) for r in runs.values() if r["phase"] == "final"})
     cmap = ("black", "tab:blue", "tab:orange", "tab:red", "tab:brown", "tab:gray")
-    fig, axes = _figure(len(methods), size=(4.6, 3.8))
-    for ax, m in zip(axes[0], methods):
+    ncols = min(2, len(methods))
+    fig, axes = _figure(ncols, -(-len(methods) // ncols), size=(5.6, 3.9))
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(methods) :]:
+        ax.set_visible(False)
+    for ax, m in zip(flat, methods):
         for i, s in enumerate(spreads):
             ids = [
                 k
@@ -238,15 +305,20 @@ def plot_loss_by_spread(
             ]
             if not ids:
                 continue
-            x, y = _mean_curve([curves[k] for k in ids], key)
+            ok = [k for k in ids if runs[k]["diverged"] != "True"]
+            bad = len(ids) - len(ok)
+            label = f"s = {s:g}" + (f" ({bad}/{len(ids)} diverged, not in the mean)" if bad else "")
+            x, y = _mean_curve([curves[k] for k in ok], key) if ok else ([], [])
             style = "-" if i == 0 else "--"
-            ax.plot(x, y, style, color=cmap[i % len(cmap)], label=f"s = {s:g}", linewidth=2.2 - 0.3 * i)
+            ax.plot(x, y, style, color=cmap[i % len(cmap)], label=label, linewidth=2.2 - 0.3 * i)
         ax.set_yscale("log")
         ax.set_title(f"{LABELS.get(m, m)}")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel(f"{key.replace('_', ' ')} (mean of 5 seeds, log scale)")
+    for row in axes:
+        row[0].set_ylabel(f"{key.replace('_', ' ')} (mean over seeds, log)")
+    fig.suptitle("Training loss from rescaled starts (hidden units scaled by exp(U(-s, s)))")
     return _save(fig, path)
 
 
@@ -336,7 +408,8 @@ def report(results: Path, figures: Path) -> str:
         if mlp:
             plot_error_vs(mlp, "depth", figures / "depth_test_error.png", "Plain MLPs (width 64) on MNIST-1D")
         if cnn:
-            plot_cnn_bars(cnn, figures / "cnn_test_error.png", "Plain CNN (8 weight layers, no BN)")
+            seeds = final_test_acc(load_runs(d), "plain_cnn")
+            plot_bars(cnn, seeds, figures / "cnn_test_error.png", "Plain CNN (8 weight layers, no BN)")
 
         def setting(r: dict[str, str]) -> str:
             k = json.loads(r["model_kwargs"])
@@ -349,6 +422,7 @@ def report(results: Path, figures: Path) -> str:
         out.append("### Invariance\n\n" + markdown_table(rows, ["rescale_spread"]))
         plot_acc_vs_spread(rows, figures / "invariance_test_acc.png", "Rescaled starts, plain MLP depth 6")
         runs, curves = load_runs(i), load_curves(i)
+        out.append("Distance from the unscaled run (same method and seed):\n\n" + invariance_table(runs, curves))
         methods = _ordered(sorted({r["method"] for r in rows}))
         plot_loss_by_spread(runs, curves, methods, figures / "invariance_train_loss.png")
     b = results / "bn-resnet"
@@ -357,6 +431,7 @@ def report(results: Path, figures: Path) -> str:
         out.append("### BN ResNet\n\n" + markdown_table(rows, ["model"]))
         runs = load_runs(b)
         plot_curves(runs, load_curves(b), figures / "bn_resnet_curves.png", "BN ResNet on MNIST-1D")
+        plot_bars(rows, final_test_acc(runs, "bn_resnet"), figures / "bn_resnet_test_error.png", "BN ResNet")
         plot_tuning(runs, figures / "bn_resnet_tuning.png", lambda r: "BN ResNet", "BN ResNet: lr tuning")
     return "\n\n".join(out)
 
