@@ -289,6 +289,7 @@ def test_reduce_keeps_the_protocol_and_refuses_what_does_not_fit():
     ]
     inv = ex.reduce(exps["invariance"], methods=["path-sgd", "sgd", "gsgd"], spreads=[0, 3])
     assert inv.methods == ("sgd", "gsgd", "path-sgd") and inv.spreads == (0.0, 3.0)
+    assert all(type(s) is float for s in inv.spreads)  # an int 0 would give other run ids than 0.0
     with pytest.raises(ValueError, match="no method"):
         ex.reduce(exps["bn-resnet"], methods=["path-sgd"])
     with pytest.raises(ValueError, match="no label 'depth'"):

@@ -155,7 +155,7 @@ def reduce(
         exp,
         settings=settings,
         methods=kept,
-        spreads=exp.spreads if spreads is None else tuple(spreads),
+        spreads=exp.spreads if spreads is None else tuple(float(s) for s in spreads),  # 0 and 0.0 differ in run ids
         grid_points=exp.grid_points if grid_points is None else grid_points,
     )
 
