@@ -16,8 +16,9 @@ import torch
 from benchmarks.study import experiments as ex
 from benchmarks.study.data import StudyData, digits_splits, mnist1d_splits
 from benchmarks.study.harness import RunConfig, initial_model, kw, run_one
+from benchmarks.study.methods import gsgd_callback
 from benchmarks.study.models import MODELS, build_model
-from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, summarize, tune, write_tables
+from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, mean_std, summarize, tune, write_tables
 from lightning_gsgd import detect_topology
 
 
@@ -139,16 +140,31 @@ def test_run_one_marks_a_diverging_run_and_stops_it():
     assert r["diverged"] and r["steps"] < 3 * 9
 
 
-def test_gsgd_method_goes_through_the_callback_or_says_it_is_missing():
+def test_gsgd_method_trains_through_the_callback_from_the_harness_init():
     cfg = RunConfig(method="gsgd", lr=1e-3, dataset="digits", epochs=1, limit_train_batches=2)
-    try:
-        from lightning_gsgd import GSGDCallback  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match="GSGDCallback.*branch 'lightning'"):
-            run_one(cfg, accelerator="cpu")
-        return
     r = run_one(cfg, accelerator="cpu")
-    assert r["optimizer"] == "GSGD" and r["steps"] == 2
+    assert r["optimizer"] == "GSGD" and r["steps"] == 2 and not r["diverged"]
+    assert r["skipped_steps"] == 0
+    cb = gsgd_callback(0.1, 0.9, 0.0)
+    assert cb.skeleton_init is False  # the harness did it (before any rescaling)
+
+
+def test_bn_resnet_gsgd_uses_the_authors_bn_mode():
+    cfg = RunConfig(
+        method="gsgd",
+        lr=0.05,
+        dataset="digits",
+        model="bn_resnet",
+        model_kwargs=kw(channels=4),
+        epochs=1,
+        limit_train_batches=2,
+        gsgd_kwargs=kw(**ex.experiments()["bn-resnet"].gsgd_kwargs),
+    )
+    assert dict(cfg.gsgd_kwargs) == {"bn_mode": "authors_heuristic"}
+    _, topo = initial_model(cfg, digits_splits())
+    assert topo is not None and len(topo.bn_layers) == 9 and not topo.chains
+    r = run_one(cfg, accelerator="cpu")
+    assert r["optimizer"] == "GSGD" and r["steps"] == 2 and not r["diverged"]
 
 
 def test_bn_resnet_trains_with_sgd():
@@ -256,3 +272,37 @@ def test_experiment_definitions_and_a_whole_experiment_with_a_fake_runner(tmp_pa
     path_grid = ex.grid_for("path-sgd", small.settings[0].base)
     assert len(path_grid) == ex.GRID_POINTS and path_grid != ex.grid_for("sgd", small.settings[0].base)
     assert (tmp_path / "summary.csv").exists()
+
+
+def test_reduce_keeps_the_protocol_and_refuses_what_does_not_fit():
+    exps = ex.experiments(epoch_scale=0.5)
+    assert exps["width"].settings[0].base.epochs == 30 and exps["depth"].settings[-1].base.epochs == 20
+    w = ex.reduce(exps["width"], only={"width": ["32", "512"]}, grid_points=5)
+    assert [s.label["width"] for s in w.settings] == [32, 512] and w.methods == ex.ALL_METHODS
+    assert w.runs_planned() == 2 * 4 * (5 + 5) and w.final_seeds == ex.FINAL_SEEDS
+    assert len(ex.grid_for("sgd", w.settings[0].base, w.grid_points)) == 5
+    d = ex.reduce(exps["depth"], only={"depth": ["4", "8"]})
+    assert [(s.label["model"], s.label["depth"]) for s in d.settings] == [
+        ("plain_mlp", 4),
+        ("plain_mlp", 8),
+        ("plain_cnn", 8),
+    ]
+    inv = ex.reduce(exps["invariance"], methods=["path-sgd", "sgd", "gsgd"], spreads=[0, 3])
+    assert inv.methods == ("sgd", "gsgd", "path-sgd") and inv.spreads == (0.0, 3.0)
+    assert all(type(s) is float for s in inv.spreads)  # an int 0 would give other run ids than 0.0
+    with pytest.raises(ValueError, match="no method"):
+        ex.reduce(exps["bn-resnet"], methods=["path-sgd"])
+    with pytest.raises(ValueError, match="no label 'depth'"):
+        ex.reduce(exps["width"], only={"depth": ["4"]})
+    with pytest.raises(ValueError, match="no setting left"):
+        ex.reduce(exps["width"], only={"width": ["7"]})
+    with pytest.raises(ValueError, match="at least 3"):
+        ex.reduce(exps["width"], grid_points=2)
+
+
+def test_mean_std_is_nan_when_a_value_is_not_finite():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert all(math.isnan(v) for v in mean_std([1.0, math.nan, 3.0]))
+    assert all(math.isnan(v) for v in mean_std([1.0, math.inf]))
+    m, s = mean_std([4.0])
+    assert m == 4.0 and math.isnan(s)

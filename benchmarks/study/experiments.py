@@ -65,10 +65,11 @@ class Experiment:
     tune_seeds: tuple[int, ...] = TUNE_SEEDS
     final_seeds: tuple[int, ...] = FINAL_SEEDS
     gsgd_kwargs: dict[str, Any] = field(default_factory=dict)
+    grid_points: int = GRID_POINTS
 
     def runs_per_method(self) -> int:
         """Runs per setting and method, without grid extensions."""
-        return GRID_POINTS * len(self.schedules) * len(self.tune_seeds) + len(self.spreads) * len(self.final_seeds)
+        return self.grid_points * len(self.schedules) * len(self.tune_seeds) + len(self.spreads) * len(self.final_seeds)
 
     def runs_planned(self) -> int:
         """Runs of the whole experiment, without grid extensions."""
@@ -79,11 +80,12 @@ def _base(model: str, epochs: int, **model_kwargs: Any) -> RunConfig:
     return RunConfig(method="sgd", lr=0.0, model=model, model_kwargs=kw(**model_kwargs), epochs=epochs)
 
 
-def experiments(epochs: int | None = None) -> dict[str, Experiment]:
-    """The four experiments; ``epochs`` overrides every setting's epoch count."""
+def experiments(epochs: int | None = None, epoch_scale: float = 1.0) -> dict[str, Experiment]:
+    """The four experiments; ``epochs`` overrides every setting's epoch count, ``epoch_scale`` multiplies
+    the defaults (60 for MLPs, 40 for the CNNs; rounded, at least 1)."""
 
     def e(default: int) -> int:
-        return default if epochs is None else epochs
+        return max(1, round(default * epoch_scale)) if epochs is None else epochs
 
     width = tuple(Setting({"width": w}, _base("mlp2", e(60), width=w)) for w in (32, 64, 128, 256, 512, 1024))
     depth = tuple(
@@ -103,16 +105,65 @@ def experiments(epochs: int | None = None) -> dict[str, Experiment]:
                 inv,
                 spreads=(0.0, 0.5, 1.0, 2.0, 3.0),
             ),
-            # The BN mode of GSGDCallback (gsgd-math.md section 7) is named in gsgd_kwargs once it exists.
-            Experiment("bn-resnet", "a small BN ResNet on MNIST-1D: G-SGD vs SGD", bn, methods=("sgd", "gsgd")),
+            Experiment(
+                "bn-resnet",
+                "a small BN ResNet on MNIST-1D: G-SGD (the authors' BN heuristic) vs SGD",
+                bn,
+                methods=("sgd", "gsgd"),
+                gsgd_kwargs={"bn_mode": "authors_heuristic"},
+            ),
         )
     }
 
 
-def grid_for(method: str, base: RunConfig) -> list[float]:
-    """The method's initial lr grid for a setting (see the module docstring)."""
+def reduce(
+    exp: Experiment,
+    only: dict[str, Sequence[str]] | None = None,
+    methods: Sequence[str] | None = None,
+    spreads: Sequence[float] | None = None,
+    grid_points: int | None = None,
+) -> Experiment:
+    """A smaller version of ``exp`` with the same protocol (for a limited time budget).
+
+    Args:
+        exp: The experiment.
+        only: Keep the settings whose label value for each key is one of the given values (compared
+            as strings), e.g. ``{"width": ["32", "128"]}``.
+        methods: Keep only these methods (in ``exp``'s order).
+        spreads: Replace the rescaling spreads.
+        grid_points: Points of every method's lr grid (the same for every method).
+
+    Raises:
+        ValueError: A key, method or grid size that does not fit ``exp``, or nothing left to run.
+    """
+    settings = exp.settings
+    for key, values in (only or {}).items():
+        if not all(key in st.label for st in settings):
+            raise ValueError(f"experiment {exp.name!r}: settings have no label {key!r} (labels: {settings[0].label})")
+        settings = tuple(st for st in settings if str(st.label[key]) in set(values))
+    if not settings:
+        raise ValueError(f"experiment {exp.name!r}: no setting left after --only {only}")
+    kept = exp.methods
+    if methods is not None:
+        unknown = set(methods) - set(exp.methods)
+        if unknown:
+            raise ValueError(f"experiment {exp.name!r} has no method(s) {sorted(unknown)}; it has {exp.methods}")
+        kept = tuple(m for m in exp.methods if m in methods)
+    if grid_points is not None and grid_points < 3:
+        raise ValueError(f"grid_points={grid_points}: at least 3 points are needed to have an interior")
+    return dataclasses.replace(
+        exp,
+        settings=settings,
+        methods=kept,
+        spreads=exp.spreads if spreads is None else tuple(float(s) for s in spreads),  # 0 and 0.0 differ in run ids
+        grid_points=exp.grid_points if grid_points is None else grid_points,
+    )
+
+
+def grid_for(method: str, base: RunConfig, points: int = GRID_POINTS) -> list[float]:
+    """The method's initial lr grid of ``points`` learning rates for a setting (see the module docstring)."""
     if method != "path-sgd":
-        return lr_grid(SGD_CENTRE, GRID_POINTS)
+        return lr_grid(SGD_CENTRE, points)
     splits = load_splits(base.dataset)
     model, topology = initial_model(dataclasses.replace(base, method="path-sgd", seed=0), splits)
     assert topology is not None
@@ -121,7 +172,7 @@ def grid_for(method: str, base: RunConfig) -> list[float]:
         biases = [None if layer.bias is None else layer.bias.detach() for layer in chain.layers]
         gw, _ = path_scales([layer.weight3d().detach() for layer in chain.layers], biases)
         gammas += [g.flatten() for g in gw]
-    return lr_grid(SGD_CENTRE * float(torch.cat(gammas).median()), GRID_POINTS)
+    return lr_grid(SGD_CENTRE * float(torch.cat(gammas).median()), points)
 
 
 def run_experiment(exp: Experiment, out: Path, runner=run_one) -> list[dict[str, Any]]:
@@ -131,7 +182,8 @@ def run_experiment(exp: Experiment, out: Path, runner=run_one) -> list[dict[str,
     for setting in exp.settings:
         base = dataclasses.replace(setting.base, gsgd_kwargs=kw(**exp.gsgd_kwargs))
         for method in exp.methods:
-            choice = tune(base, method, grid_for(method, base), exp.schedules, exp.tune_seeds, store, runner)
+            grid = grid_for(method, base, exp.grid_points)
+            choice = tune(base, method, grid, exp.schedules, exp.tune_seeds, store, runner)
             for s in exp.spreads:
                 runs = evaluate_seeds(base, choice, exp.final_seeds, store, runner, rescale_spread=s)
                 summary.append(summarize(choice, runs, {**setting.label, "rescale_spread": s}))
@@ -139,12 +191,12 @@ def run_experiment(exp: Experiment, out: Path, runner=run_one) -> list[dict[str,
     return summary
 
 
-def estimate(exp: Experiment, methods: Sequence[str] = ("sgd", "path-sgd"), epochs: int = 2) -> dict[str, Any]:
+def estimate(exp: Experiment, methods: Sequence[str] = ALL_METHODS, epochs: int = 2) -> dict[str, Any]:
     """Time one short run per setting and method; extrapolate to the experiment's planned runs.
 
-    Per run: ``epochs x (fit seconds per epoch) + (seconds outside the fit: set-up, test)``. G-SGD
-    cannot be timed before the callback exists; its runs are costed like the slowest timed method.
-    Grid extensions and diverged runs (which stop early) are not modelled.
+    Per run: ``epochs x (fit seconds per epoch) + (seconds outside the fit: set-up, test)``. Methods
+    not timed are costed like the slowest timed one. Grid extensions and diverged runs (which stop
+    early) are not modelled.
     """
     rows, total = [], 0.0
     for setting in exp.settings:
@@ -153,7 +205,7 @@ def estimate(exp: Experiment, methods: Sequence[str] = ("sgd", "path-sgd"), epoc
         for m in methods:
             if m not in exp.methods:
                 continue
-            cfg = dataclasses.replace(setting.base, method=m, lr=1e-9, epochs=epochs)
+            cfg = dataclasses.replace(setting.base, method=m, lr=1e-9, epochs=epochs, gsgd_kwargs=kw(**exp.gsgd_kwargs))
             r = run_one(cfg, accelerator="cpu")
             per_epoch[m] = r["fit_s"] / epochs
             per_run[m] = per_epoch[m] * setting.base.epochs + (r["wall_s"] - r["fit_s"])
@@ -177,17 +229,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/study"), help="output folder (a subfolder per experiment)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--epochs", type=int, default=None, help="override every setting's epochs (for trials)")
+    p.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every setting's default epochs")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="keep the settings whose label KEY is one of the values (repeatable), e.g. width=32,128,512",
+    )
+    p.add_argument("--methods", type=lambda v: v.split(","), default=None, help="comma-separated subset of methods")
+    p.add_argument("--spreads", type=lambda v: [float(x) for x in v.split(",")], default=None, help="e.g. 0,1,2,3")
+    p.add_argument("--grid-points", type=int, default=None, help=f"lr grid points per method (default {GRID_POINTS})")
     p.add_argument("--estimate", action="store_true", help="time one short run per setting and print the budget")
     p.add_argument("--plan", action="store_true", help="print settings, grids and run counts; run nothing")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    exp = experiments(args.epochs)[args.experiment]
+    only: dict[str, list[str]] = {}
+    for item in args.only:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            p.error(f"--only {item!r}: expected KEY=V1,V2")
+        only[key] = values.split(",")
+    exp = reduce(
+        experiments(args.epochs, args.epoch_scale)[args.experiment],
+        only=only,
+        methods=args.methods,
+        spreads=args.spreads,
+        grid_points=args.grid_points,
+    )
     if args.plan:
         for s in exp.settings:
-            grids = {m: grid_for(m, s.base) for m in exp.methods}
+            grids = {m: grid_for(m, s.base, exp.grid_points) for m in exp.methods}
             print(json.dumps({"setting": s.label, "epochs": s.base.epochs, "grids": grids}))
-        print(json.dumps({"runs_planned": exp.runs_planned()}))
+        print(json.dumps({"methods": exp.methods, "spreads": exp.spreads, "runs_planned": exp.runs_planned()}))
         return
     if args.estimate:
         print(json.dumps(estimate(exp), indent=1))

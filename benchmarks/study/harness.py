@@ -98,7 +98,9 @@ def initial_model(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Topology |
         model = build_model(cfg.model, splits.n_features, splits.n_classes, **dict(cfg.model_kwargs))
     topology = None
     if method.needs_topology or cfg.rescale_spread > 0:
-        topology = detect_topology(model, splits.x_train[:2])
+        # the same BN mode as the callback's, so that a BN model is detected here as the callback sees it
+        bn_mode = dict(cfg.gsgd_kwargs).get("bn_mode", "sgd")
+        topology = detect_topology(model, splits.x_train[:2], bn_mode=bn_mode)
     if method.skeleton:
         assert topology is not None
         init_skeleton_(topology)
@@ -148,6 +150,10 @@ def run_one(cfg: RunConfig, accelerator: str = "auto") -> dict[str, Any]:
         total_steps=steps_per_epoch * cfg.epochs,
         topology=topology,
     )
+    # The callback detects the topology on this batch. Without it, it would take one from the training
+    # loader, whose dataset is indexed by the BatchSampler with index lists: it would get one sample
+    # without its batch dimension, which the BN ResNet's forward cannot take.
+    module.example_input_array = splits.x_train[:2]
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,

@@ -20,11 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 
-from lightning_gsgd import PathSGD, Topology
+from lightning_gsgd import GSGDCallback, PathSGD, Topology
 
 
 @dataclass(frozen=True)
@@ -84,23 +83,13 @@ def build_optimizer(
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def gsgd_callback(lr: float, momentum: float, weight_decay: float, **kwargs: Any) -> L.Callback:
+def gsgd_callback(lr: float, momentum: float, weight_decay: float, **kwargs: Any) -> GSGDCallback:
     """``lightning_gsgd.GSGDCallback`` for the ``gsgd`` method (skeleton init already done by the harness).
 
     Args:
         lr: Learning rate in path space.
         momentum: Momentum (on path values).
         weight_decay: Weight decay (on path values).
-        **kwargs: Further callback arguments (e.g. a BN mode for the ResNet experiment).
-
-    Raises:
-        RuntimeError: ``lightning_gsgd.GSGDCallback`` does not exist yet (branch ``lightning`` not merged).
+        **kwargs: Further callback arguments (e.g. ``bn_mode="authors_heuristic"`` for the BN ResNet).
     """
-    try:
-        from lightning_gsgd import GSGDCallback  # type: ignore[attr-defined]
-    except ImportError as err:
-        raise RuntimeError(
-            "method 'gsgd' trains through lightning_gsgd.GSGDCallback, which this checkout does not have yet "
-            "(it arrives with the Lightning integration, branch 'lightning'); run the other methods meanwhile"
-        ) from err
     return GSGDCallback(lr=lr, momentum=momentum, weight_decay=weight_decay, skeleton_init=False, **kwargs)

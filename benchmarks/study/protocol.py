@@ -65,6 +65,10 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def _round6(x: Any) -> Any:
+    return float(f"{x:.6g}") if isinstance(x, float) else x
+
+
 def _round3(x: float) -> float:
     return float(f"{x:.3g}")
 
@@ -162,9 +166,10 @@ def evaluate_seeds(
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (``nan`` std for a single value)."""
+    """Mean and sample standard deviation (``nan`` std for a single value; both ``nan`` when a value
+    is not finite, e.g. the test loss of a diverged run)."""
     vals = list(values)
-    if not vals:
+    if not vals or not all(math.isfinite(v) for v in vals):
         return math.nan, math.nan
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan
 
@@ -193,7 +198,8 @@ def summarize(choice: Choice, runs: Sequence[dict[str, Any]], setting: dict[str,
 
 
 RUN_COLUMNS = ["id", "phase", "method", "lr", "schedule", "seed", "model", "model_kwargs", "rescale_spread"]
-RUN_COLUMNS += ["val_loss", "val_acc", "test_loss", "test_acc", "diverged", "optimizer", "steps", "fit_s", "loadavg"]
+RUN_COLUMNS += ["val_loss", "val_acc", "test_loss", "test_acc", "diverged", "optimizer", "steps", "guard_hits"]
+RUN_COLUMNS += ["skipped_steps", "fit_s", "wall_s", "threads", "loadavg"]
 
 
 def write_tables(out: Path, store: RunStore, summary: Sequence[dict[str, Any]]) -> None:
@@ -207,6 +213,7 @@ def write_tables(out: Path, store: RunStore, summary: Sequence[dict[str, Any]]) 
         flat["model_kwargs"] = json.dumps(c["model_kwargs"], sort_keys=True)
         rows.append({k: flat.get(k) for k in RUN_COLUMNS})
         for h in r["history"]:
+            h = {k: _round6(v) for k, v in h.items()}  # 6 significant digits keep the file small
             curves.append({"id": r["id"], "method": c["method"], "seed": c["seed"], "lr": c["lr"], **h})
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "curves.csv", curves)
