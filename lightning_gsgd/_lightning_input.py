@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
 
 _HOW_TO_FIX = (
     "set self.example_input_array in your LightningModule's __init__ to a batch that its forward accepts "
@@ -57,8 +57,14 @@ def _first_training_batch(trainer: pl.Trainer) -> Any:
             f"IterableDataset without consuming it; {_HOW_TO_FIX}."
         )
     with isolate_rng():  # a dataset's random augmentation must not shift the training run's random state
-        if loader.batch_size is None and loader.batch_sampler is None:  # the dataset yields whole batches
-            return loader.collate_fn(dataset[0])
+        if loader.batch_size is None and loader.batch_sampler is None:
+            if isinstance(loader.sampler, BatchSampler):
+                # DataLoader(ds, sampler=BatchSampler(...), batch_size=None): the dataset is indexed with
+                # a list of indices per batch. Build that list here rather than drawing from the sampler,
+                # whose iteration could advance its own generator and change the data order.
+                n = min(loader.sampler.batch_size, len(dataset))  # type: ignore[arg-type]
+                return loader.collate_fn(dataset[list(range(n))])
+            return loader.collate_fn(dataset[0])  # the dataset yields whole batches
         n = min(loader.batch_size or 1, len(dataset))  # type: ignore[arg-type]
         return loader.collate_fn([dataset[i] for i in range(n)])
 

@@ -250,3 +250,23 @@ class InfAtSecondBatch(MLPModule):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         return loss * float("inf") if batch_idx == 1 else loss
+
+
+class BatchShapedMLP(MLPModule):
+    """Reshapes by the batch size, so a single sample without its batch dimension cannot pass."""
+
+    def forward(self, x):
+        return self.net(x.view(x.shape[0], 2, -1).flatten(1))
+
+
+def test_example_input_from_a_batch_sampler_loader_keeps_the_batch_dimension():
+    # DataLoader(..., sampler=BatchSampler(...), batch_size=None) indexes the dataset with index lists
+    torch.manual_seed(12)
+    dataset = make_dataset()
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size=8, drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None)
+    model = BatchShapedMLP(lr=0.05, example=False)
+    trainer = cpu_trainer(max_steps=2, callbacks=[GSGDCallback()])
+    trainer.fit(model, loader)
+    assert trainer.optimizers[0].topology.hidden_units == 16
+    assert int(trainer.optimizers[0].steps) == 2
