@@ -7,12 +7,10 @@ depend on the run's seed; the seed only decides the order of the training batche
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from functools import lru_cache
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
@@ -59,30 +57,13 @@ def mnist1d_splits(num_samples: int = 5000, n_val: int = 500, data_seed: int = 4
         n_val: Examples moved from the training part to the validation split.
         data_seed: ``mnist1d``'s generation seed (42 is the package's default).
     """
-    from mnist1d.data import get_dataset_args, make_dataset
+    from examples._data import mnist1d  # the one offline generator, shared with the examples
 
-    args = get_dataset_args()
-    args.num_samples = num_samples
-    args.seed = data_seed
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        d = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    x = torch.as_tensor(d["x"], dtype=torch.float32)
-    y = torch.as_tensor(d["y"], dtype=torch.int64)
+    d = mnist1d(num_samples=num_samples, data_seed=data_seed)
+    x, y = d.x_train, d.y_train
     if not 0 < n_val < len(y):
         raise ValueError(f"mnist1d_splits: n_val={n_val} must be in (0, {len(y)})")
-    return Splits(
-        "mnist1d",
-        x[:-n_val],
-        y[:-n_val],
-        x[-n_val:],
-        y[-n_val:],
-        torch.as_tensor(d["x_test"], dtype=torch.float32),
-        torch.as_tensor(d["y_test"], dtype=torch.int64),
-    )
+    return Splits("mnist1d", x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:], d.x_test, d.y_test)
 
 
 @lru_cache(maxsize=2)
