@@ -177,12 +177,10 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_error_vs(rows: Sequence[dict[str, Any]], key: str, path: Path, title: str, log2: bool = False) -> Path:
-    """Test error (mean +- std over the seeds) against ``key``, one line per method."""
-    fig, axes = _figure(1, size=(6.5, 4.2))
-    ax = axes[0][0]
+def _method_lines(ax: Any, rows: Sequence[dict[str, Any]], x_key: str, mean_key: str, std_key: str) -> None:
+    """One error-bar line per method: ``mean_key`` +- ``std_key`` (fractions, drawn in %) against ``x_key``."""
     for m in _ordered(sorted({r["method"] for r in rows})):
-        pts = sorted((r[key], r["test_err_mean"], r["test_acc_std"]) for r in rows if r["method"] == m)
+        pts = sorted((r[x_key], r[mean_key], r[std_key]) for r in rows if r["method"] == m)
         if not pts:
             continue
         x, y, e = zip(*pts)
@@ -195,6 +193,14 @@ def plot_error_vs(rows: Sequence[dict[str, Any]], key: str, path: Path, title: s
             marker="o",
             capsize=3,
         )
+
+
+def plot_error_vs(rows: Sequence[dict[str, Any]], key: str, path: Path, title: str, log2: bool = False) -> Path:
+    """Test error (mean +- std over the seeds) against ``key``, one line per method."""
+    fig, axes = _figure(1, size=(6.5, 4.2))
+    ax = axes[0][0]
+    # the std of the error equals the std of the accuracy
+    _method_lines(ax, rows, key, "test_err_mean", "test_acc_std")
     if log2:
         ax.set_xscale("log", base=2)
         xs = sorted({r[key] for r in rows})
@@ -250,18 +256,7 @@ def plot_acc_vs_spread(rows: Sequence[dict[str, Any]], path: Path, title: str) -
     """Final test accuracy (mean +- std) against the rescaling spread ``s``, one line per method."""
     fig, axes = _figure(1, size=(6.5, 4.2))
     ax = axes[0][0]
-    for m in _ordered(sorted({r["method"] for r in rows})):
-        pts = sorted((r["rescale_spread"], r["test_acc_mean"], r["test_acc_std"]) for r in rows if r["method"] == m)
-        x, y, e = zip(*pts)
-        ax.errorbar(
-            x,
-            [100 * v for v in y],
-            yerr=[100 * v for v in e],
-            label=LABELS.get(m, m),
-            color=COLOURS.get(m),
-            marker="o",
-            capsize=3,
-        )
+    _method_lines(ax, rows, "rescale_spread", "test_acc_mean", "test_acc_std")
     ax.set_xlabel("spread s of the rescaling factors exp(U(-s, s))")
     ax.set_ylabel("final test accuracy % (mean +- std, 5 seeds)")
     ax.set_xticks(sorted({r["rescale_spread"] for r in rows}))
