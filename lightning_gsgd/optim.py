@@ -141,11 +141,8 @@ class GSGD(Optimizer):
                     "of this optimizer"
                 )
         # --- end BN heuristic
-        if self._pending_fingerprint is not None and self._pending_fingerprint != _fingerprint(topology):
-            raise TopologyError(
-                "GSGD: the loaded optimizer state was saved for a different topology "
-                f"(saved {self._pending_fingerprint}, now {_fingerprint(topology)})"
-            )
+        if self._pending_fingerprint is not None:
+            _refuse_foreign_state(self._pending_fingerprint, topology)
         self._pending_fingerprint = None
         self.topology = topology
         # Index plans are built here, outside step(), so that step() itself never copies host data
@@ -214,7 +211,7 @@ class GSGD(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus G-SGD counters and the topology fingerprint."""
         sd = super().state_dict()
-        fp = _fingerprint(self.topology) if self.topology is not None else self._pending_fingerprint
+        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
         sd[_STATE_KEY] = {
             "fingerprint": fp,
             "counters": {k: v.detach().clone() for k, v in self._counters.items()},
@@ -233,12 +230,9 @@ class GSGD(Optimizer):
             saved_fp = extra.get("fingerprint")
             if saved_fp is not None:
                 saved_fp = [(name, tuple(shape)) for name, shape in saved_fp]
-                if self.topology is not None and saved_fp != _fingerprint(self.topology):
-                    raise TopologyError(
-                        "GSGD: this optimizer state was saved for a different topology "
-                        f"(saved {saved_fp}, now {_fingerprint(self.topology)})"
-                    )
-                if self.topology is None:
+                if self.topology is not None:
+                    _refuse_foreign_state(saved_fp, self.topology)
+                else:
                     self._pending_fingerprint = saved_fp
         super().load_state_dict(state_dict)
         if extra is not None:
@@ -478,5 +472,8 @@ def _keep(new: Tensor, old: Tensor | None, ok: Tensor | None) -> Tensor:
     return torch.where(ok, new, torch.zeros_like(new) if old is None else old)
 
 
-def _fingerprint(topology: Topology) -> list[tuple[str, tuple[int, ...]]]:
-    return topology.fingerprint()
+def _refuse_foreign_state(saved: list[tuple[str, tuple[int, ...]]], topology: Topology) -> None:
+    """Raise unless optimizer state saved with fingerprint ``saved`` fits ``topology``."""
+    now = topology.fingerprint()
+    if saved != now:
+        raise TopologyError(f"GSGD: the optimizer state was saved for a different topology (saved {saved}, now {now})")
