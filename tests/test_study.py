@@ -145,8 +145,20 @@ def test_gsgd_method_trains_through_the_callback_from_the_harness_init():
     r = run_one(cfg, accelerator="cpu")
     assert r["optimizer"] == "GSGD" and r["steps"] == 2 and not r["diverged"]
     assert r["skipped_steps"] == 0
-    cb = gsgd_callback(0.1, 0.9, 0.0)
+    cb = gsgd_callback()
     assert cb.skeleton_init is False  # the harness did it (before any rescaling)
+
+
+def test_gsgd_method_follows_the_cosine_schedule_with_the_sgd_hyper_parameters():
+    # the callback converts the module's SGD (lr, momentum, weight decay) and the scheduler drives GSGD
+    cfg = RunConfig(
+        method="gsgd", lr=0.05, dataset="digits", epochs=2, limit_train_batches=3, momentum=0.9, schedule="cosine"
+    )
+    r = run_one(cfg, accelerator="cpu")
+    assert r["optimizer"] == "GSGD" and r["steps"] == 6 and not r["diverged"]
+    lrs = [h["lr"] for h in r["history"]]
+    assert lrs[0] == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 6)) / 2)  # after epoch 1 (3 of 6 steps)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_bn_resnet_gsgd_uses_the_authors_bn_mode():
@@ -250,7 +262,8 @@ def test_final_seeds_summary_tables_and_resume(tmp_path):
 def test_experiment_definitions_and_a_whole_experiment_with_a_fake_runner(tmp_path):
     exps = ex.experiments()
     assert set(exps) == {"width", "depth", "invariance", "bn-resnet"}
-    assert exps["width"].runs_planned() == 6 * 4 * (7 + 5)
+    assert exps["width"].schedules == ("constant", "cosine")
+    assert exps["width"].runs_planned() == 6 * 4 * (7 * 2 + 5)
     assert [s.label["width"] for s in exps["width"].settings] == [32, 64, 128, 256, 512, 1024]
     assert exps["invariance"].spreads == (0.0, 0.5, 1.0, 2.0, 3.0)
     small = ex.Experiment(
@@ -279,7 +292,10 @@ def test_reduce_keeps_the_protocol_and_refuses_what_does_not_fit():
     assert exps["width"].settings[0].base.epochs == 30 and exps["depth"].settings[-1].base.epochs == 20
     w = ex.reduce(exps["width"], only={"width": ["32", "512"]}, grid_points=5)
     assert [s.label["width"] for s in w.settings] == [32, 512] and w.methods == ex.ALL_METHODS
-    assert w.runs_planned() == 2 * 4 * (5 + 5) and w.final_seeds == ex.FINAL_SEEDS
+    assert w.runs_planned() == 2 * 4 * (5 * 2 + 5) and w.final_seeds == ex.FINAL_SEEDS
+    assert ex.reduce(exps["width"], schedules=["constant"]).schedules == ("constant",)
+    with pytest.raises(ValueError, match="schedules"):
+        ex.reduce(exps["width"], schedules=["step"])
     assert len(ex.grid_for("sgd", w.settings[0].base, w.grid_points)) == 5
     d = ex.reduce(exps["depth"], only={"depth": ["4", "8"]})
     assert [(s.label["model"], s.label["depth"]) for s in d.settings] == [

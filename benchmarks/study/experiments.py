@@ -42,6 +42,8 @@ GRID_POINTS = 7
 SGD_CENTRE = 10**-1.5  # grid 1e-3 .. 1 (7 points) for the SGD-like methods
 TUNE_SEEDS = (0,)
 FINAL_SEEDS = (1, 2, 3, 4, 5)
+# tuned with the lr: constant, or cosine annealing to 0 over the run (per step)
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Experiment:
     description: str
     settings: tuple[Setting, ...]
     methods: tuple[str, ...] = ALL_METHODS
-    schedules: tuple[str, ...] = ("constant",)
+    schedules: tuple[str, ...] = SCHEDULES
     spreads: tuple[float, ...] = (0.0,)
     tune_seeds: tuple[int, ...] = TUNE_SEEDS
     final_seeds: tuple[int, ...] = FINAL_SEEDS
@@ -122,6 +124,7 @@ def reduce(
     methods: Sequence[str] | None = None,
     spreads: Sequence[float] | None = None,
     grid_points: int | None = None,
+    schedules: Sequence[str] | None = None,
 ) -> Experiment:
     """A smaller version of ``exp`` with the same protocol (for a limited time budget).
 
@@ -132,6 +135,7 @@ def reduce(
         methods: Keep only these methods (in ``exp``'s order).
         spreads: Replace the rescaling spreads.
         grid_points: Points of every method's lr grid (the same for every method).
+        schedules: Replace the schedules tuned with the lr (the same for every method).
 
     Raises:
         ValueError: A key, method or grid size that does not fit ``exp``, or nothing left to run.
@@ -149,6 +153,8 @@ def reduce(
         if unknown:
             raise ValueError(f"experiment {exp.name!r} has no method(s) {sorted(unknown)}; it has {exp.methods}")
         kept = tuple(m for m in exp.methods if m in methods)
+    if schedules is not None and (not schedules or set(schedules) - set(SCHEDULES)):
+        raise ValueError(f"schedules={list(schedules)}: choose one or more of {SCHEDULES}")
     if grid_points is not None and grid_points < 3:
         raise ValueError(f"grid_points={grid_points}: at least 3 points are needed to have an interior")
     return dataclasses.replace(
@@ -157,6 +163,7 @@ def reduce(
         methods=kept,
         spreads=exp.spreads if spreads is None else tuple(float(s) for s in spreads),  # 0 and 0.0 differ in run ids
         grid_points=exp.grid_points if grid_points is None else grid_points,
+        schedules=exp.schedules if schedules is None else tuple(schedules),
     )
 
 
@@ -240,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--methods", type=lambda v: v.split(","), default=None, help="comma-separated subset of methods")
     p.add_argument("--spreads", type=lambda v: [float(x) for x in v.split(",")], default=None, help="e.g. 0,1,2,3")
     p.add_argument("--grid-points", type=int, default=None, help=f"lr grid points per method (default {GRID_POINTS})")
+    p.add_argument(
+        "--schedules",
+        type=lambda v: v.split(","),
+        default=None,
+        help=f"comma-separated schedules tuned with the lr (default {','.join(SCHEDULES)})",
+    )
     p.add_argument("--estimate", action="store_true", help="time one short run per setting and print the budget")
     p.add_argument("--plan", action="store_true", help="print settings, grids and run counts; run nothing")
     args = p.parse_args(argv)
@@ -257,12 +270,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         methods=args.methods,
         spreads=args.spreads,
         grid_points=args.grid_points,
+        schedules=args.schedules,
     )
     if args.plan:
         for s in exp.settings:
             grids = {m: grid_for(m, s.base, exp.grid_points) for m in exp.methods}
             print(json.dumps({"setting": s.label, "epochs": s.base.epochs, "grids": grids}))
-        print(json.dumps({"methods": exp.methods, "spreads": exp.spreads, "runs_planned": exp.runs_planned()}))
+        print(
+            json.dumps(
+                {
+                    "methods": exp.methods,
+                    "schedules": exp.schedules,
+                    "spreads": exp.spreads,
+                    "runs_planned": exp.runs_planned(),
+                }
+            )
+        )
         return
     if args.estimate:
         print(json.dumps(estimate(exp), indent=1))

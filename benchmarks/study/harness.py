@@ -114,7 +114,7 @@ def initial_model(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Topology |
 def _callbacks(cfg: RunConfig, method: Method) -> list[L.Callback]:
     if method.optimizer != "gsgd":
         return []
-    return [gsgd_callback(cfg.lr, cfg.momentum, cfg.weight_decay, **dict(cfg.gsgd_kwargs))]
+    return [gsgd_callback(**dict(cfg.gsgd_kwargs))]
 
 
 def run_one(cfg: RunConfig, accelerator: str = "auto") -> dict[str, Any]:

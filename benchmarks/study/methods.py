@@ -83,13 +83,14 @@ def build_optimizer(
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def gsgd_callback(lr: float, momentum: float, weight_decay: float, **kwargs: Any) -> GSGDCallback:
+def gsgd_callback(**kwargs: Any) -> GSGDCallback:
     """``lightning_gsgd.GSGDCallback`` for the ``gsgd`` method (skeleton init already done by the harness).
 
+    The learning rate, momentum and weight decay come from the ``torch.optim.SGD`` that
+    :func:`build_optimizer` made (the callback converts it and keeps them), so an LR scheduler on
+    that optimizer drives G-SGD's lr as it would SGD's.
+
     Args:
-        lr: Learning rate in path space.
-        momentum: Momentum (on path values).
-        weight_decay: Weight decay (on path values).
         **kwargs: Further callback arguments (e.g. ``bn_mode="authors_heuristic"`` for the BN ResNet).
     """
-    return GSGDCallback(lr=lr, momentum=momentum, weight_decay=weight_decay, skeleton_init=False, **kwargs)
+    return GSGDCallback(skeleton_init=False, **kwargs)
