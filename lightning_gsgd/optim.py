@@ -14,6 +14,7 @@ from lightning_gsgd.bn_heuristic import bn_heuristic_step
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
 from lightning_gsgd.chain_readings import ChainReading, collect_readings, update_after
 from lightning_gsgd.chain_readings import supported as readings_supported
+from lightning_gsgd.chain_fused import FusedPasses
 from lightning_gsgd.chain_step import Prepared, Slot, apply_chain, prepare_chain
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
@@ -64,6 +65,12 @@ class GSGD(Optimizer):
             and supplied later with :meth:`bind` (the Lightning callback and mixin do this).
         min_ratio: Guard on free tau path values: the smallest factor a step may shrink one by, in
             ``(0, 1)``.
+        compiled: Run each chain's row sums and its weight and momentum update as kernels generated
+            by ``torch.compile`` (one pass over ``w``, ``grad`` and the buffer instead of five; about
+            twice as fast on the CPU, see benchmarks/README.md). The first step of each chain
+            compiles them (seconds; a C++ compiler on the CPU, Triton on CUDA); hyper-parameters
+            enter as tensors, so LR schedulers do not recompile. Results agree with the eager step
+            to rounding, not bit for bit. Default ``False``.
 
     Example:
         >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
@@ -82,7 +89,10 @@ class GSGD(Optimizer):
         *,
         topology: Topology | None = None,
         min_ratio: float = 0.01,
+        compiled: bool = False,
     ) -> None:
+        if not isinstance(compiled, bool):
+            raise TypeError(f"GSGD: compiled must be True or False, got {compiled!r}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -102,6 +112,9 @@ class GSGD(Optimizer):
         self._host_reads: bool | None = None
         self._pending_fingerprint: list[Any] | None = None
         self._counters: dict[str, Tensor] = {}
+        #: Whether the elementwise passes run as ``torch.compile`` kernels (see the class docstring).
+        self.compiled = compiled
+        self._fused: FusedPasses | None = None
         # Diagnostics by-products (PathDiagnostics on logging steps, see chain_readings.py): a request
         # for the next step only, and that step's readings per chain index.
         self._readings_request = False
@@ -322,7 +335,7 @@ class GSGD(Optimizer):
                     s.buf_target = None if s.buf is None else s.buf.clone()
                 else:
                     s.buf_target = s.buf
-            chain_hits = apply_chain(prep)
+            chain_hits = apply_chain(prep, self._fused_passes())
             hits += chain_hits if where_ok is None else chain_hits * where_ok
             if want:
                 updates.append(update_after(prep))
@@ -381,7 +394,17 @@ class GSGD(Optimizer):
         bias_params = None
         if readings and readings_supported([s.hp for s in [*weights, *biases] if s is not None], work.dtype):
             bias_params = [None if layer.bias is None else layer.bias.detach() for layer in layers]
-        return prepare_chain(work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params)
+        return prepare_chain(
+            work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params, fused=self._fused_passes()
+        )
+
+    def _fused_passes(self) -> FusedPasses | None:
+        """The compiled kernels when ``compiled=True`` (made on first use), else ``None``."""
+        if not self.compiled:
+            return None
+        if self._fused is None:
+            self._fused = FusedPasses()
+        return self._fused
 
     # ------------------------------------------------------------------ diagnostics by-products
     def _request_readings(self) -> bool:
