@@ -90,7 +90,9 @@ def test_sync_free_path_matches_the_cpu_path(name, init, hyper):
     _compare_paths(name, init, hyper, compiled=False)
 
 
-@pytest.mark.parametrize("hyper", [HYPERS[0], HYPERS[1], HYPERS[3], HYPERS[4]], ids=["plain", "momentum_wd", "nesterov", "guarded"])
+@pytest.mark.parametrize(
+    "hyper", [HYPERS[0], HYPERS[1], HYPERS[3], HYPERS[4]], ids=["plain", "momentum_wd", "nesterov", "guarded"]
+)
 @pytest.mark.parametrize("init", ["skeleton", "rescaled"])
 @pytest.mark.parametrize("name", ["mlp_unequal", "cnn"])
 def test_sync_free_path_with_compiled_kernels_matches_the_cpu_path(name, init, hyper):
