@@ -54,8 +54,9 @@ def test_report_tables_and_figures(tmp_path):
     figures = tmp_path / "figures"
     text = report(tmp_path / "results", figures)
     # seeds 1..5: test accuracy 0.51..0.55, mean 0.53, sample std 0.0158; G-SGD 0.1 higher
-    assert "| 8 | SGD | 0.01 | 4 | 53.0 +- 1.6 | 47.0 +- 1.6 |" in text
-    assert "| 16 | G-SGD | 0.01 | 4 | 63.0 +- 1.6 | 37.0 +- 1.6 |" in text
+    # 3-point grid + one extension, times two schedules; the fake runner ties them: the first (constant) wins
+    assert "| 8 | SGD | 0.01, constant | 8 | 53.0 +- 1.6 | 47.0 +- 1.6 |" in text
+    assert "| 16 | G-SGD | 0.01, constant | 8 | 63.0 +- 1.6 | 37.0 +- 1.6 |" in text
     assert "### Invariance" in text and "### Depth" not in text
     names = {p.name for p in figures.iterdir()}
     assert names == {"width_test_error.png", "width_tuning.png", "invariance_test_acc.png", "invariance_train_loss.png"}
@@ -68,6 +69,7 @@ def test_markdown_table_marks_edges_and_missing_values():
         "method": "path-sgd",
         "lr": 0.000123456,
         "lr_at_grid_edge": True,
+        "schedule": "cosine",
         "grid_runs": 8,
         "test_acc_mean": math.nan,
         "test_acc_std": math.nan,
@@ -79,4 +81,4 @@ def test_markdown_table_marks_edges_and_missing_values():
         "fit_s_mean": 1.0,
     }
     line = markdown_table([row], ["width"]).splitlines()[-1]
-    assert line == "| 8 | Path-SGD | 0.000123 (edge) | 8 | n/a | n/a | 2.000 | 5/5 | 1.0 |"
+    assert line == "| 8 | Path-SGD | 0.000123 (edge), cosine | 8 | n/a | n/a | 2.000 | 5/5 | 1.0 |"

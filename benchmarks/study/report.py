@@ -72,12 +72,12 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], setting_keys: Sequence[str]) -> str:
-    """One Markdown table: setting, method, chosen lr, grid runs, test accuracy/error/loss, diverged."""
-    head = [*setting_keys, "method", "chosen lr", "grid runs", "test acc % (5 seeds)", "test error %", "test loss"]
+    """One Markdown table: setting, method, chosen lr and schedule, grid runs, test accuracy/error/loss, diverged."""
+    head = [*setting_keys, "method", "chosen lr, schedule", "grid runs", "test acc % (5 seeds)", "test error %", "test loss"]
     head += ["diverged", "fit s/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lr = f"{r['lr']:.3g}" + (" (edge)" if r["lr_at_grid_edge"] else "")
+        lr = f"{r['lr']:.3g}" + (" (edge)" if r["lr_at_grid_edge"] else "") + f", {r['schedule']}"
         cells = [str(r[k]) for k in setting_keys] + [LABELS.get(r["method"], r["method"]), lr, str(r["grid_runs"])]
         cells += [
             _pm(r["test_acc_mean"], r["test_acc_std"]),
@@ -330,15 +330,20 @@ def plot_tuning(runs: dict[str, dict[str, str]], path: Path, setting_of: Any, ti
     flat = [ax for row in axes for ax in row]
     for ax, key in zip(flat, keys):
         for m in _ordered(sorted({r["method"] for r in settings[key]})):
-            pts = sorted(
-                (float(r["lr"]), _num(r["val_acc"]), r["diverged"] == "True") for r in settings[key] if r["method"] == m
-            )
-            x = [p[0] for p in pts]
-            y = [math.nan if p[2] else 100 * p[1] for p in pts]
-            ax.plot(x, y, marker="o", color=COLOURS.get(m), label=LABELS.get(m, m))
-            bad = [p[0] for p in pts if p[2]]
-            if bad:
-                ax.plot(bad, [10.0] * len(bad), "x", color=COLOURS.get(m), markersize=8)
+            for sched in sorted({r.get("schedule", "constant") for r in settings[key] if r["method"] == m}):
+                pts = sorted(
+                    (float(r["lr"]), _num(r["val_acc"]), r["diverged"] == "True")
+                    for r in settings[key]
+                    if r["method"] == m and r.get("schedule", "constant") == sched
+                )
+                x = [p[0] for p in pts]
+                y = [math.nan if p[2] else 100 * p[1] for p in pts]
+                style = "-" if sched == "constant" else "--"
+                label = LABELS.get(m, m) + ("" if sched == "constant" else f" ({sched})")
+                ax.plot(x, y, style, marker="o", color=COLOURS.get(m), label=label)
+                bad = [p[0] for p in pts if p[2]]
+                if bad:
+                    ax.plot(bad, [10.0] * len(bad), "x", color=COLOURS.get(m), markersize=8)
         ax.set_xscale("log")
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("learning rate")
