@@ -98,7 +98,8 @@ def main() -> None:
                     f"| {mname} | {init} | {cname} | "
                     f"{1e3 * median(t['gsgd']):.3f} | {1e3 * median(t['gsgd_compiled']):.3f} | "
                     f"{1e3 * median(t['sgd']):.3f} | {1e3 * median(t['sgd_foreach']):.3f} | "
-                    f"**{paired_ratio(t['gsgd'], t[best]):.2f}** | **{paired_ratio(t['gsgd_compiled'], t[best]):.2f}** | "
+                    f"**{paired_ratio(t['gsgd'], t[best]):.2f}** | "
+                    f"**{paired_ratio(t['gsgd_compiled'], t[best]):.2f}** | "
                     f"{1e3 * median(t['sgd_fused']):.3f} | {paired_ratio(t['gsgd'], t['sgd_fused']):.2f} | "
                     f"{paired_ratio(t['gsgd_compiled'], t['sgd_fused']):.2f} | "
                     f"{'ok' if valid == ['ok', 'ok'] else ' / '.join(valid)} |",
