@@ -8,12 +8,16 @@ same formulas). Hyper-parameters enter as a small tensor, so a learning-rate sch
 trigger recompilation; the kernels are compiled per chain structure (number of tensors, which ones
 have a row rescale, row or outer-product form) on the first step that needs them.
 
-The expressions are correct without compilation too: if ``torch.compile`` gives up (a cache limit,
-an unsupported setup), Dynamo runs them eagerly, with temporaries but the same results.
+The expressions are correct without compilation too: if ``torch.compile`` gives up (Dynamo's
+recompile limit, an unsupported setup), Dynamo warns and runs them eagerly, with temporaries but the
+same results. Each optimizer compiles its own copy of the functions, so Dynamo's per-function cache
+and its recompile limit (8 variants) count one optimizer's chains, not every optimizer a process
+ever made (a hyper-parameter sweep in one process makes many).
 """
 
 from __future__ import annotations
 
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,22 +69,28 @@ def _row_sums(ws: list[Tensor], gs: list[Tensor], outs: list[Tensor]) -> None:
         out.copy_((w * g).sum((1, 2)))
 
 
+def _own_copy(fn: Any) -> Any:
+    """A new function object with a new code object: Dynamo keeps its compiled variants per code object."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 class FusedPasses:
     """The compiled kernels of one optimizer (compiled lazily, on first use).
 
     Args:
-        options: Extra keyword arguments for ``torch.compile`` (tests use ``backend="eager"``).
+        options: Extra keyword arguments for ``torch.compile`` (tests use ``backend="eager"`` and
+            ``fullgraph=True``).
     """
 
     def __init__(self, **options: Any) -> None:
-        self.options = {"fullgraph": True, **options}
+        self.options = options
         self._update: Any = None
         self._sums: Any = None
 
     def row_sums(self, ws: list[Tensor], gs: list[Tensor], outs: list[Tensor]) -> None:
         """Fill ``outs`` with the per-row sums of ``w * g``."""
         if self._sums is None:
-            self._sums = torch.compile(_row_sums, **self.options)
+            self._sums = torch.compile(_own_copy(_row_sums), **self.options)
         self._sums(ws, gs, outs)
 
     def update(self, items: list[Item]) -> list[Item]:
@@ -99,7 +109,7 @@ class FusedPasses:
             key = (lr, hp.momentum, hp.dampening, hp.weight_decay, hp.nesterov)
             groups.setdefault(key, []).append(it)
         if self._update is None and groups:
-            self._update = torch.compile(_update, **self.options)
+            self._update = torch.compile(_own_copy(_update), **self.options)
         for group in groups.values():
             first = group[0]
             hp = first.slot.hp
