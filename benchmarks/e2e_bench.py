@@ -42,10 +42,11 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(6))
     hyper = dict(lr=args.lr, momentum=0.9, weight_decay=5e-4)
     models, opts = {}, {}
-    for name in ("gsgd", "sgd", "sgd_foreach"):
+    for name in ("gsgd", "gsgd_compiled", "sgd", "sgd_foreach"):
         m = copy.deepcopy(model)
-        if name == "gsgd":
-            opts[name] = GSGD(m.parameters(), topology=detect_topology(m, x), **hyper)
+        if name.startswith("gsgd"):
+            compiled = name == "gsgd_compiled"
+            opts[name] = GSGD(m.parameters(), topology=detect_topology(m, x), compiled=compiled, **hyper)
         else:
             opts[name] = torch.optim.SGD(m.parameters(), foreach=name == "sgd_foreach", **hyper)
         models[name] = m
@@ -68,15 +69,18 @@ def main() -> None:
     t = interleaved({n: train_step(n) for n in models}, args.reps, args.warmup, lambda: None)
     best = "sgd" if median(t["sgd"]) <= median(t["sgd_foreach"]) else "sgd_foreach"
     ratio = paired_ratio(t["gsgd"], t[best])
+    ratio_c = paired_ratio(t["gsgd_compiled"], t[best])
     print("| optimizer | median ms per training step | of which optimizer.step (median ms) |\n|---|---:|---:|")
     for n in models:
         print(f"| {n} | {1e3 * median(t[n]):.2f} | {1e3 * median(step_times[n][args.warmup :]):.2f} |")
     print(f"\nGSGD overhead over the faster torch SGD ({best}), paired median: **{100 * (ratio - 1):+.1f}%**")
-    gs = opts["gsgd"]
-    print(
-        f"GSGD counters after the run: steps {int(gs.steps)}, skipped {int(gs.skipped_steps)}, guard hits "
-        f"{int(gs.guard_hits)}"
-    )
+    print(f"GSGD(compiled=True) overhead over it, paired median: **{100 * (ratio_c - 1):+.1f}%**")
+    for n in ("gsgd", "gsgd_compiled"):
+        gs = opts[n]
+        print(
+            f"{n} counters after the run: steps {int(gs.steps)}, skipped {int(gs.skipped_steps)}, guard hits "
+            f"{int(gs.guard_hits)}"
+        )
     print(f"loadavg after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -42,15 +42,17 @@ def validity(opt: GSGD) -> str:
 
 
 def make_optimizers(model, x, grads, hyper, lr: float):
-    """Three copies of ``model`` with ``grads`` attached, each with its optimizer's step callable."""
+    """Copies of ``model`` with ``grads`` attached, each with its optimizer's step callable: GSGD (eager
+    and ``compiled=True``; the warm-up rounds include the compilation) and torch's SGD (foreach off,
+    on, fused)."""
     fns = {}
     opts = {}
-    for name in ("gsgd", "sgd", "sgd_foreach", "sgd_fused"):
+    for name in ("gsgd", "gsgd_compiled", "sgd", "sgd_foreach", "sgd_fused"):
         m = copy.deepcopy(model)
         for p, g in zip(m.parameters(), grads):
             p.grad = g.clone()
-        if name == "gsgd":
-            opt = GSGD(m.parameters(), lr=lr, topology=detect_topology(m, x), **hyper)
+        if name.startswith("gsgd"):
+            opt = GSGD(m.parameters(), lr=lr, topology=detect_topology(m, x), compiled=name == "gsgd_compiled", **hyper)
         else:
             kind = {"sgd": dict(foreach=False), "sgd_foreach": dict(foreach=True), "sgd_fused": dict(fused=True)}[name]
             opt = torch.optim.SGD(m.parameters(), lr=lr, **kind, **hyper)
@@ -77,9 +79,10 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(header(f"optimizer step, {args.device} {args.dtype}, median of {args.reps} after {args.warmup} warm-up"))
     print(
-        "| model | init | config | GSGD ms | SGD ms | SGD foreach ms | GSGD / best of SGD, SGD foreach "
-        "| SGD fused ms | GSGD / SGD fused | valid |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|"
+        "| model | init | config | GSGD ms | GSGD compiled ms | SGD ms | SGD foreach ms "
+        "| GSGD / best of SGD, SGD foreach | compiled / best of SGD, SGD foreach "
+        "| SGD fused ms | GSGD / SGD fused | compiled / SGD fused | valid |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     inits = ["skeleton", "rescaled"] if args.rescaled else ["skeleton"]
     for mname in args.models:
@@ -90,12 +93,16 @@ def main() -> None:
                 fns, opts = make_optimizers(model, x, grads, hyper, lr=LR)
                 t = interleaved(fns, args.reps, args.warmup, sync)
                 best = "sgd" if median(t["sgd"]) <= median(t["sgd_foreach"]) else "sgd_foreach"
+                valid = [validity(opts[n]) for n in ("gsgd", "gsgd_compiled")]
                 print(
                     f"| {mname} | {init} | {cname} | "
-                    f"{1e3 * median(t['gsgd']):.3f} | {1e3 * median(t['sgd']):.3f} | "
-                    f"{1e3 * median(t['sgd_foreach']):.3f} | **{paired_ratio(t['gsgd'], t[best]):.2f}** | "
+                    f"{1e3 * median(t['gsgd']):.3f} | {1e3 * median(t['gsgd_compiled']):.3f} | "
+                    f"{1e3 * median(t['sgd']):.3f} | {1e3 * median(t['sgd_foreach']):.3f} | "
+                    f"**{paired_ratio(t['gsgd'], t[best]):.2f}** | "
+                    f"**{paired_ratio(t['gsgd_compiled'], t[best]):.2f}** | "
                     f"{1e3 * median(t['sgd_fused']):.3f} | {paired_ratio(t['gsgd'], t['sgd_fused']):.2f} | "
-                    f"{validity(opts['gsgd'])} |",
+                    f"{paired_ratio(t['gsgd_compiled'], t['sgd_fused']):.2f} | "
+                    f"{'ok' if valid == ['ok', 'ok'] else ' / '.join(valid)} |",
                     flush=True,
                 )
     print(f"loadavg after: {', '.join(f'{v:.2f}' for v in __import__('os').getloadavg())}")

@@ -34,6 +34,7 @@ class Overrides:
     momentum: float | None = None
     weight_decay: float | None = None
     min_ratio: float | None = None
+    compiled: bool | None = None
 
     def apply(self, group: dict[str, Any]) -> None:
         """Write the set fields into one parameter group (in place)."""
@@ -62,6 +63,8 @@ def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> G
     if isinstance(optimizer, GSGD):
         for group in optimizer.param_groups:
             overrides.apply(group)
+        if overrides.compiled is not None:
+            optimizer.compiled = overrides.compiled
         if not optimizer.is_bound:
             optimizer.bind(topology)
         return optimizer
@@ -97,7 +100,7 @@ def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> G
             defaults[key] = getattr(overrides, key)
     if overrides.min_ratio is not None:
         defaults["min_ratio"] = overrides.min_ratio
-    return GSGD(groups, **defaults, topology=topology)
+    return GSGD(groups, **defaults, topology=topology, compiled=bool(overrides.compiled))
 
 
 def install_optimizer(trainer: pl.Trainer, old: Optimizer, new: Optimizer) -> None:

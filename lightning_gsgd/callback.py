@@ -127,6 +127,9 @@ class GSGDCallback(Callback):
             log the relative output change as ``gsgd/invariance_residual`` (rounding level when the
             topology is right). Costs two forward passes on the example batch and one copy of the chain
             weights per logging step, and a host synchronization.
+        compiled: Run G-SGD's elementwise passes as ``torch.compile`` kernels (see
+            :class:`~lightning_gsgd.GSGD`'s ``compiled``; pays off for large layers, costs for tiny
+            ones); ``None`` keeps a configured ``GSGD``'s setting (``False`` for a converted SGD).
     """
 
     def __init__(
@@ -145,6 +148,7 @@ class GSGDCallback(Callback):
         diagnostics: bool = True,
         per_chain: bool = False,
         invariance_check: bool = False,
+        compiled: bool | None = None,
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if value is not None and value < 0:
@@ -155,7 +159,11 @@ class GSGDCallback(Callback):
             raise ValueError(f"GSGDCallback: min_coverage={min_coverage} must be in [0, 1]")
         if bn_mode not in ("sgd", "authors_heuristic"):
             raise ValueError(f"GSGDCallback: bn_mode={bn_mode!r} must be 'sgd' or 'authors_heuristic'")
-        self.overrides = Overrides(lr=lr, momentum=momentum, weight_decay=weight_decay, min_ratio=min_ratio)
+        if compiled is not None and not isinstance(compiled, bool):
+            raise TypeError(f"GSGDCallback: compiled={compiled!r} must be True, False or None")
+        self.overrides = Overrides(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, min_ratio=min_ratio, compiled=compiled
+        )
         self.skeleton_init = skeleton_init
         self.allow_empty = allow_empty
         self.min_coverage = min_coverage

@@ -23,16 +23,33 @@ if TYPE_CHECKING:
 class Item:
     """A slot with its broadcast coefficients (see the module docstring).
 
-    ``f``, ``q`` and ``q2`` may be ``None`` (the general form, where ``s`` is an outer product):
-    then ``w / s`` is taken with ``addcdiv`` and ``q``, ``q2`` are formed from ``s`` when needed.
+    ``r = 1 / F`` and ``F`` are per-row vectors; ``b`` is ``None`` (row-only form) or the ``B`` of
+    the layer's inputs as a ``[1, n_in, 1]`` column (the general form, ``s = r / b``). ``q`` and
+    ``q2`` may be given (row form) or are formed from ``s`` when needed.
     """
 
     slot: Slot
-    s: Tensor
-    f: Tensor | None
-    q: Tensor | None
-    q2: Tensor | None
+    r: Tensor
+    F: Tensor
     rhoinv: Tensor | None
+    b: Tensor | None = None
+    q: Tensor | None = None
+    q2: Tensor | None = None
+    _s: Tensor | None = None
+
+    @property
+    def s(self) -> Tensor:
+        """``1 / (B F)``: the row vector ``r``, or the outer product ``r / b`` (made once)."""
+        if self.b is None:
+            return self.r
+        if self._s is None:
+            self._s = self.r / self.b
+        return self._s
+
+    @property
+    def f(self) -> Tensor | None:
+        """``1 / s`` as a row vector (``F``); ``None`` in the general form (``w / s`` by ``addcdiv``)."""
+        return self.F if self.b is None else None
 
     def q_(self) -> Tensor:
         if self.q is None:

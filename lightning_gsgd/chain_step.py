@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.chain_bulk import Item, bulk
+from lightning_gsgd.chain_fused import FusedPasses
 from lightning_gsgd.chain_readings import ChainReading, read_before
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
@@ -118,6 +119,7 @@ def prepare_chain(
     *,
     unit_b: bool | None,
     bias_params: list[Tensor | None] | None = None,
+    fused: FusedPasses | None = None,
 ) -> Prepared:
     """Phase one of a chain's step: gather, row sums and every O(H) quantity; writes no parameter.
 
@@ -138,6 +140,7 @@ def prepare_chain(
             reading the values (a host read: CPU only); ``False``: use the general form.
         bias_params: Every layer's bias (detached, ``None`` where there is none): also compute the
             diagnostics readings of :mod:`lightning_gsgd.chain_readings` (``prep.reading``).
+        fused: Take the row sums with these compiled kernels (``GSGD(compiled=True)``).
     """
     plan = work.plan
     L = plan.n_layers
@@ -151,11 +154,15 @@ def prepare_chain(
                 torch.take(s.buf, sel, out=work.sbuf_l[l])
             else:
                 work.sbuf_l[l].zero_()
-        if l < L - 1:
+        if l < L - 1 and fused is None:
             work.row_sums_(l, s.param, s.grad)
-            b = biases[l]
-            if b is not None:
-                work.base_rows[l].addcmul_(b.param, b.grad)
+    if fused is not None and L > 1:
+        hidden = weights[: L - 1]
+        fused.row_sums([s.param for s in hidden], [s.grad for s in hidden], work.base_rows[: L - 1])
+    for l in range(L - 1):
+        b = biases[l]
+        if b is not None:
+            work.base_rows[l].addcmul_(b.param, b.grad)
     w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
     work.base_h.addcmul_(w_sig, g_sig, value=-1)
     lo, hi = torch.aminmax(weights[-1].grad)
@@ -307,18 +314,22 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     prep.tau_buf = buf_tau is not None
 
 
-def apply_chain(prep: Prepared) -> Tensor:
+def apply_chain(prep: Prepared, fused: FusedPasses | None = None) -> Tensor:
     """Phase two: write the prepared step into the slots' targets (and buffer targets).
 
     Args:
         prep: From :func:`prepare_chain`; slot targets (and buffer targets) hold the current values.
+        fused: Run the elementwise passes through these compiled kernels (``GSGD(compiled=True)``).
 
     Returns:
         0-d int64 tensor: the number of free tau path values the guard clamped.
     """
     work = prep.work
     plan = work.plan
-    bulk(_items(prep, None if prep.unit_b else work.B))
+    items = _items(prep, None if prep.unit_b else work.B)
+    if fused is not None:
+        items = fused.update(items)
+    bulk(items)
     # index_copy_ on flat views, not put_: put_ has no deterministic mode (use_deterministic_algorithms)
     for l, s in enumerate(prep.weights):
         sel = plan.sel[l]
@@ -330,7 +341,7 @@ def apply_chain(prep: Prepared) -> Tensor:
 
 
 def _items(prep: Prepared, B: Tensor | None) -> list[Item]:
-    """Slots with their coefficients: views of the work area, or outer products when ``B`` is given."""
+    """Slots with their coefficients: views of the work area, plus ``B`` columns when ``B`` is given."""
     work = prep.work
     plan = work.plan
     L = plan.n_layers
@@ -339,12 +350,12 @@ def _items(prep: Prepared, B: Tensor | None) -> list[Item]:
     for l in range(L):
         rhoinv = row3["rhoinv"][l] if l < L - 1 else None
         if B is not None and l > 0:
-            # general form: s = 1 / (F B) as an [n_out, n_in, 1] outer product; f, q, q2 from it
+            # general form: s = 1 / (F B), an [n_out, n_in, 1] outer product of r and 1 / B
             b = B[plan.hoff[l - 1] : plan.hoff[l - 1] + plan.n_out[l - 1]].view(1, -1, 1)
-            items.append(Item(prep.weights[l], row3["r"][l] / b, None, None, None, rhoinv))
+            items.append(Item(prep.weights[l], row3["r"][l], row3["F"][l], rhoinv, b=b))
         else:
-            items.append(Item(prep.weights[l], row3["r"][l], row3["F"][l], row3["q"][l], row3["q2"][l], rhoinv))
+            items.append(Item(prep.weights[l], row3["r"][l], row3["F"][l], rhoinv, q=row3["q"][l], q2=row3["q2"][l]))
         bs = prep.biases[l]
         if bs is not None:
-            items.append(Item(bs, row1["r"][l], row1["F"][l], row1["q"][l], row1["q2"][l], row1["rhoinv"][l]))
+            items.append(Item(bs, row1["r"][l], row1["F"][l], row1["rhoinv"][l], q=row1["q"][l], q2=row1["q2"][l]))
     return items

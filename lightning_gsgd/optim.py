@@ -1,4 +1,9 @@
-"""``GSGD``: a ``torch.optim.Optimizer`` that runs SGD on the basis-path values of ReLU chains."""
+"""``GSGD``: a ``torch.optim.Optimizer`` that runs SGD on the basis-path values of ReLU chains.
+
+This module builds the optimizer, binds it to a topology and runs the step. Its counters and
+saved state live in :mod:`lightning_gsgd._optim_state`, its steps of single parameters outside
+chains and the masked writes in :mod:`lightning_gsgd._optim_param_steps` (mixins ``GSGD`` inherits).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper, sgd_update_
-from lightning_gsgd.bn_heuristic import bn_heuristic_step
+from lightning_gsgd._optim_param_steps import GSGDParamStepsMixin, keep, minmax, write
+from lightning_gsgd._optim_state import GSGDStateMixin, refuse_foreign_state
+from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper
+from lightning_gsgd.chain_fused import FusedPasses
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
 from lightning_gsgd.chain_readings import ChainReading, collect_readings, update_after
 from lightning_gsgd.chain_readings import supported as readings_supported
 from lightning_gsgd.chain_step import Prepared, Slot, apply_chain, prepare_chain
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
-from lightning_gsgd.topology import Chain, ChainLayer, Topology, TopologyError
-
-_STATE_KEY = "gsgd"
+from lightning_gsgd.topology import Chain, Topology, TopologyError
 
 
-class GSGD(Optimizer):
+class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
     """G-SGD (Meng et al., ICLR 2019): SGD in the positively scale-invariant space of a ReLU net.
 
     Parameters that belong to a ReLU chain of ``topology`` are updated by SGD on their basis-path
@@ -64,6 +69,12 @@ class GSGD(Optimizer):
             and supplied later with :meth:`bind` (the Lightning callback and mixin do this).
         min_ratio: Guard on free tau path values: the smallest factor a step may shrink one by, in
             ``(0, 1)``.
+        compiled: Run each chain's row sums and its weight and momentum update as kernels generated
+            by ``torch.compile`` (one pass over ``w``, ``grad`` and the buffer instead of five; about
+            twice as fast on the CPU, see benchmarks/README.md). The first step of each chain
+            compiles them (seconds; a C++ compiler on the CPU, Triton on CUDA); hyper-parameters
+            enter as tensors, so LR schedulers do not recompile. Results agree with the eager step
+            to rounding, not bit for bit. Default ``False``.
 
     Example:
         >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
@@ -82,7 +93,10 @@ class GSGD(Optimizer):
         *,
         topology: Topology | None = None,
         min_ratio: float = 0.01,
+        compiled: bool = False,
     ) -> None:
+        if not isinstance(compiled, bool):
+            raise TypeError(f"GSGD: compiled must be True or False, got {compiled!r}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -102,6 +116,9 @@ class GSGD(Optimizer):
         self._host_reads: bool | None = None
         self._pending_fingerprint: list[Any] | None = None
         self._counters: dict[str, Tensor] = {}
+        #: Whether the elementwise passes run as ``torch.compile`` kernels (see the class docstring).
+        self.compiled = compiled
+        self._fused: FusedPasses | None = None
         # Diagnostics by-products (PathDiagnostics on logging steps, see chain_readings.py): a request
         # for the next step only, and that step's readings per chain index.
         self._readings_request = False
@@ -142,7 +159,7 @@ class GSGD(Optimizer):
                 )
         # --- end BN heuristic
         if self._pending_fingerprint is not None:
-            _refuse_foreign_state(self._pending_fingerprint, topology)
+            refuse_foreign_state(self._pending_fingerprint, topology)
         self._pending_fingerprint = None
         self.topology = topology
         # Index plans are built here, outside step(), so that step() itself never copies host data
@@ -180,63 +197,6 @@ class GSGD(Optimizer):
             work = ChainWork(plan, w.dtype, w.device)
             self._work[ci] = work
         return work
-
-    # ------------------------------------------------------------------ counters
-    def _counter(self, name: str, device: torch.device) -> Tensor:
-        t = self._counters.get(name)
-        if t is None:
-            t = torch.zeros((), dtype=torch.int64, device=device)
-            self._counters[name] = t
-        elif t.device != device:
-            t = t.to(device)
-            self._counters[name] = t
-        return t
-
-    @property
-    def guard_hits(self) -> Tensor:
-        """Total number of tau path values the guard clamped (a 0-d int64 tensor)."""
-        return self._counters.get("guard_hits", torch.zeros((), dtype=torch.int64))
-
-    @property
-    def skipped_steps(self) -> Tensor:
-        """Steps skipped because a gradient or a per-unit factor was not finite (a 0-d int64 tensor)."""
-        return self._counters.get("skipped_steps", torch.zeros((), dtype=torch.int64))
-
-    @property
-    def steps(self) -> Tensor:
-        """Number of steps taken, skipped ones excluded (a 0-d int64 tensor)."""
-        return self._counters.get("steps", torch.zeros((), dtype=torch.int64))
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus G-SGD counters and the topology fingerprint."""
-        sd = super().state_dict()
-        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
-        sd[_STATE_KEY] = {
-            "fingerprint": fp,
-            "counters": {k: v.detach().clone() for k, v in self._counters.items()},
-        }
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state saved by :meth:`state_dict`; refuses state saved for another topology.
-
-        Raises:
-            TopologyError: The saved fingerprint (chain layer names and shapes) differs.
-        """
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(_STATE_KEY, None)
-        if extra is not None:
-            saved_fp = extra.get("fingerprint")
-            if saved_fp is not None:
-                saved_fp = [(name, tuple(shape)) for name, shape in saved_fp]
-                if self.topology is not None:
-                    _refuse_foreign_state(saved_fp, self.topology)
-                else:
-                    self._pending_fingerprint = saved_fp
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self._counters = {k: v.detach().clone() for k, v in extra.get("counters", {}).items()}
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -300,9 +260,9 @@ class GSGD(Optimizer):
             for p in g["params"]
             if p.grad is not None and id(p) not in in_chain
         ]
-        checks.extend(_minmax(p.grad) for p, _ in plain)
+        checks.extend(minmax(p.grad) for p, _ in plain)
         bn_layers = [layer for layer in getattr(self.topology, "bn_layers", ()) if layer.weight.grad is not None]
-        checks.extend(_minmax(layer.weight.grad) for layer in bn_layers)
+        checks.extend(minmax(layer.weight.grad) for layer in bn_layers)
         flags = torch.cat([c if c.device == device else c.to(device) for c in checks])
         ok = torch.isfinite(flags).all()
         skipped = self._counter("skipped_steps", device)
@@ -322,15 +282,15 @@ class GSGD(Optimizer):
                     s.buf_target = None if s.buf is None else s.buf.clone()
                 else:
                     s.buf_target = s.buf
-            chain_hits = apply_chain(prep)
+            chain_hits = apply_chain(prep, self._fused_passes())
             hits += chain_hits if where_ok is None else chain_hits * where_ok
             if want:
                 updates.append(update_after(prep))
             for s in slots:
                 if where_ok is not None:
-                    _write(s.param, s.target, where_ok)
+                    write(s.param, s.target, where_ok)
                 if s.buf_target is not None:
-                    self.state[s.owner]["momentum_buffer"] = _keep(s.buf_target, s.buf, where_ok)
+                    self.state[s.owner]["momentum_buffer"] = keep(s.buf_target, s.buf, where_ok)
         # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): dispatch, see bn_heuristic.py
         for layer in bn_layers:
             self._bn_heuristic_step(layer, hp_of[id(layer.weight)][0], where_ok)
@@ -381,7 +341,17 @@ class GSGD(Optimizer):
         bias_params = None
         if readings and readings_supported([s.hp for s in [*weights, *biases] if s is not None], work.dtype):
             bias_params = [None if layer.bias is None else layer.bias.detach() for layer in layers]
-        return prepare_chain(work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params)
+        return prepare_chain(
+            work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params, fused=self._fused_passes()
+        )
+
+    def _fused_passes(self) -> FusedPasses | None:
+        """The compiled kernels when ``compiled=True`` (made on first use), else ``None``."""
+        if not self.compiled:
+            return None
+        if self._fused is None:
+            self._fused = FusedPasses()
+        return self._fused
 
     # ------------------------------------------------------------------ diagnostics by-products
     def _request_readings(self) -> bool:
@@ -408,72 +378,9 @@ class GSGD(Optimizer):
         self._readings_request = True
         return True
 
-    # --- BN heuristic (detect_topology(bn_mode="authors_heuristic")): one layer, see bn_heuristic.py
-    def _bn_heuristic_step(self, layer: ChainLayer, hp: Hyper, ok: Tensor | None) -> None:
-        w = layer.weight
-        if w.grad is None:
-            return
-        old = self.state[w].get("momentum_buffer")
-        new_w, buf = bn_heuristic_step(
-            layer.weight3d(),
-            layer.weight3d(w.grad),
-            old,
-            layer.centre,
-            lr=hp.lr,
-            momentum=hp.momentum,
-            dampening=hp.dampening,
-            weight_decay=hp.weight_decay,
-            nesterov=hp.nesterov,
-        )
-        _write(w, new_w, ok)
-        if buf is not None:
-            self.state[w]["momentum_buffer"] = _keep(buf, old, ok)
-
-    # --- end BN heuristic
-
-    def _plain_sgd(self, p: Tensor, hp: Hyper, ok: Tensor | None) -> None:
-        # torch.optim.SGD's single-tensor rule, so that parameters outside chains match it bit for
-        # bit; in place on the CPU, on a copy applied with ``where`` when ``ok`` is given.
-        assert p.grad is not None
-        target = p if ok is None else p.clone()
-        old = self.state[p].get("momentum_buffer") if hp.momentum != 0 else None
-        buf = sgd_update_(
-            p, p.grad, old if ok is None or old is None else old.clone(), hp, scratch=False, target=target
-        )
-        if buf is not None:
-            self.state[p]["momentum_buffer"] = _keep(buf, old, ok)
-        if ok is not None:
-            _write(p, target, ok)
-
 
 def _check_hyper(h: dict[str, Any], where: str) -> None:
     """Raise a ValueError naming the first out-of-range hyper-parameter of ``h``."""
     check_hyper(h, where)
     if not 0.0 < h["min_ratio"] < 1.0:
         raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
-
-
-def _minmax(t: Tensor) -> Tensor:
-    """``[min, max]`` of a tensor: finite exactly when every entry is (NaN propagates)."""
-    lo, hi = torch.aminmax(t)
-    return torch.stack([lo, hi]).flatten()
-
-
-def _write(dst: Tensor, new: Tensor, ok: Tensor | None) -> None:
-    if ok is None:
-        dst.copy_(new.view_as(dst))
-    else:
-        dst.copy_(torch.where(ok, new.view_as(dst), dst))
-
-
-def _keep(new: Tensor, old: Tensor | None, ok: Tensor | None) -> Tensor:
-    if ok is None:
-        return new
-    return torch.where(ok, new, torch.zeros_like(new) if old is None else old)
-
-
-def _refuse_foreign_state(saved: list[tuple[str, tuple[int, ...]]], topology: Topology) -> None:
-    """Raise unless optimizer state saved with fingerprint ``saved`` fits ``topology``."""
-    now = topology.fingerprint()
-    if saved != now:
-        raise TopologyError(f"GSGD: the optimizer state was saved for a different topology (saved {saved}, now {now})")

@@ -63,6 +63,18 @@ def test_callback_from_flags(tmp_path):
     assert callback.overrides.lr == 0.07 and opt.param_groups[0]["lr"] == 0.07
 
 
+def test_compiled_kernels_from_a_flag(tmp_path):
+    _, opt = _fit(
+        [
+            "--model=MLPClassifier",
+            "--trainer.callbacks+=lightning_gsgd.GSGDCallback",
+            "--trainer.callbacks.compiled=true",
+            *_quiet(tmp_path),
+        ]
+    )
+    assert opt.compiled and opt._fused is not None and opt._fused._update is not None
+
+
 def test_callback_from_yaml_config(tmp_path):
     callback, opt = _fit(["--config", str(ROOT / "examples" / "gsgd_callback.yaml"), *_quiet(tmp_path)])
     assert (callback.overrides.lr, callback.overrides.momentum, callback.min_coverage) == (0.05, 0.9, 0.5)

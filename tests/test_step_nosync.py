@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch._dynamo
 
 from lightning_gsgd import GSGD, detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
 from tests.models import make
@@ -86,13 +87,28 @@ HYPERS = [
 @pytest.mark.parametrize("init", ["skeleton", "rescaled"])
 @pytest.mark.parametrize("name", ["mlp_unequal", "cnn", "mixed"])
 def test_sync_free_path_matches_the_cpu_path(name, init, hyper):
+    _compare_paths(name, init, hyper, compiled=False)
+
+
+@pytest.mark.parametrize(
+    "hyper", [HYPERS[0], HYPERS[1], HYPERS[3], HYPERS[4]], ids=["plain", "momentum_wd", "nesterov", "guarded"]
+)
+@pytest.mark.parametrize("init", ["skeleton", "rescaled"])
+@pytest.mark.parametrize("name", ["mlp_unequal", "cnn"])
+def test_sync_free_path_with_compiled_kernels_matches_the_cpu_path(name, init, hyper):
+    torch._dynamo.reset()
+    _compare_paths(name, init, hyper, compiled=True)
+    torch._dynamo.reset()
+
+
+def _compare_paths(name: str, init: str, hyper: dict, compiled: bool) -> None:
     model, x, y = _setup(name, init)
     cpu_model = copy.deepcopy(model)
     dev_model = copy.deepcopy(model)
-    cpu = GSGD(cpu_model.parameters(), topology=detect_topology(cpu_model, x), **hyper)
-    dev = GSGD(dev_model.parameters(), topology=detect_topology(dev_model, x), **hyper)
+    cpu = GSGD(cpu_model.parameters(), topology=detect_topology(cpu_model, x), compiled=compiled, **hyper)
+    dev = GSGD(dev_model.parameters(), topology=detect_topology(dev_model, x), compiled=compiled, **hyper)
     dev._host_reads = False
-    for _ in range(3):
+    for _ in range(4):
         _copy_grads(dev_model, _grads(cpu_model, x, y))
         cpu.step()
         with no_host_reads():

@@ -73,8 +73,8 @@ def _pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], setting_keys: Sequence[str]) -> str:
     """One Markdown table: setting, method, chosen lr and schedule, grid runs, test accuracy/error/loss, diverged."""
-    head = [*setting_keys, "method", "chosen lr, schedule", "grid runs", "test acc % (5 seeds)", "test error %", "test loss"]
-    head += ["diverged", "fit s/run"]
+    head = [*setting_keys, "method", "chosen lr, schedule", "grid runs", "test acc % (5 seeds)", "test error %"]
+    head += ["test loss", "diverged", "fit s/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lr = f"{r['lr']:.3g}" + (" (edge)" if r["lr_at_grid_edge"] else "") + f", {r['schedule']}"
