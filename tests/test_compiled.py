@@ -13,12 +13,11 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from torch.func import functional_call
 
 from lightning_gsgd import GSGD, detect_topology
 from lightning_gsgd.chain_fused import FusedPasses
 from tests.models import INITS, MODELS, initialize, make
-from tests.oracle import oracle_run
+from tests.oracle import run_against_oracle
 
 HYPERS = [
     (dict(lr=1e-3), 2),
@@ -37,33 +36,14 @@ def _fresh_dynamo():
 
 
 def _run_and_compare(name: str, init: str, hyper: dict, steps: int, backend: str | None) -> GSGD:
-    model, x = make(name)
-    topo = detect_topology(model, x)
-    initialize(model, topo, init)
-    if init == "order_one":
-        hyper = dict(hyper, lr=hyper["lr"] * 1e-2)
-    y = torch.randn(x.shape[0], model(x).shape[1], dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    def make_optimizer(params, topo, **h):
+        opt = GSGD(params, topology=topo, compiled=True, **h)
+        if backend is not None:
+            opt._fused = FusedPasses(backend=backend, fullgraph=True)
+        return opt
 
-    def loss_fn(out):
-        return ((out - y) ** 2).mean()
-
-    ours = copy.deepcopy(model)
-    opt = GSGD(ours.parameters(), topology=detect_topology(ours, x), compiled=True, **hyper)
-    if backend is not None:
-        opt._fused = FusedPasses(backend=backend, fullgraph=True)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(ours(x)).backward()
-        opt.step()
-    assert int(opt.guard_hits) == 0 and int(opt.skipped_steps) == 0
-
-    ref = oracle_run(model, topo, x, loss_fn, steps=steps, **hyper)
-    out_ref = functional_call(model, ref, (x,))
-    assert (out_ref - model(x)).abs().max() > 1e-6, "the step did nothing: the comparison would be vacuous"
-    rel = (ours(x) - out_ref).abs().max() / out_ref.abs().max()
-    assert rel <= 1e-10
-    for n, p in ours.named_parameters():
-        assert torch.allclose(p, ref[n], rtol=1e-10, atol=1e-12 * ref[n].abs().max()), n
+    opt = run_against_oracle(name, init, hyper, steps, make_optimizer)
+    assert int(opt.skipped_steps) == 0
     return opt
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
-from torch.func import functional_call
 
-from lightning_gsgd import GSGD, detect_topology
-from tests.models import INITS, MODELS, initialize, make
-from tests.oracle import oracle_run
+from lightning_gsgd import GSGD
+from tests.models import INITS, MODELS
+from tests.oracle import run_against_oracle
 
 
 @pytest.mark.parametrize("init", INITS)
@@ -25,32 +21,4 @@ from tests.oracle import oracle_run
     ],
 )
 def test_step_matches_path_space_oracle(name, init, hyper, steps):
-    model, x = make(name)
-    topo = detect_topology(model, x)
-    initialize(model, topo, init)
-    if init == "order_one":
-        # large weights give large path gradients: a smaller step keeps the guard out of play
-        hyper = dict(hyper, lr=hyper["lr"] * 1e-2)
-    y = torch.randn(x.shape[0], model(x).shape[1], dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-
-    def loss_fn(out):
-        return ((out - y) ** 2).mean()
-
-    ours = copy.deepcopy(model)
-    opt = GSGD(ours.parameters(), topology=detect_topology(ours, x), **hyper)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(ours(x)).backward()
-        opt.step()
-    assert int(opt.guard_hits) == 0, "guard acted: the oracle does not model it"
-
-    ref = oracle_run(model, topo, x, loss_fn, steps=steps, **hyper)
-    out_ref = functional_call(model, ref, (x,))
-    out = ours(x)
-    moved = (out_ref - model(x)).abs().max()
-    assert moved > 1e-6, "the step did nothing: the comparison would be vacuous"
-    rel = (out - out_ref).abs().max() / out_ref.abs().max()
-    assert rel <= 1e-10
-    # same path values, layer by layer (sigma gauge on both sides, so same weights too)
-    for n, p in ours.named_parameters():
-        assert torch.allclose(p, ref[n], rtol=1e-10, atol=1e-12 * ref[n].abs().max()), n
+    run_against_oracle(name, init, hyper, steps, lambda params, topo, **h: GSGD(params, topology=topo, **h))

@@ -3,7 +3,7 @@
 # experiment with lr and schedule (constant, cosine) tuned on 5-point grids and 30 (MLP) / 20 (CNN)
 # epochs. Stream A: width (core set, then all widths), invariance, its s = 1e-6 control, the
 # full-length check at width 512; stream B: depth (core set, then all depths), BN ResNet, the
-# full-length checks of the plain CNN and the depth-6 MLP. Each later call of an experiment resumes
+# full-length checks of the plain CNN and of the plain MLPs at every depth. Each later call of an experiment resumes
 # from its runs.jsonl, so the wider settings only add runs; creating OUT/STOP_EXTRA before a stage
 # skips the full-length checks.
 # Usage (repository root): bash benchmarks/study/run_study.sh [OUT]   (default results/study)
@@ -39,6 +39,6 @@ control() {  # the invariance runs again at s = 1e-6 (float32 rounding only), on
   run B bn-resnet --epoch-scale 0.5 --out "$OUT"
   run B depth --epoch-scale 0.5 --out "$OUT"
   [ -e "$OUT/STOP_EXTRA" ] || run B depth --only model=plain_cnn --out "$FULL"
-  [ -e "$OUT/STOP_EXTRA" ] || run B depth --only depth=6 --out "$FULL/mlp6"
+  [ -e "$OUT/STOP_EXTRA" ] || run B depth --only model=plain_mlp --out "$FULL/mlp-depths"
 ) &
 wait
