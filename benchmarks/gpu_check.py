@@ -63,6 +63,11 @@ CASES = {
     "dampening": dict(lr=1e-3, momentum=0.5, dampening=0.3),
     "tensor lr": dict(lr="tensor", momentum=0.9),
     "guard (lr 30)": dict(lr=30.0, momentum=0.9),
+    # compiled=True: two warm-up steps (the first momentum step and the compilation) run before the
+    # checked ones, outside the sync-debug mode (compiling is allowed to synchronize)
+    "plain, compiled": dict(lr=1e-3, compiled=True),
+    "nesterov + wd, compiled": dict(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-2, compiled=True),
+    "tensor lr, compiled": dict(lr="tensor", momentum=0.9, compiled=True),
 }
 
 
@@ -88,11 +93,14 @@ def sync_check() -> bool:
                 opt = GSGD(model.parameters(), topology=detect_topology(model, x), **hyper)
                 before = copy.deepcopy(model)
                 status = "ok"
+                warm = 2 if hyper.get("compiled") else 0
                 try:
-                    for step in range(4):
-                        _grads(model, x, y, poison=step == 2)  # step 2 has a NaN gradient: skipped
+                    for step in range(warm + 4):
+                        # checked step 2 has a NaN gradient: skipped
+                        _grads(model, x, y, poison=step == warm + 2)
                         torch.cuda.synchronize()
-                        torch.cuda.set_sync_debug_mode("error")
+                        if step >= warm:
+                            torch.cuda.set_sync_debug_mode("error")
                         try:
                             opt.step()
                         finally:
@@ -103,11 +111,11 @@ def sync_check() -> bool:
                     moved = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
                     if "guard" in cname:
                         # lr 30 may blow the loss up after the clamped step: later steps may skip too
-                        if sum(counts) != 4 or counts[1] < 1 or not finite:
+                        if sum(counts) != warm + 4 or counts[1] < 1 or not finite:
                             status = f"WRONG: steps/skipped {counts}, finite {finite}"
                         elif int(opt.guard_hits) == 0:
                             status = "ok (but the guard did not act in this case)"
-                    elif counts != (3, 1) or not finite or not moved:
+                    elif counts != (warm + 3, 1) or not finite or not moved:
                         status = f"WRONG: steps/skipped {counts}, finite {finite}, moved {moved}"
                 except RuntimeError as err:
                     status = f"SYNCHRONIZED: {str(err).splitlines()[0]}"

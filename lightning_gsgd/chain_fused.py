@@ -69,6 +69,14 @@ def _row_sums(ws: list[Tensor], gs: list[Tensor], outs: list[Tensor]) -> None:
         out.copy_((w * g).sum((1, 2)))
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (a small CPU tensor) on ``device`` without stalling the host: a non-blocking copy from
+    pinned memory (the caching host allocator keeps the block until the copy has run)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _own_copy(fn: Any) -> Any:
     """A new function object with a new code object: Dynamo keeps its compiled variants per code object."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
@@ -116,11 +124,10 @@ class FusedPasses:
             ref = first.slot.target
             values = [hp.lr, hp.momentum, 1 - hp.dampening, hp.weight_decay]
             if isinstance(hp.lr, Tensor):
-                lr = hp.lr.to(device=ref.device, dtype=torch.float64).reshape(())
-                rest = torch.tensor(values[1:], dtype=torch.float64, device=ref.device)
-                hpt = torch.cat([lr.reshape(1), rest])
+                lr = hp.lr.to(device=ref.device, dtype=torch.float64).reshape(1)
+                hpt = torch.cat([lr, _to_device(torch.tensor(values[1:], dtype=torch.float64), ref.device)])
             else:
-                hpt = torch.tensor(values, dtype=torch.float64, device=ref.device)
+                hpt = _to_device(torch.tensor(values, dtype=torch.float64), ref.device)
             self._update(
                 [it.slot.target for it in group],
                 [it.slot.grad for it in group],
