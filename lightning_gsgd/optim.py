@@ -52,10 +52,11 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
 
     Cost: the step is the cheap form of gsgd-math.md section 4b (SGD with a per-row/column
     preconditioner and a per-row rescale, a few in-place ``torch._foreach_*`` passes, plus one row
-    reduction per hidden layer); its state is the momentum buffers, as for ``torch.optim.SGD``. On
-    the CPU, where reading a flag is free, a non-finite step is detected before anything is written;
-    on accelerators ``step`` never reads a tensor value on the host (no synchronization): it computes
-    the step on copies and applies it with ``torch.where``. Index tensors are built in :meth:`bind`
+    reduction per hidden layer; ``compiled=True`` fuses the passes into generated kernels); its
+    state is the momentum buffers, as for ``torch.optim.SGD``. On the CPU, where reading a flag is
+    free, a non-finite step is detected before anything is written; on accelerators ``step`` never
+    reads a tensor value on the host (no synchronization): it computes the step on copies and
+    applies it with ``torch.where``. Index tensors are built in :meth:`bind`
     (and once more, with one host-to-device copy, if the model later moves to another device).
 
     Args:
