@@ -62,6 +62,14 @@ class Item:
         return self.q2
 
 
+def slot_key(s: Slot) -> tuple:
+    """Hyper-parameters of a slot, comparable without reading tensor values (tensor lr: by identity),
+    and whether its momentum buffer is still to be made."""
+    hp = s.hp
+    lr = ("tensor", id(hp.lr)) if isinstance(hp.lr, Tensor) else hp.lr
+    return lr, hp.momentum, hp.dampening, hp.weight_decay, hp.nesterov, s.buf is None
+
+
 def bulk(items: list[Item]) -> None:
     """Apply the elementwise passes to every item's ``target`` (and ``buf_target``), batched by mode.
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_gsgd.chain_bulk import slot_key
+
 if TYPE_CHECKING:
     from lightning_gsgd.chain_bulk import Item
 
@@ -107,15 +109,13 @@ class FusedPasses:
         Covered: tensors without momentum, and tensors with momentum whose buffer exists (the first
         momentum step creates the buffers; it runs once, eagerly).
         """
-        left = [it for it in items if it.slot.hp.momentum != 0 and it.slot.buf is None]
+        left: list[Item] = []
         groups: dict[tuple, list[Item]] = {}
         for it in items:
             if it.slot.hp.momentum != 0 and it.slot.buf is None:
-                continue
-            hp = it.slot.hp
-            lr = ("tensor", id(hp.lr)) if isinstance(hp.lr, Tensor) else hp.lr
-            key = (lr, hp.momentum, hp.dampening, hp.weight_decay, hp.nesterov)
-            groups.setdefault(key, []).append(it)
+                left.append(it)
+            else:
+                groups.setdefault(slot_key(it.slot), []).append(it)
         if self._update is None and groups:
             self._update = torch.compile(_own_copy(_update), **self.options)
         for group in groups.values():

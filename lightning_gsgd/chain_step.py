@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_gsgd.chain_bulk import Item, bulk
+from lightning_gsgd.chain_bulk import Item, bulk, slot_key
 from lightning_gsgd.chain_fused import FusedPasses
 from lightning_gsgd.chain_readings import ChainReading, read_before
 from lightning_gsgd.chain_work import ChainWork
@@ -186,13 +186,6 @@ def prepare_chain(
     return prep
 
 
-def _key(s: Slot) -> tuple:
-    """Hyper-parameters of a slot, comparable without reading tensor values (tensor lr: by identity)."""
-    hp = s.hp
-    lr = ("tensor", id(hp.lr)) if isinstance(hp.lr, Tensor) else hp.lr
-    return lr, hp.momentum, hp.dampening, hp.weight_decay, hp.nesterov, s.buf is None
-
-
 def _tau_row(s: Slot) -> tuple:
     """``(lr, wd, k_buf, k_d, a_d, a_buf)``: ``buf' = k_buf buf + k_d d``, ``dir = a_d d + a_buf buf'``."""
     hp = s.hp
@@ -208,7 +201,9 @@ def _tau_coefficients(prep: Prepared) -> tuple:
     """Per-tau-entry coefficients (:func:`_tau_row`): scalars if all tau layers agree, else ``[H]`` vectors."""
     slots = prep.weights[1:]
     first = slots[0]
-    if all((s.hp is first.hp and (s.buf is None) == (first.buf is None)) or _key(s) == _key(first) for s in slots):
+    if all(
+        (s.hp is first.hp and (s.buf is None) == (first.buf is None)) or slot_key(s) == slot_key(first) for s in slots
+    ):
         return _tau_row(first)
     work = prep.work
     plan = work.plan

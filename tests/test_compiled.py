@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch._dynamo
 
-from lightning_gsgd import GSGD, detect_topology
+from lightning_gsgd import GSGD, GSGDCallback, detect_topology
 from lightning_gsgd.chain_fused import FusedPasses
+from tests.lightning_models import MLPModule, clone, cpu_trainer, make_dataset, make_loader, params_of
 from tests.models import INITS, MODELS, initialize, make
 from tests.oracle import run_against_oracle
 
@@ -125,9 +126,6 @@ def test_compiled_must_be_a_bool():
 
 
 def test_callback_turns_sgd_into_a_compiled_gsgd_that_trains_like_the_eager_one():
-    from lightning_gsgd import GSGDCallback
-    from tests.lightning_models import MLPModule, clone, cpu_trainer, make_dataset, make_loader, params_of
-
     torch.manual_seed(0)
     model = MLPModule(lr=0.05, momentum=0.9, weight_decay=1e-3)
     twin, start = clone(model), params_of(model)
@@ -145,7 +143,5 @@ def test_callback_turns_sgd_into_a_compiled_gsgd_that_trains_like_the_eager_one(
 
 
 def test_callback_refuses_a_non_bool_compiled():
-    from lightning_gsgd import GSGDCallback
-
     with pytest.raises(TypeError, match="compiled"):
         GSGDCallback(compiled="yes")  # type: ignore[arg-type]
