@@ -127,9 +127,9 @@ class GSGDCallback(Callback):
             log the relative output change as ``gsgd/invariance_residual`` (rounding level when the
             topology is right). Costs two forward passes on the example batch and one copy of the chain
             weights per logging step, and a host synchronization.
-        compiled: Run G-SGD's elementwise passes as ``torch.compile`` kernels (see
-            :class:`~lightning_gsgd.GSGD`'s ``compiled``; pays off for large layers, costs for tiny
-            ones); ``None`` keeps a configured ``GSGD``'s setting (``False`` for a converted SGD).
+        compiled: Run G-SGD's step as one ``torch.compile`` graph (see :class:`~lightning_gsgd.GSGD`'s
+            ``compiled``; compiles on the first step, then faster than the eager step); ``None`` keeps
+            a configured ``GSGD``'s setting (``False`` for a converted SGD).
     """
 
     def __init__(

@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.chain_bulk import Item, bulk, slot_key
-from lightning_gsgd.chain_fused import FusedPasses
 from lightning_gsgd.chain_readings import ChainReading, read_before
 from lightning_gsgd.chain_work import ChainWork
 from lightning_gsgd.functional import Hyper
@@ -119,7 +118,6 @@ def prepare_chain(
     *,
     unit_b: bool | None,
     bias_params: list[Tensor | None] | None = None,
-    fused: FusedPasses | None = None,
 ) -> Prepared:
     """Phase one of a chain's step: gather, row sums and every O(H) quantity; writes no parameter.
 
@@ -140,7 +138,6 @@ def prepare_chain(
             reading the values (a host read: CPU only); ``False``: use the general form.
         bias_params: Every layer's bias (detached, ``None`` where there is none): also compute the
             diagnostics readings of :mod:`lightning_gsgd.chain_readings` (``prep.reading``).
-        fused: Take the row sums with these compiled kernels (``GSGD(compiled=True)``).
     """
     plan = work.plan
     L = plan.n_layers
@@ -154,11 +151,8 @@ def prepare_chain(
                 torch.take(s.buf, sel, out=work.sbuf_l[l])
             else:
                 work.sbuf_l[l].zero_()
-        if l < L - 1 and fused is None:
+        if l < L - 1:
             work.row_sums_(l, s.param, s.grad)
-    if fused is not None and L > 1:
-        hidden = weights[: L - 1]
-        fused.row_sums([s.param for s in hidden], [s.grad for s in hidden], work.base_rows[: L - 1])
     for l in range(L - 1):
         b = biases[l]
         if b is not None:
@@ -309,22 +303,18 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     prep.tau_buf = buf_tau is not None
 
 
-def apply_chain(prep: Prepared, fused: FusedPasses | None = None) -> Tensor:
+def apply_chain(prep: Prepared) -> Tensor:
     """Phase two: write the prepared step into the slots' targets (and buffer targets).
 
     Args:
         prep: From :func:`prepare_chain`; slot targets (and buffer targets) hold the current values.
-        fused: Run the elementwise passes through these compiled kernels (``GSGD(compiled=True)``).
 
     Returns:
         0-d int64 tensor: the number of free tau path values the guard clamped.
     """
     work = prep.work
     plan = work.plan
-    items = _items(prep, None if prep.unit_b else work.B)
-    if fused is not None:
-        items = fused.update(items)
-    bulk(items)
+    bulk(_items(prep, None if prep.unit_b else work.B))
     # index_copy_ on flat views, not put_: put_ has no deterministic mode (use_deterministic_algorithms)
     for l, s in enumerate(prep.weights):
         sel = plan.sel[l]

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gsgd._optim_graph import GSGDGraphMixin
 from lightning_gsgd._optim_param_steps import GSGDParamStepsMixin, keep, minmax, write
 from lightning_gsgd._optim_state import GSGDStateMixin, refuse_foreign_state
 from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper
-from lightning_gsgd.chain_fused import FusedPasses
+from lightning_gsgd.chain_graph import ChainGraphs, GraphChain
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
 from lightning_gsgd.chain_readings import ChainReading, collect_readings, update_after
 from lightning_gsgd.chain_readings import supported as readings_supported
@@ -27,7 +28,7 @@ from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain, Topology, TopologyError
 
 
-class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
+class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
     """G-SGD (Meng et al., ICLR 2019): SGD in the positively scale-invariant space of a ReLU net.
 
     Parameters that belong to a ReLU chain of ``topology`` are updated by SGD on their basis-path
@@ -52,7 +53,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
 
     Cost: the step is the cheap form of gsgd-math.md section 4b (SGD with a per-row/column
     preconditioner and a per-row rescale, a few in-place ``torch._foreach_*`` passes, plus one row
-    reduction per hidden layer; ``compiled=True`` fuses the passes into generated kernels); its
+    reduction per hidden layer; ``compiled=True`` runs it as one generated graph); its
     state is the momentum buffers, as for ``torch.optim.SGD``. On the CPU, where reading a flag is
     free, a non-finite step is detected before anything is written; on accelerators ``step`` never
     reads a tensor value on the host (no synchronization): it computes the step on copies and
@@ -70,12 +71,17 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
             and supplied later with :meth:`bind` (the Lightning callback and mixin do this).
         min_ratio: Guard on free tau path values: the smallest factor a step may shrink one by, in
             ``(0, 1)``.
-        compiled: Run each chain's row sums and its weight and momentum update as kernels generated
-            by ``torch.compile`` (one pass over ``w``, ``grad`` and the buffer instead of five; about
-            twice as fast on the CPU, see benchmarks/README.md). The first step of each chain
-            compiles them (seconds; a C++ compiler on the CPU, Triton on CUDA); hyper-parameters
-            enter as tensors, so LR schedulers do not recompile. Results agree with the eager step
-            to rounding, not bit for bit. Default ``False``.
+        compiled: Run the whole step (every chain, and the parameters outside chains) as one graph
+            compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor
+            instead of five, and none of the eager step's ~20 small ops per layer (faster than
+            ``torch.optim.SGD`` on large MLPs, about 2x it on a small CNN, against 1.4x and 3x
+            eager; see benchmarks/README.md). The first step compiles it (seconds; a C++ compiler
+            on the CPU, Triton on CUDA), and a new variant when which tensors have gradients or
+            buffers changes; hyper-parameters enter as a tensor, so LR schedulers do not recompile.
+            The step never reads a flag on the host, on any device. Steps that log path
+            diagnostics and models with a BN-heuristic layer take the eager step. Results agree
+            with the eager step to rounding, not bit for bit (also for parameters outside chains,
+            which the eager step updates exactly like ``torch.optim.SGD``). Default ``False``.
 
     Example:
         >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
@@ -119,7 +125,9 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
         self._counters: dict[str, Tensor] = {}
         #: Whether the elementwise passes run as ``torch.compile`` kernels (see the class docstring).
         self.compiled = compiled
-        self._fused: FusedPasses | None = None
+        self._graphs: ChainGraphs | None = None
+        self._graph_chains: dict[int, tuple[ChainPlan, GraphChain]] = {}
+        self._graph_tables: dict[int, tuple[list[list[Any]], Tensor]] = {}
         # Diagnostics by-products (PathDiagnostics on logging steps, see chain_readings.py): a request
         # for the next step only, and that step's readings per chain index.
         self._readings_request = False
@@ -169,6 +177,8 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
             ci: build_chain_plan(chain, chain.layers[0].weight.device) for ci, chain in enumerate(topology.chains)
         }
         self._work = {}
+        self._graph_chains = {}
+        self._graph_tables = {}
         # Parameters the chain step owns; the output bias of a chain is no path value and takes the
         # plain SGD path like every other parameter outside chains.
         owned_by_chains = set()
@@ -187,12 +197,17 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
         """Whether a topology is attached."""
         return self.topology is not None
 
-    def _chain_work(self, ci: int, chain: Chain) -> ChainWork:
+    def _chain_plan(self, ci: int, chain: Chain) -> ChainPlan:
         w = chain.layers[0].weight
         plan = self._plans.get(ci)
         if plan is None or plan.device != w.device:
             plan = build_chain_plan(chain, w.device)
             self._plans[ci] = plan
+        return plan
+
+    def _chain_work(self, ci: int, chain: Chain) -> ChainWork:
+        w = chain.layers[0].weight
+        plan = self._chain_plan(ci, chain)
         work = self._work.get(ci)
         if work is None or not work.fits(plan, w.dtype, w.device):
             work = ChainWork(plan, w.dtype, w.device)
@@ -245,6 +260,17 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
         want = self._readings_request
         self._readings_request = False
         self._readings = None
+        in_chain = self._in_chain
+        plain = [
+            (p, hp_of[id(p)][0])
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and id(p) not in in_chain
+        ]
+        bn_layers = [layer for layer in getattr(self.topology, "bn_layers", ()) if layer.weight.grad is not None]
+        if self.compiled and not want and not bn_layers:
+            if self._graph_step(self.topology.chains, hp_of, plain, device, host_reads):
+                return loss
         prepared: list[Prepared] = []
         checks: list[Tensor] = []
         chain_of: list[int] = []
@@ -254,15 +280,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
                 prepared.append(prep)
                 chain_of.append(ci)
                 checks.extend(prep.checks())
-        in_chain = self._in_chain
-        plain = [
-            (p, hp_of[id(p)][0])
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None and id(p) not in in_chain
-        ]
         checks.extend(minmax(p.grad) for p, _ in plain)
-        bn_layers = [layer for layer in getattr(self.topology, "bn_layers", ()) if layer.weight.grad is not None]
         checks.extend(minmax(layer.weight.grad) for layer in bn_layers)
         flags = torch.cat([c if c.device == device else c.to(device) for c in checks])
         ok = torch.isfinite(flags).all()
@@ -283,7 +301,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
                     s.buf_target = None if s.buf is None else s.buf.clone()
                 else:
                     s.buf_target = s.buf
-            chain_hits = apply_chain(prep, self._fused_passes())
+            chain_hits = apply_chain(prep)
             hits += chain_hits if where_ok is None else chain_hits * where_ok
             if want:
                 updates.append(update_after(prep))
@@ -342,17 +360,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, Optimizer):
         bias_params = None
         if readings and readings_supported([s.hp for s in [*weights, *biases] if s is not None], work.dtype):
             bias_params = [None if layer.bias is None else layer.bias.detach() for layer in layers]
-        return prepare_chain(
-            work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params, fused=self._fused_passes()
-        )
-
-    def _fused_passes(self) -> FusedPasses | None:
-        """The compiled kernels when ``compiled=True`` (made on first use), else ``None``."""
-        if not self.compiled:
-            return None
-        if self._fused is None:
-            self._fused = FusedPasses()
-        return self._fused
+        return prepare_chain(work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params)
 
     # ------------------------------------------------------------------ diagnostics by-products
     def _request_readings(self) -> bool:

@@ -72,7 +72,7 @@ def test_compiled_kernels_from_a_flag(tmp_path):
             *_quiet(tmp_path),
         ]
     )
-    assert opt.compiled and opt._fused is not None and opt._fused._update is not None
+    assert opt.compiled and opt._graphs is not None and opt._graphs.compiled
 
 
 def test_callback_from_yaml_config(tmp_path):

@@ -1,4 +1,4 @@
-"""``GSGD(compiled=True)``: the torch.compile kernels of :mod:`lightning_gsgd.chain_fused`.
+"""``GSGD(compiled=True)``: the whole step as one torch.compile graph (:mod:`lightning_gsgd.chain_graph`).
 
 The compiled step is checked against the brute-force path-space oracle (float64), like the eager
 step in test_oracle.py: with Inductor (real generated kernels) on a few models and every momentum
@@ -15,7 +15,7 @@ import torch
 import torch._dynamo
 
 from lightning_gsgd import GSGD, GSGDCallback, detect_topology
-from lightning_gsgd.chain_fused import FusedPasses
+from lightning_gsgd.chain_graph import ChainGraphs
 from tests.lightning_models import MLPModule, clone, cpu_trainer, make_dataset, make_loader, params_of
 from tests.models import INITS, MODELS, initialize, make
 from tests.oracle import run_against_oracle
@@ -40,7 +40,7 @@ def _run_and_compare(name: str, init: str, hyper: dict, steps: int, backend: str
     def make_optimizer(params, topo, **h):
         opt = GSGD(params, topology=topo, compiled=True, **h)
         if backend is not None:
-            opt._fused = FusedPasses(backend=backend, fullgraph=True)
+            opt._graphs = ChainGraphs(backend=backend, fullgraph=True)
         return opt
 
     opt = run_against_oracle(name, init, hyper, steps, make_optimizer)
@@ -52,7 +52,7 @@ def _run_and_compare(name: str, init: str, hyper: dict, steps: int, backend: str
 @pytest.mark.parametrize("name,init", [("mlp_unequal", "skeleton_rescaled"), ("cnn", "skeleton")])
 def test_inductor_kernels_match_the_oracle(name, init, hyper, steps):
     opt = _run_and_compare(name, init, hyper, steps, backend=None)
-    assert opt._fused is not None and opt._fused._update is not None and opt._fused._sums is not None
+    assert opt._graphs is not None and opt._graphs.compiled, "the graph never ran"
 
 
 @pytest.mark.parametrize("hyper,steps", HYPERS)
@@ -79,7 +79,7 @@ def test_a_scheduler_changes_the_lr_without_recompiling():
             m(x).square().mean().backward()
             o.step()
             s.step()
-        if k == 1:  # first momentum step (eager) and first compiled step are done
+        if k == 0:  # the graph is compiled on the first step (its buffers start at zero)
             frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
     for a, b in zip(model.parameters(), twin.parameters()):
@@ -109,7 +109,7 @@ def test_many_optimizers_in_one_process_each_compile_their_own_kernels():
             topo = detect_topology(model, x)
             initialize(model, topo, "skeleton")
             opt = GSGD(model.parameters(), lr=1e-4, momentum=momentum, topology=topo, compiled=True)
-            opt._fused = FusedPasses(backend="eager", fullgraph=True)
+            opt._graphs = ChainGraphs(backend="eager", fullgraph=True)
             for _ in range(2):
                 opt.zero_grad()
                 model(x).square().mean().backward()
@@ -135,13 +135,121 @@ def test_callback_turns_sgd_into_a_compiled_gsgd_that_trains_like_the_eager_one(
         trainer.fit(m, make_loader(make_dataset(), 8))
         opts.append(trainer.optimizers[0])
     assert [type(o) for o in opts] == [GSGD, GSGD] and [o.compiled for o in opts] == [True, False]
-    assert opts[0]._fused is not None and opts[0]._fused._update is not None
+    assert opts[0]._graphs is not None and opts[0]._graphs.compiled
     got, want = params_of(model), params_of(twin)
     assert max(float((want[n] - start[n]).abs().max()) for n in want) > 1e-3  # training moved the weights
-    for n in want:  # float32: the fused kernels round once where the eager passes round five times
+    for n in want:  # float32: the graph rounds once where the eager passes round five times
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
 
 
 def test_callback_refuses_a_non_bool_compiled():
     with pytest.raises(TypeError, match="compiled"):
         GSGDCallback(compiled="yes")  # type: ignore[arg-type]
+
+
+def _twin_steps(model, x, make_opts, steps, grad_hook=None):
+    """Step a model and its copy, one with each optimizer from ``make_opts(model, twin)``, on the same loss."""
+    twin = copy.deepcopy(model)
+    opts = make_opts(model, twin)
+    for k in range(steps):
+        for m, o in zip((model, twin), opts):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            if grad_hook is not None:
+                grad_hook(k, m)
+            o.step()
+    return twin, opts
+
+
+def _graph(opt):
+    opt._graphs = ChainGraphs(backend="eager", fullgraph=True)
+    return opt
+
+
+def test_per_layer_groups_tensor_lr_nesterov_and_the_guard_agree_with_the_eager_step():
+    # one group per layer with different momentum forms, a tensor lr and an lr that makes the guard
+    # clamp: the hyper-parameter table's rows, not the graph, carry the differences
+    model, x = make("mixed")
+    topo = detect_topology(model, x)
+    initialize(model, topo, "skeleton_rescaled")
+
+    def groups(m):
+        mods = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
+        forms = [
+            dict(lr=torch.tensor(0.5, dtype=torch.float64), momentum=0.9),
+            dict(lr=3.0, momentum=0.0, weight_decay=0.01),
+            dict(lr=0.2, momentum=0.8, nesterov=True, weight_decay=0.001),
+            dict(lr=0.3, momentum=0.5, dampening=0.4),
+        ]
+        return [dict(params=list(mod.parameters()), **forms[i % len(forms)]) for i, mod in enumerate(mods)]
+
+    def make_opts(m, t):
+        return (
+            _graph(GSGD(groups(m), lr=0.1, topology=detect_topology(m, x), compiled=True)),
+            GSGD(groups(t), lr=0.1, topology=detect_topology(t, x)),
+        )
+
+    twin, (graph, eager) = _twin_steps(model, x, make_opts, steps=4)
+    assert graph._graphs.compiled, "the graph never ran"
+    assert int(eager.guard_hits) > 0, "the guard never acted: that case proves nothing"
+    for counter in ("steps", "skipped_steps", "guard_hits"):
+        assert int(getattr(graph, counter)) == int(getattr(eager, counter)), counter
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+        ba, bb = graph.state[a].get("momentum_buffer"), eager.state[b].get("momentum_buffer")
+        assert (ba is None) == (bb is None), n
+        if ba is not None:
+            torch.testing.assert_close(ba.view_as(bb), bb, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("where", ["chain_weight", "output_bias"])
+def test_a_non_finite_gradient_skips_the_whole_compiled_step(where):
+    model, x = make("cnn")
+    topo = detect_topology(model, x)
+    initialize(model, topo, "skeleton_rescaled")
+    twin = copy.deepcopy(model)
+    h = dict(lr=1e-2, momentum=0.9, weight_decay=1e-3)
+    graph = _graph(GSGD(model.parameters(), topology=topo, compiled=True, **h))
+    eager = GSGD(twin.parameters(), topology=detect_topology(twin, x), **h)
+    names = [n for n, _ in model.named_parameters()]
+    # a hidden conv's weight (a chain tensor), or the head's bias (a parameter outside chains)
+    poisoned = names.index("3.0.weight") if where == "chain_weight" else len(names) - 1
+    start = [p.detach().clone() for p in model.parameters()]
+    for k in range(4):
+        for m, o in ((model, graph), (twin, eager)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            if k in (0, 2):
+                list(m.parameters())[poisoned].grad.view(-1)[1] = float("nan")
+            o.step()
+        if k == 0:  # skipped: nothing moved, and no momentum buffer was made (as in the eager step)
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), start))
+            assert int(graph.skipped_steps) == 1 and int(graph.steps) == 0 and len(graph.state) == 0
+    assert int(graph.skipped_steps) == int(eager.skipped_steps) == 2
+    assert int(graph.steps) == int(eager.steps) == 2
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        buf_a, buf_b = graph.state[a]["momentum_buffer"], eager.state[b]["momentum_buffer"]
+        torch.testing.assert_close(buf_a.view_as(buf_b), buf_b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_gradient_that_vanishes_for_a_step_compiles_a_second_variant():
+    # a hidden bias without a gradient for one step changes which tensors the graph reads
+    model, x = make("mlp_unequal")
+    topo = detect_topology(model, x)
+    initialize(model, topo, "skeleton_rescaled")
+
+    def drop(k, m):
+        if k == 1:
+            next(mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)).bias.grad = None
+
+    def make_opts(m, t):
+        return (
+            _graph(GSGD(m.parameters(), lr=1e-2, momentum=0.9, topology=detect_topology(m, x), compiled=True)),
+            GSGD(t.parameters(), lr=1e-2, momentum=0.9, topology=detect_topology(t, x)),
+        )
+
+    twin, (graph, eager) = _twin_steps(model, x, make_opts, steps=3, grad_hook=drop)
+    assert len(graph._graphs.compiled) == 2
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

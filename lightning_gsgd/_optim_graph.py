@@ -1,0 +1,179 @@
+"""``GSGD``'s compiled step (``compiled=True``): the chains through :mod:`lightning_gsgd.chain_graph`.
+
+:class:`GSGDGraphMixin` collects every chain tensor, its gradient, its momentum buffer (a zero
+buffer is made for a first momentum step) and the hyper-parameter table, runs the two compiled
+graphs, then does what the eager step does after its chains: the parameters outside chains and the
+counters. The step's ``ok`` flag is computed on the device, so the path never synchronizes; on the
+CPU it is read (free there) to skip the parameters outside chains and to keep a first step's
+buffers only when the step was taken, as the eager step does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gsgd.chain_graph import A_BUF, A_D, K_BUF, K_D, LR, MIN_RATIO, N_HP, WD, ChainGraphs, GraphChain
+from lightning_gsgd.functional import Hyper
+from lightning_gsgd.topology import Chain
+
+
+_NO_ROW: list[float | Tensor] = [0.0] * N_HP
+
+
+def _hp_row(hp: Hyper, has_buf: bool, min_ratio: float) -> list[float | Tensor]:
+    """A row of the hyper-parameter table (:mod:`lightning_gsgd.chain_graph`) for one tensor."""
+    row: list[float | Tensor] = [0.0] * N_HP
+    row[LR], row[WD], row[MIN_RATIO] = hp.lr, hp.weight_decay, min_ratio
+    if hp.momentum == 0:
+        row[A_D] = 1.0
+        return row
+    row[K_BUF], row[K_D] = (hp.momentum, 1.0 - hp.dampening) if has_buf else (0.0, 1.0)
+    row[A_D], row[A_BUF] = (1.0, hp.momentum) if hp.nesterov else (0.0, 1.0)
+    return row
+
+
+def _table(rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
+    """The rows as one float64 tensor on ``device``, without stalling the host."""
+    if any(isinstance(x, Tensor) for row in rows for x in row):
+        return torch.stack(
+            [torch.stack([torch.as_tensor(x, dtype=torch.float64).to(device).reshape(()) for x in row]) for row in rows]
+        )
+    t = torch.tensor(rows, dtype=torch.float64)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps the block
+
+
+class GSGDGraphMixin:
+    """``GSGD``'s compiled step (relies on the optimizer's ``state``, counters and plans)."""
+
+    state: Any
+    _graphs: ChainGraphs | None
+    _graph_chains: dict[int, tuple[Any, GraphChain]]
+    _graph_tables: dict[int, tuple[list[list[float | Tensor]], Tensor]]
+
+    def _chain_plan(self, ci: int, chain: Chain) -> Any:  # provided by GSGD
+        raise NotImplementedError
+
+    def _counter(self, name: str, device: torch.device) -> Tensor:  # provided by GSGDStateMixin
+        raise NotImplementedError
+
+    def _graph_chain(self, ci: int, chain: Chain) -> GraphChain:
+        plan = self._chain_plan(ci, chain)
+        cached = self._graph_chains.get(ci)
+        if cached is None or cached[0] is not plan:
+            from lightning_gsgd.chain_graph import graph_chain
+
+            cached = (plan, graph_chain(plan, tuple(layer.centre for layer in chain.layers)))
+            self._graph_chains[ci] = cached
+        return cached[1]
+
+    def _graph_step(
+        self,
+        chains: list[Chain],
+        hp_of: dict[int, tuple[Hyper, dict[str, Any]]],
+        plain: list[tuple[Tensor, Hyper]],
+        device: torch.device,
+        host_reads: bool,
+    ) -> bool:
+        """One step with the compiled graph (see the module docstring); ``False`` (and nothing done)
+        when no chain has a gradient."""
+        graph_chains: list[GraphChain] = []
+        ws: list[list[Tensor]] = []
+        gs: list[list[Tensor]] = []
+        bufs: list[list[Tensor | None]] = []
+        bws: list[list[Tensor | None]] = []
+        bgs: list[list[Tensor | None]] = []
+        bbufs: list[list[Tensor | None]] = []
+        hps: list[Tensor] = []
+        made: list[tuple[Tensor, Tensor]] = []  # (parameter, buffer) first made in this step
+        for ci, chain in enumerate(chains):
+            layers = chain.layers
+            if all(layer.weight.grad is None for layer in layers):
+                continue
+            graph_chains.append(self._graph_chain(ci, chain))
+            last = len(layers) - 1
+            min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
+            cw: list[Tensor] = []
+            cg: list[Tensor] = []
+            cb: list[Tensor | None] = []
+            cbw: list[Tensor | None] = []
+            cbg: list[Tensor | None] = []
+            cbb: list[Tensor | None] = []
+            rows: list[list[float | Tensor]] = []
+            bias_rows: list[list[float | Tensor]] = []
+            for l, layer in enumerate(layers):
+                w = layer.weight
+                hp = hp_of[id(w)][0]
+                cw.append(w)
+                cg.append(w.grad if w.grad is not None else torch.zeros_like(w))
+                buf, had = self._graph_buffer(w, hp, made)
+                cb.append(buf)
+                rows.append(_hp_row(hp, had, min_ratio))
+                b = layer.bias
+                if b is None or b.grad is None or l == last:
+                    cbw.append(None)
+                    cbg.append(None)
+                    cbb.append(None)
+                    bias_rows.append(_NO_ROW)
+                    continue
+                hpb = hp_of[id(b)][0]
+                bbuf, had = self._graph_buffer(b, hpb, made)
+                cbw.append(b)
+                cbg.append(b.grad)
+                cbb.append(bbuf)
+                bias_rows.append(_hp_row(hpb, had, min_ratio))
+            ws.append(cw)
+            gs.append(cg)
+            bufs.append(cb)
+            bws.append(cbw)
+            bgs.append(cbg)
+            bbufs.append(cbb)
+            hps.append(self._graph_table(ci, rows + bias_rows, device))
+        if not graph_chains:
+            return False
+        if self._graphs is None:
+            self._graphs = ChainGraphs()
+        ps = [p for p, _ in plain]
+        pbufs: list[Tensor | None] = []
+        prows: list[list[float | Tensor]] = []
+        for p, hp in plain:
+            buf, had = self._graph_buffer(p, hp, made)
+            pbufs.append(buf)
+            prows.append(_hp_row(hp, had, 0.0))
+        ptab = self._graph_table(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64)
+        counters = [self._counter(name, device) for name in ("steps", "skipped_steps", "guard_hits")]
+        ok = self._graphs.step(
+            graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, (ps, [p.grad for p in ps], pbufs, ptab), counters
+        )
+        if host_reads and not bool(ok):
+            return True  # nothing was written (the graph counted the skip); a first step's buffers are dropped
+        for p, buf in made:  # zeros where the step was not ok (the graph wrote through torch.where)
+            self.state[p]["momentum_buffer"] = buf
+        return True
+
+    def _graph_table(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
+        """The chain's hyper-parameter table, reused while its numbers do not change."""
+        cached = self._graph_tables.get(ci)
+        if cached is not None and cached[0] == rows and cached[1].device == device:
+            return cached[1]
+        table = _table(rows, device)
+        if not any(isinstance(x, Tensor) for row in rows for x in row):  # a tensor lr may change in place
+            self._graph_tables[ci] = (rows, table)
+        return table
+
+    def _graph_buffer(self, p: Tensor, hp: Hyper, made: list[tuple[Tensor, Tensor]]) -> tuple[Tensor | None, bool]:
+        """``(buffer, existed)`` of a chain tensor: ``None`` without momentum, a new zero buffer
+        (recorded in ``made``) on its first momentum step, viewed with the parameter's shape."""
+        if hp.momentum == 0:
+            return None, False
+        st = self.state.get(p)
+        buf = None if st is None else st.get("momentum_buffer")
+        if buf is None:
+            buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            made.append((p, buf))
+            return buf, False
+        return (buf if buf.shape == p.shape else buf.view(p.shape)), True
