@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gsgd.chain_graph import A_BUF, A_D, K_BUF, K_D, LR, MIN_RATIO, N_HP, WD, ChainGraphs, GraphChain
+from lightning_gsgd.chain_graph import A_BUF, A_D, K_BUF, K_D, LR, MIN_RATIO, N_HP, WD, ChainGraphs, GraphChain, graph_chain
 from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain
 
@@ -65,8 +65,6 @@ class GSGDGraphMixin:
         plan = self._chain_plan(ci, chain)
         cached = self._graph_chains.get(ci)
         if cached is None or cached[0] is not plan:
-            from lightning_gsgd.chain_graph import graph_chain
-
             cached = (plan, graph_chain(plan, tuple(layer.centre for layer in chain.layers)))
             self._graph_chains[ci] = cached
         return cached[1]
@@ -144,7 +142,7 @@ class GSGDGraphMixin:
             buf, had = self._graph_buffer(p, hp, made)
             pbufs.append(buf)
             prows.append(_hp_row(hp, had, 0.0))
-        ptab = self._graph_table(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64)
+        ptab = self._graph_table(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
         counters = [self._counter(name, device) for name in ("steps", "skipped_steps", "guard_hits")]
         ok = self._graphs.step(
             graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, (ps, [p.grad for p in ps], pbufs, ptab), counters

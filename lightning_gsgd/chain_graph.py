@@ -133,6 +133,12 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
     )
 
 
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The hyper-parameters' dtype for parameters of ``dtype``: at least float32, so that an lr of
+    1e-3 is not rounded to bfloat16's three digits (the O(H) part then runs in float32 too)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _piece(flat: Tensor, spec: tuple[int, tuple[int, ...]]) -> Tensor:
     at, shape = spec
     n = 1
@@ -173,7 +179,7 @@ def _prepare(
         )
         w2 = [w.view(s) for w, s in zip(ws[c], ch.shape2)]
         g2 = [g.view(s) for g, s in zip(gs[c], ch.shape2)]
-        hp = hps[c].to(w2[0].dtype)
+        hp = hps[c].to(_math_dtype(w2[0].dtype))
         one = w2[0].new_ones(1)
         sw = torch.cat([w.reshape(-1)[s] for w, s in zip(w2, sel)])
         sg = torch.cat([g.reshape(-1)[s] for g, s in zip(g2, sel)])
@@ -251,7 +257,7 @@ def _update(
     """
     for c, ch in enumerate(chains):
         L, H = ch.n_layers, ch.hidden
-        hp = hps[c].to(ws[c][0].dtype)
+        hp = hps[c].to(_math_dtype(ws[c][0].dtype))
         R = H + ch.shape2[-1][0]
         vec = vecs[c]
         F_rows, r_rows, rhoinv = vec[:R], vec[R : 2 * R], vec[2 * R : 3 * R]
@@ -335,7 +341,7 @@ def _step(
     ok, hits, vecs = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs)
     _update(chains, ws, gs, bufs, bws, bgs, bbufs, hps, vecs, ok)
     for i, (p, g, buf) in enumerate(zip(ps, pgs, pbufs)):
-        hp = ptab[i].to(p.dtype)
+        hp = ptab[i].to(_math_dtype(p.dtype))
         d = g + hp[WD] * p
         direction = d
         if buf is not None:
