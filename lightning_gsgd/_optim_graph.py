@@ -36,15 +36,16 @@ def _hp_row(hp: Hyper, has_buf: bool, min_ratio: float) -> list[float | Tensor]:
 
 
 def _table(rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
-    """The rows as one float64 tensor on ``device``, without stalling the host."""
-    if any(isinstance(x, Tensor) for row in rows for x in row):
-        return torch.stack(
-            [torch.stack([torch.as_tensor(x, dtype=torch.float64).to(device).reshape(()) for x in row]) for row in rows]
-        )
-    t = torch.tensor(rows, dtype=torch.float64)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps the block
+    """The rows as one float64 tensor on ``device``, without stalling the host: the numbers go by a
+    non-blocking copy from pinned memory, tensor entries (a tensor lr) by device-side copies."""
+    t = torch.tensor([[0.0 if isinstance(x, Tensor) else x for x in row] for row in rows], dtype=torch.float64)
+    if device.type != "cpu":
+        t = t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps the block
+    for i, row in enumerate(rows):
+        for j, x in enumerate(row):
+            if isinstance(x, Tensor):
+                t[i, j] = x.detach().to(device=device, dtype=torch.float64).reshape(())
+    return t
 
 
 class GSGDGraphMixin:
