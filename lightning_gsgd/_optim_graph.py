@@ -1,11 +1,11 @@
-"""``GSGD``'s compiled step (``compiled=True``): the chains through :mod:`lightning_gsgd.chain_graph`.
+"""``GSGD``'s compiled step (``compiled=True``): the glue around :mod:`lightning_gsgd.chain_graph`.
 
-:class:`GSGDGraphMixin` collects every chain tensor, its gradient, its momentum buffer (a zero
-buffer is made for a first momentum step) and the hyper-parameter table, runs the two compiled
-graphs, then does what the eager step does after its chains: the parameters outside chains and the
-counters. The step's ``ok`` flag is computed on the device, so the path never synchronizes; on the
-CPU it is read (free there) to skip the parameters outside chains and to keep a first step's
-buffers only when the step was taken, as the eager step does.
+:class:`GSGDGraphMixin` collects every chain tensor, its gradient and its momentum buffer (a zero
+buffer is made for a first momentum step), the parameters outside chains, the hyper-parameter
+tables (reused while their numbers do not change) and the counters, and runs the compiled graph,
+which writes everything through ``torch.where`` on its ``ok`` flag. On the CPU that flag is then
+read (free there) so that a skipped first momentum step keeps no buffer, as in the eager step; on
+accelerators nothing is read and the step never synchronizes.
 """
 
 from __future__ import annotations
@@ -15,10 +15,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gsgd.chain_graph import A_BUF, A_D, K_BUF, K_D, LR, MIN_RATIO, N_HP, WD, ChainGraphs, GraphChain, graph_chain
+from lightning_gsgd.chain_graph import (
+    A_BUF,
+    A_D,
+    K_BUF,
+    K_D,
+    LR,
+    MIN_RATIO,
+    N_HP,
+    WD,
+    ChainGraphs,
+    GraphChain,
+    graph_chain,
+)
 from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain
-
 
 _NO_ROW: list[float | Tensor] = [0.0] * N_HP
 
@@ -143,7 +154,11 @@ class GSGDGraphMixin:
             buf, had = self._graph_buffer(p, hp, made)
             pbufs.append(buf)
             prows.append(_hp_row(hp, had, 0.0))
-        ptab = self._graph_table(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
+        ptab = (
+            self._graph_table(-1, prows, device)
+            if prows
+            else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
+        )
         counters = [self._counter(name, device) for name in ("steps", "skipped_steps", "guard_hits")]
         ok = self._graphs.step(
             graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, (ps, [p.grad for p in ps], pbufs, ptab), counters
