@@ -126,6 +126,11 @@ class SaveParams(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, Path(self.directory) / f"rank{trainer.global_rank}.pt")
+        # which step ran: the number of compiled graph variants of GSGD(compiled=True), else 0
+        graphs = getattr(trainer.optimizers[0], "_graphs", None) if trainer.optimizers else None
+        (Path(self.directory) / f"graphs{trainer.global_rank}.txt").write_text(
+            str(0 if graphs is None else len(graphs.compiled))
+        )
 
 
 def cpu_trainer(**kwargs: Any) -> Trainer:

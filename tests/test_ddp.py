@@ -70,15 +70,20 @@ def _check(out: Path, seed: int) -> None:
     assert not torch.equal(rank0["net.2.weight"], start)
 
 
-def test_ddp_in_process_replicas_identical_and_equal_single_process(tmp_path, clean_distributed):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_in_process_replicas_identical_and_equal_single_process(tmp_path, clean_distributed, compiled):
     # ddp_fork costs no imports; it cannot start once CUDA is initialized (e.g. by a GPU test), then spawn.
     strategy = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
     torch.manual_seed(ddp_script.SEED)
     model = MLPModule(lr=0.05, momentum=0.9, example=False)  # the example input comes from the training data
-    callbacks = [GSGDCallback(), NoCollectivesInStep(), SaveParams(str(tmp_path))]
+    # compiled: each rank compiles the same graph; it adds no collective (NoCollectivesInStep) and
+    # keeps the replicas bit-identical
+    callbacks = [GSGDCallback(compiled=compiled), NoCollectivesInStep(), SaveParams(str(tmp_path))]
     trainer = cpu_trainer(strategy=strategy, devices=2, max_steps=ddp_script.STEPS, callbacks=callbacks)
     trainer.fit(model, make_loader(make_dataset(), ddp_script.PER_RANK_BATCH))
     _check(tmp_path, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+    ran = [int((tmp_path / f"graphs{r}.txt").read_text()) for r in (0, 1)]
+    assert ran == ([1, 1] if compiled else [0, 0]), ran
 
 
 def test_real_ddp_in_a_subprocess(tmp_path):

@@ -19,6 +19,7 @@ from lightning_gsgd import (
     random_unit_factors,
     rescale_hidden_units_,
 )
+from lightning_gsgd.chain_graph import ChainGraphs
 from tests.models import make
 from tests.oracle import PathParameterization
 
@@ -44,27 +45,35 @@ def _run(model, opt, batches, steps: range) -> None:
         opt.step()
 
 
+def _gsgd(params, compiled: bool, **kwargs) -> GSGD:
+    opt = GSGD(params, compiled=compiled, **kwargs, **HYPER)
+    if compiled:  # the compiled graph, traced and run by torch (Inductor's kernels: test_compiled.py)
+        opt._graphs = ChainGraphs(backend="eager", fullgraph=True)
+    return opt
+
+
 def _fresh(name: str):
     """The same architecture with other weights (they are overwritten by the checkpoint)."""
     model, x = make(name, seed=99)
     return model, x
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("bind_after_load", [False, True], ids=["bound", "bind_after_load"])
 @pytest.mark.parametrize("name", ["cnn", "mixed"])
-def test_resume_is_bit_identical(name, bind_after_load):
+def test_resume_is_bit_identical(name, bind_after_load, compiled):
     model, x = make(name)
     init_skeleton_(detect_topology(model, x))
     start = copy.deepcopy(model.state_dict())
     batches = _batches(x, model(x).shape[1], 10)
 
-    full = GSGD(model.parameters(), topology=detect_topology(model, x), **HYPER)
+    full = _gsgd(model.parameters(), compiled, topology=detect_topology(model, x))
     _run(model, full, batches, range(10))
     assert int(full.skipped_steps) == 1 and int(full.steps) == 9
 
     half_model, _ = _fresh(name)
     half_model.load_state_dict(start)
-    half = GSGD(half_model.parameters(), topology=detect_topology(half_model, x), **HYPER)
+    half = _gsgd(half_model.parameters(), compiled, topology=detect_topology(half_model, x))
     _run(half_model, half, batches, range(5))
     buf = io.BytesIO()
     torch.save({"model": half_model.state_dict(), "optimizer": half.state_dict()}, buf)
@@ -76,11 +85,11 @@ def test_resume_is_bit_identical(name, bind_after_load):
     resumed_model, _ = _fresh(name)
     resumed_model.load_state_dict(ckpt["model"])
     if bind_after_load:  # the Lightning order: the optimizer exists, state is loaded, then it is bound
-        resumed = GSGD(resumed_model.parameters(), **HYPER)
+        resumed = _gsgd(resumed_model.parameters(), compiled)
         resumed.load_state_dict(ckpt["optimizer"])
         resumed.bind(detect_topology(resumed_model, x))
     else:
-        resumed = GSGD(resumed_model.parameters(), topology=detect_topology(resumed_model, x), **HYPER)
+        resumed = _gsgd(resumed_model.parameters(), compiled, topology=detect_topology(resumed_model, x))
         resumed.load_state_dict(ckpt["optimizer"])
     assert (int(resumed.steps), int(resumed.skipped_steps), int(resumed.guard_hits)) == counters_at_save
     _run(resumed_model, resumed, batches, range(5, 10))
@@ -88,6 +97,8 @@ def test_resume_is_bit_identical(name, bind_after_load):
     assert int(full.guard_hits) > 0, "the guard never acted: its counter is not exercised"
     for counter in ("steps", "skipped_steps", "guard_hits"):
         assert torch.equal(getattr(resumed, counter), getattr(full, counter)), counter
+    if compiled:
+        assert full._graphs.compiled and resumed._graphs.compiled, "the compiled graph never ran"
     ref = dict(model.named_parameters())
     for n, p in resumed_model.named_parameters():
         assert torch.equal(p, ref[n]), n
