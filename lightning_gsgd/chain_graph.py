@@ -98,6 +98,11 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
     koff = [0] * L
     k_total = 0
     width = max(max(n_out, n_in * taps) for n_out, n_in, taps in plan.shape3)
+    if width > 2**24:  # row and column numbers are compared as float32, exact up to 2**24
+        raise ValueError(
+            f"GSGD(compiled=True): a chain layer has {width} rows or entries per row, more than the "
+            f"compiled step handles (2**24); use compiled=False"
+        )
     floats: list[Tensor] = [torch.arange(width, dtype=torch.float32)]
     f_at = width
     fspec: list[tuple[int, int]] = []

@@ -253,3 +253,14 @@ def test_a_gradient_that_vanishes_for_a_step_compiles_a_second_variant():
     assert len(graph._graphs.compiled) == 2
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_too_long_for_float32_row_numbers_are_refused_by_name():
+    # the graph tells sigma and tau entries apart by comparing row/entry numbers stored as float32
+    from types import SimpleNamespace
+
+    from lightning_gsgd.chain_graph import graph_chain
+
+    plan = SimpleNamespace(n_layers=2, shape3=((3, 2**24 + 1, 1), (2, 3, 1)))
+    with pytest.raises(ValueError, match="compiled=False"):
+        graph_chain(plan, (0, 0))  # type: ignore[arg-type]
