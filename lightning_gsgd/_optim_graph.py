@@ -28,6 +28,7 @@ from lightning_gsgd.chain_graph import (
     GraphChain,
     graph_chain,
 )
+from lightning_gsgd.chain_step import step_coefficients
 from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain
 
@@ -37,12 +38,8 @@ _NO_ROW: list[float | Tensor] = [0.0] * N_HP
 def _hp_row(hp: Hyper, has_buf: bool, min_ratio: float) -> list[float | Tensor]:
     """A row of the hyper-parameter table (:mod:`lightning_gsgd.chain_graph`) for one tensor."""
     row: list[float | Tensor] = [0.0] * N_HP
-    row[LR], row[WD], row[MIN_RATIO] = hp.lr, hp.weight_decay, min_ratio
-    if hp.momentum == 0:
-        row[A_D] = 1.0
-        return row
-    row[K_BUF], row[K_D] = (hp.momentum, 1.0 - hp.dampening) if has_buf else (0.0, 1.0)
-    row[A_D], row[A_BUF] = (1.0, hp.momentum) if hp.nesterov else (0.0, 1.0)
+    row[LR], row[WD], row[K_BUF], row[K_D], row[A_D], row[A_BUF] = step_coefficients(hp, has_buf)
+    row[MIN_RATIO] = min_ratio
     return row
 
 

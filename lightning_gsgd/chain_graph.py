@@ -309,7 +309,7 @@ def _update(
 
 
 def _new_values(
-    w: Tensor, g: Tensor, buf: Tensor | None, s: Tensor, f: Tensor, rhoinv: Tensor | None, hp: Tensor
+    w: Tensor, g: Tensor, buf: Tensor | None, s: Tensor | float, f: Tensor | float, rhoinv: Tensor | None, hp: Tensor
 ) -> tuple[Tensor, Tensor | None]:
     """``(w', buf')`` of one tensor (see :func:`_update`); ``rhoinv`` ``None`` means 1."""
     d = s * g + hp[WD] * (f * w)
@@ -346,14 +346,11 @@ def _step(
     ok, hits, vecs = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs)
     _update(chains, ws, gs, bufs, bws, bgs, bbufs, hps, vecs, ok)
     for i, (p, g, buf) in enumerate(zip(ps, pgs, pbufs)):
-        hp = ptab[i].to(_math_dtype(p.dtype))
-        d = g + hp[WD] * p
-        direction = d
-        if buf is not None:
-            nb = hp[K_BUF] * buf + hp[K_D] * d
-            direction = hp[A_D] * d + hp[A_BUF] * nb
+        # torch's SGD rule is the path-space rule with s = f = 1 and no rescale
+        new_p, nb = _new_values(p, g, buf, 1.0, 1.0, None, ptab[i].to(_math_dtype(p.dtype)))
+        if nb is not None and buf is not None:
             buf.copy_(torch.where(ok, nb, buf))
-        p.copy_(torch.where(ok, p - hp[LR] * direction, p))
+        p.copy_(torch.where(ok, new_p, p))
     steps, skipped, guard = counters
     steps.add_(ok.long())
     skipped.add_(torch.logical_not(ok).long())

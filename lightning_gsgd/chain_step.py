@@ -180,15 +180,22 @@ def prepare_chain(
     return prep
 
 
-def _tau_row(s: Slot) -> tuple:
-    """``(lr, wd, k_buf, k_d, a_d, a_buf)``: ``buf' = k_buf buf + k_d d``, ``dir = a_d d + a_buf buf'``."""
-    hp = s.hp
+def step_coefficients(hp: Hyper, has_buf: bool) -> tuple:
+    """``(lr, wd, k_buf, k_d, a_d, a_buf)`` of one tensor's step: ``buf' = k_buf buf + k_d d`` and
+    ``dir = a_d d + a_buf buf'`` (``d`` the path-space gradient with weight decay; ``has_buf``:
+    whether the momentum buffer exists, i.e. this is not the first momentum step). The eager tau
+    step and the compiled step's hyper-parameter table both take their numbers from here."""
     mu = hp.momentum
     if mu == 0:
         return hp.lr, hp.weight_decay, 0.0, 0.0, 1.0, 0.0
-    k_buf, k_d = (mu, 1.0 - hp.dampening) if s.buf is not None else (0.0, 1.0)
+    k_buf, k_d = (mu, 1.0 - hp.dampening) if has_buf else (0.0, 1.0)
     a_d, a_buf = (1.0, mu) if hp.nesterov else (0.0, 1.0)
     return hp.lr, hp.weight_decay, k_buf, k_d, a_d, a_buf
+
+
+def _tau_row(s: Slot) -> tuple:
+    """:func:`step_coefficients` of a slot."""
+    return step_coefficients(s.hp, s.buf is not None)
 
 
 def _tau_coefficients(prep: Prepared) -> tuple:

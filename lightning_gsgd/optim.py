@@ -123,11 +123,11 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
         self._host_reads: bool | None = None
         self._pending_fingerprint: list[Any] | None = None
         self._counters: dict[str, Tensor] = {}
-        #: Whether the elementwise passes run as ``torch.compile`` kernels (see the class docstring).
+        #: Whether the step runs as one ``torch.compile`` graph (see the class docstring).
         self.compiled = compiled
         self._graphs: ChainGraphs | None = None
         self._graph_chains: dict[int, tuple[ChainPlan, GraphChain]] = {}
-        self._graph_tables: dict[int, tuple[list[list[Any]], Tensor]] = {}
+        self._graph_tables: dict[int, tuple[list[list[float | Tensor]], Tensor]] = {}
         # Diagnostics by-products (PathDiagnostics on logging steps, see chain_readings.py): a request
         # for the next step only, and that step's readings per chain index.
         self._readings_request = False
