@@ -17,10 +17,13 @@ is written as plain tensor expressions over *every* chain of the model, compiled
   the step never reads a flag on the host; the parameters outside chains (torch's SGD rule) and
   the step counters are updated in the graph too.
 
-Each weight is handled as an ``[n_out, K]`` matrix, ``K = n_in * taps`` (entry ``k`` of a row is
-input node ``k // taps``, tap ``k % taps``): Inductor vectorizes a contiguous row, and not a
-trailing dimension of 9 taps or of 1. The chain's index tensors travel as one int64 and one float32
-tensor (few inputs: each input costs wrapper and guard time on every call).
+The row sums treat each weight as an ``[n_out, K]`` matrix, ``K = n_in * taps`` (entry ``k`` of a
+row is input node ``k // taps``, tap ``k % taps``); the update works in the tensor's own shape, with
+the per-row and per-entry vectors viewed to broadcast against it (Inductor merges the contiguous
+dimensions into one vectorized loop; reshaping the result before its in-place copy instead made
+Inductor write every conv weight and buffer to a temporary first). The chain's index tensors
+travel as one int64 and one float32 tensor (few inputs: each input costs wrapper and guard time on
+every call).
 
 Hyper-parameters enter as a float64 table with one row per chain tensor,
 ``[lr, wd, k_buf, k_d, a_d, a_buf, min_ratio]``: the new buffer is ``k_buf buf + k_d d`` and the
@@ -273,32 +276,34 @@ def _update(
             n_out, K = ch.shape2[l]
             rs = slice(row, row + n_out)
             row += n_out
-            w_in, buf_in = ws[c][l], bufs[c][l]
-            w = w_in.view(n_out, K)
-            g = gs[c][l].view(n_out, K)
-            buf = None if buf_in is None else buf_in.view(n_out, K)
-            r, f, h = r_rows[rs].view(-1, 1), F_rows[rs].view(-1, 1), rhoinv[rs].view(-1, 1)
+            # in the tensor's own shape, the per-row and per-entry vectors broadcast against it (a
+            # reshape of the result before its in-place copy would make Inductor write a temporary)
+            w, g, buf = ws[c][l], gs[c][l], bufs[c][l]
+            shape = w.shape
+            row_shape = (n_out,) + (1,) * (w.dim() - 1)
+            ent_shape = (1,) + tuple(shape[1:])
+            r, f, h = r_rows[rs].view(row_shape), F_rows[rs].view(row_shape), rhoinv[rs].view(row_shape)
             ks = slice(ch.koff[l], ch.koff[l] + K)
             s = r
             if l > 0:
-                s, f = r * Binv[ks].view(1, -1), f * B[ks].view(1, -1)
+                s, f = r * Binv[ks].view(ent_shape), f * B[ks].view(ent_shape)
             new, nb = _new_values(w, g, buf, s, f, h if l < L - 1 else None, hp[l])
             # the skeleton entries: sigma (entry sig_k[b] of row b), free tau (row tau_k[k] of entry
             # k); compared as floats, which vectorize better than int64 indices (log entry 13)
             sig_at, tau_at = ch.fspec[l]
             if sig_at >= 0:
-                sig = ch.floats[:K].view(1, -1) == ch.floats[sig_at : sig_at + n_out].view(-1, 1)
+                sig = ch.floats[:K].view(ent_shape) == ch.floats[sig_at : sig_at + n_out].view(row_shape)
                 new = torch.where(sig, w, new)
                 if nb is not None and buf is not None:
                     nb = torch.where(sig, buf, nb)
             if tau_at >= 0:
-                tau = ch.floats[:n_out].view(-1, 1) == ch.floats[tau_at : tau_at + K].view(1, -1)
-                new = torch.where(tau, w_tau_new[ks].view(1, -1), new)
+                tau = ch.floats[:n_out].view(row_shape) == ch.floats[tau_at : tau_at + K].view(ent_shape)
+                new = torch.where(tau, w_tau_new[ks].view(ent_shape), new)
                 if nb is not None:
-                    nb = torch.where(tau, buf_tau[ks].view(1, -1), nb)
-            w_in.copy_(torch.where(ok, new, w).view(w_in.shape))
-            if nb is not None and buf is not None and buf_in is not None:
-                buf_in.copy_(torch.where(ok, nb, buf).view(buf_in.shape))
+                    nb = torch.where(tau, buf_tau[ks].view(ent_shape), nb)
+            w.copy_(torch.where(ok, new, w))
+            if nb is not None and buf is not None:
+                buf.copy_(torch.where(ok, nb, buf))
             if l < L - 1:
                 bw, bg, bb = bws[c][l], bgs[c][l], bbufs[c][l]
                 if bw is not None and bg is not None:
