@@ -10,6 +10,7 @@ accelerators nothing is read and the step never synchronizes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,53 @@ from lightning_gsgd.functional import Hyper
 from lightning_gsgd.topology import Chain
 
 _NO_ROW: list[float | Tensor] = [0.0] * N_HP
+_COUNTERS = ("steps", "skipped_steps", "guard_hits")
+
+
+def _groups_key(groups: list[dict[str, Any]]) -> list[tuple[Any, ...]] | None:
+    """What the compiled step's tables and parameter lists depend on in the parameter groups (which
+    parameters, the hyper-parameters); ``None`` when a group has a tensor lr, which may change in place."""
+    key = []
+    for g in groups:
+        if isinstance(g["lr"], Tensor):
+            return None
+        params = g["params"]
+        key.append(
+            (id(params), len(params), g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"])
+            + (g["min_ratio"],)
+        )
+    return key
+
+
+@dataclass
+class _Replay:
+    """The last compiled step's arguments, all but the gradients, and what they were built from.
+
+    While the parameter groups' hyper-parameters, which parameters have a gradient, and every
+    momentum buffer are those of that step (``bind`` drops it), the next step needs only the new
+    gradients: it skips the per-parameter Python of :meth:`_graph_step` (on a small network that
+    Python is a large part of the step).
+    """
+
+    groups: list[tuple[Any, ...]]
+    device: torch.device
+    params: list[Tensor]  # every parameter of the optimizer, in group order
+    no_grad: list[bool]  # per parameter, whether it had no gradient
+    first: int  # a parameter with a gradient (for the device check)
+    buffers: list[tuple[Tensor, Tensor]]  # (parameter, its momentum buffer in the state)
+    fn: Any  # the compiled step
+    chains: list[GraphChain]
+    ws: list[list[Tensor]]
+    bufs: list[list[Tensor | None]]
+    bws: list[list[Tensor | None]]
+    bbufs: list[list[Tensor | None]]
+    hps: list[Tensor]
+    ps: list[Tensor]
+    pbufs: list[Tensor | None]
+    ptab: Tensor
+    g_at: list[list[int]]  # per chain tensor, its gradient's index in ``params``
+    bg_at: list[list[int]]  # per chain bias, its gradient's index (-1: None)
+    pg_at: list[int]  # per parameter outside chains
 
 
 def _hp_row(hp: Hyper, has_buf: bool, min_ratio: float) -> list[float | Tensor]:
@@ -63,6 +111,9 @@ class GSGDGraphMixin:
     _graphs: ChainGraphs | None
     _graph_chains: dict[int, tuple[Any, GraphChain]]
     _graph_tables: dict[int, tuple[list[list[float | Tensor]], Tensor]]
+    _replay: _Replay | None
+    topology: Any
+    param_groups: list[dict[str, Any]]
 
     def _chain_plan(self, ci: int, chain: Chain) -> Any:  # provided by GSGD
         raise NotImplementedError
@@ -156,14 +207,67 @@ class GSGDGraphMixin:
             if prows
             else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
         )
-        counters = [self._counter(name, device) for name in ("steps", "skipped_steps", "guard_hits")]
-        ok = self._graphs.step(
-            graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, (ps, [p.grad for p in ps], pbufs, ptab), counters
-        )
-        if host_reads and not bool(ok):
-            return True  # nothing was written (the graph counted the skip); a first step's buffers are dropped
-        for p, buf in made:  # zeros where the step was not ok (the graph wrote through torch.where)
-            self.state[p]["momentum_buffer"] = buf
+        counters = [self._counter(name, device) for name in _COUNTERS]
+        fn = self._graphs.compiled_for(graph_chains, bufs, bws, bgs, bbufs, pbufs)
+        ok, _ = fn(graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, (ps, [p.grad for p in ps], pbufs, ptab), counters)
+        self._replay = None
+        if made:
+            if host_reads and not bool(ok):
+                return True  # nothing was written (the graph counted the skip); a first step's buffers are dropped
+            for p, buf in made:  # zeros where the step was not ok (the graph wrote through torch.where)
+                self.state[p]["momentum_buffer"] = buf
+            return True
+        groups = _groups_key(self.param_groups)
+        if groups is not None and len(graph_chains) == len(chains) and not getattr(self.topology, "bn_layers", ()):
+            params = [p for g in self.param_groups for p in g["params"]]
+            if all(layer.weight.grad is not None for chain in chains for layer in chain.layers):
+                at = {id(p): i for i, p in enumerate(params)}
+                self._replay = _Replay(
+                    groups,
+                    device,
+                    params,
+                    [p.grad is None for p in params],
+                    next(i for i, p in enumerate(params) if p.grad is not None),
+                    [
+                        (p, self.state[p]["momentum_buffer"])
+                        for p in params
+                        if p.grad is not None and p in self.state and self.state[p].get("momentum_buffer") is not None
+                    ],
+                    fn,
+                    graph_chains,
+                    ws,
+                    bufs,
+                    bws,
+                    bbufs,
+                    hps,
+                    ps,
+                    pbufs,
+                    ptab,
+                    [[at[id(w)] for w in cw] for cw in ws],
+                    [[-1 if b is None else at[id(b)] for b in cbw] for cbw in bws],
+                    [at[id(p)] for p in ps],
+                )
+        return True
+
+    def _graph_replay(self) -> bool:
+        """The step with the last compiled step's arguments and new gradients, when they are still
+        valid (see :class:`_Replay`); ``False`` (and nothing done) otherwise."""
+        r = self._replay
+        if r is None or _groups_key(self.param_groups) != r.groups:
+            return False
+        grads = [p.grad for p in r.params]
+        if [g is None for g in grads] != r.no_grad or grads[r.first].device != r.device:  # type: ignore[union-attr]
+            return False
+        state = self.state
+        for p, buf in r.buffers:
+            st = state.get(p)
+            if st is None or st.get("momentum_buffer") is not buf:
+                return False
+        gs = [[grads[i] for i in at] for at in r.g_at]
+        bgs = [[None if i < 0 else grads[i] for i in at] for at in r.bg_at]
+        pgs = [grads[i] for i in r.pg_at]
+        counters = [self._counter(name, r.device) for name in _COUNTERS]
+        r.fn(r.chains, r.ws, gs, r.bufs, r.bws, bgs, r.bbufs, r.hps, (r.ps, pgs, r.pbufs, r.ptab), counters)
         return True
 
     def _graph_table(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:

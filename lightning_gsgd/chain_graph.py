@@ -401,10 +401,24 @@ class ChainGraphs:
         counters: list[Tensor],
     ) -> Tensor:
         """Run the step in place (see :func:`_step`); returns ``ok``, a 0-d bool on the parameters' device."""
+        fn = self.compiled_for(chains, bufs, bws, bgs, bbufs, plain[2])
+        ok, _ = fn(chains, ws, gs, bufs, bws, bgs, bbufs, hps, plain, counters)
+        return ok
+
+    def compiled_for(
+        self,
+        chains: list[GraphChain],
+        bufs: list[list[Tensor | None]],
+        bws: list[list[Tensor | None]],
+        bgs: list[list[Tensor | None]],
+        bbufs: list[list[Tensor | None]],
+        pbufs: list[Tensor | None],
+    ) -> Any:
+        """The compiled :func:`_step` for this structure (compiled on first use, then reused)."""
         key = (
             tuple(id(ch) for ch in chains),
             tuple(b is None for lists in (bufs, bws, bgs, bbufs) for chain in lists for b in chain),
-            tuple(b is None for b in plain[2]),
+            tuple(b is None for b in pbufs),
         )
         entry = self.compiled.get(key)
         if entry is None:
@@ -416,5 +430,4 @@ class ChainGraphs:
             opts["options"] = {**opts.get("options", {}), **inductor}
             entry = (torch.compile(_own_copy(_step), **opts), chains)
             self.compiled[key] = entry
-        ok, _ = entry[0](chains, ws, gs, bufs, bws, bgs, bbufs, hps, plain, counters)
-        return ok
+        return entry[0]

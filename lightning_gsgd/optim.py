@@ -128,6 +128,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
         self._graphs: ChainGraphs | None = None
         self._graph_chains: dict[int, tuple[ChainPlan, GraphChain]] = {}
         self._graph_tables: dict[int, tuple[list[list[float | Tensor]], Tensor]] = {}
+        self._replay = None
         # Diagnostics by-products (PathDiagnostics on logging steps, see chain_readings.py): a request
         # for the next step only, and that step's readings per chain index.
         self._readings_request = False
@@ -179,6 +180,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
         self._work = {}
         self._graph_chains = {}
         self._graph_tables = {}
+        self._replay = None
         # Parameters the chain step owns; the output bias of a chain is no path value and takes the
         # plain SGD path like every other parameter outside chains.
         owned_by_chains = set()
@@ -245,6 +247,9 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
             "lightning_gsgd.GSGDMixin first among your LightningModule's base classes",
         )
         assert self.topology is not None
+        if self.compiled and not self._readings_request and self._graph_replay():
+            self._readings = None
+            return loss
         hp_of: dict[int, tuple[Hyper, dict[str, Any]]] = {}
         device = None
         for g in self.param_groups:
