@@ -255,6 +255,8 @@ class GSGDGraphMixin:
         r = self._replay
         if r is None or _groups_key(self.param_groups) != r.groups:
             return False
+        if not all(w.is_contiguous() for cw in r.ws for w in cw):
+            return False  # the step that rebuilds the arguments refuses it by name
         grads = [p.grad for p in r.params]
         if [g is None for g in grads] != r.no_grad or grads[r.first].device != r.device:  # type: ignore[union-attr]
             return False

@@ -200,6 +200,12 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
         return self.topology is not None
 
     def _chain_plan(self, ci: int, chain: Chain) -> ChainPlan:
+        for layer in chain.layers:  # both steps read each weight as rows of its contiguous layout
+            if not layer.weight.is_contiguous():
+                raise TopologyError(
+                    f"GSGD: the weight of layer '{layer.name}' is not contiguous (channels_last memory format?); "
+                    "G-SGD steps contiguous weights only: use model.to(memory_format=torch.contiguous_format)"
+                )
         w = chain.layers[0].weight
         plan = self._plans.get(ci)
         if plan is None or plan.device != w.device:
@@ -237,6 +243,8 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
 
         Raises:
             RuntimeError: The optimizer has no topology (see :meth:`bind`).
+            TopologyError: A chain weight is not contiguous (a ``channels_last`` conv weight); the
+                message names the layer.
         """
         loss = begin_step(
             closure,

@@ -71,6 +71,28 @@ def test_parameters_missing_from_the_optimizer_are_named(missing):
         GSGD(params, lr=0.1, topology=topo)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("when", ["before the first step", "after two steps"])
+def test_a_channels_last_conv_weight_is_refused_naming_the_layer(compiled, when):
+    from lightning_gsgd.chain_graph import ChainGraphs
+
+    model, x = make("cnn")
+    opt = GSGD(model.parameters(), lr=1e-3, momentum=0.9, topology=detect_topology(model, x), compiled=compiled)
+    opt._graphs = ChainGraphs(backend="eager", fullgraph=True)
+    for k in range(3):
+        if k == (0 if when == "before the first step" else 2):
+            model.to(memory_format=torch.channels_last)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if k < (0 if when == "before the first step" else 2):
+            opt.step()
+            continue
+        conv = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+        with pytest.raises(TopologyError, match=rf"weight of layer '{conv}' is not contiguous"):
+            opt.step()
+        break
+
+
 def test_frozen_chain_parameter_is_refused():
     model, _, topo = _model()
     model[2].weight.requires_grad_(False)
