@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.functional import Hyper
-from lightning_gsgd.topology import Topology, TopologyError
+from lightning_gsgd.topology import Chain, Topology, TopologyError
 
 
 def check_hyper(h: dict[str, Any], where: str) -> None:
@@ -104,6 +104,20 @@ def sgd_update_(
     else:
         target.add_(d, alpha=-hp.lr)
     return buf if hp.momentum != 0 else None
+
+
+def check_contiguous(chain: Chain, name: str) -> None:
+    """Refuse a chain whose weight is not contiguous (a ``channels_last`` conv weight).
+
+    Raises:
+        TopologyError: Names the layer.
+    """
+    for layer in chain.layers:
+        if not layer.weight.is_contiguous():
+            raise TopologyError(
+                f"{name}: the weight of layer '{layer.name}' is not contiguous (channels_last memory format?); "
+                "G-SGD steps contiguous weights only: use model.to(memory_format=torch.contiguous_format)"
+            )
 
 
 def begin_step(closure: Callable[[], Any] | None, topology: Topology | None, unbound: str) -> Any:

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from lightning_gsgd._optim_graph import GSGDGraphMixin
 from lightning_gsgd._optim_param_steps import GSGDParamStepsMixin, keep, minmax, write
 from lightning_gsgd._optim_state import GSGDStateMixin, refuse_foreign_state
-from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_hyper, hyper
+from lightning_gsgd._sgd_common import begin_step, check_chain_params, check_contiguous, check_hyper, hyper
 from lightning_gsgd.chain_graph import ChainGraphs, GraphChain
 from lightning_gsgd.chain_plan import ChainPlan, build_chain_plan
 from lightning_gsgd.chain_readings import ChainReading, collect_readings, update_after
@@ -200,12 +200,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
         return self.topology is not None
 
     def _chain_plan(self, ci: int, chain: Chain) -> ChainPlan:
-        for layer in chain.layers:  # both steps read each weight as rows of its contiguous layout
-            if not layer.weight.is_contiguous():
-                raise TopologyError(
-                    f"GSGD: the weight of layer '{layer.name}' is not contiguous (channels_last memory format?); "
-                    "G-SGD steps contiguous weights only: use model.to(memory_format=torch.contiguous_format)"
-                )
+        check_contiguous(chain, "GSGD")  # both steps read each weight as rows of its contiguous layout
         w = chain.layers[0].weight
         plan = self._plans.get(ci)
         if plan is None or plan.device != w.device:
