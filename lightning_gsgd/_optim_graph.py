@@ -5,7 +5,9 @@ buffer is made for a first momentum step), the parameters outside chains, the hy
 tables (reused while their numbers do not change) and the counters, and runs the compiled graph,
 which writes everything through ``torch.where`` on its ``ok`` flag. On the CPU that flag is then
 read (free there) so that a skipped first momentum step keeps no buffer, as in the eager step; on
-accelerators nothing is read and the step never synchronizes.
+accelerators nothing is read and the step never synchronizes. A step that makes no buffer leaves
+its arguments, all but the gradients, for the next step to replay (:class:`_Replay`), so that
+later steps skip this per-tensor Python while nothing else changes.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class GSGD(GSGDStateMixin, GSGDParamStepsMixin, GSGDGraphMixin, Optimizer):
         compiled: Run the whole step (every chain, and the parameters outside chains) as one graph
             compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor
             instead of five, and none of the eager step's ~20 small ops per layer (faster than
-            ``torch.optim.SGD`` on large MLPs, about 2x it on a small CNN, against 1.4x and 3x
+            ``torch.optim.SGD`` on large MLPs, about 1.5x it on a small CNN, against 1.4x and 3x
             eager; see benchmarks/README.md). The first step compiles it (seconds; a C++ compiler
             on the CPU, Triton on CUDA), and a new variant when which tensors have gradients or
             buffers changes; hyper-parameters enter as a tensor, so LR schedulers do not recompile.
