@@ -47,10 +47,8 @@ def _groups_key(groups: list[dict[str, Any]]) -> list[tuple[Any, ...]] | None:
         if isinstance(g["lr"], Tensor):
             return None
         params = g["params"]
-        key.append(
-            (id(params), len(params), g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"])
-            + (g["min_ratio"],)
-        )
+        hp = (g["lr"], g["momentum"], g["dampening"], g["weight_decay"], g["nesterov"], g["min_ratio"])
+        key.append((id(params), len(params), *hp))
     return key
 
 

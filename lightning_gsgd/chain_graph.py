@@ -387,24 +387,6 @@ class ChainGraphs:
         # key -> (compiled step, the chains): holding the chains keeps their ids from being reused
         self.compiled: dict[tuple, tuple[Any, list[GraphChain]]] = {}
 
-    def step(
-        self,
-        chains: list[GraphChain],
-        ws: list[list[Tensor]],
-        gs: list[list[Tensor]],
-        bufs: list[list[Tensor | None]],
-        bws: list[list[Tensor | None]],
-        bgs: list[list[Tensor | None]],
-        bbufs: list[list[Tensor | None]],
-        hps: list[Tensor],
-        plain: tuple[list[Tensor], list[Tensor], list[Tensor | None], Tensor],
-        counters: list[Tensor],
-    ) -> Tensor:
-        """Run the step in place (see :func:`_step`); returns ``ok``, a 0-d bool on the parameters' device."""
-        fn = self.compiled_for(chains, bufs, bws, bgs, bbufs, plain[2])
-        ok, _ = fn(chains, ws, gs, bufs, bws, bgs, bbufs, hps, plain, counters)
-        return ok
-
     def compiled_for(
         self,
         chains: list[GraphChain],
