@@ -218,35 +218,35 @@ class GSGDGraphMixin:
                 self.state[p]["momentum_buffer"] = buf
             return True
         groups = _groups_key(self.param_groups)
-        if groups is not None and len(graph_chains) == len(chains) and not getattr(self.topology, "bn_layers", ()):
+        every_weight = all(layer.weight.grad is not None for chain in chains for layer in chain.layers)
+        if groups is not None and every_weight and not getattr(self.topology, "bn_layers", ()):
             params = [p for g in self.param_groups for p in g["params"]]
-            if all(layer.weight.grad is not None for chain in chains for layer in chain.layers):
-                at = {id(p): i for i, p in enumerate(params)}
-                self._replay = _Replay(
-                    groups,
-                    device,
-                    params,
-                    [p.grad is None for p in params],
-                    next(i for i, p in enumerate(params) if p.grad is not None),
-                    [
-                        (p, self.state[p]["momentum_buffer"])
-                        for p in params
-                        if p.grad is not None and p in self.state and self.state[p].get("momentum_buffer") is not None
-                    ],
-                    fn,
-                    graph_chains,
-                    ws,
-                    bufs,
-                    bws,
-                    bbufs,
-                    hps,
-                    ps,
-                    pbufs,
-                    ptab,
-                    [[at[id(w)] for w in cw] for cw in ws],
-                    [[-1 if b is None else at[id(b)] for b in cbw] for cbw in bws],
-                    [at[id(p)] for p in ps],
-                )
+            at = {id(p): i for i, p in enumerate(params)}
+            self._replay = _Replay(
+                groups,
+                device,
+                params,
+                [p.grad is None for p in params],
+                next(i for i, p in enumerate(params) if p.grad is not None),
+                [
+                    (p, self.state[p]["momentum_buffer"])
+                    for p in params
+                    if p.grad is not None and p in self.state and self.state[p].get("momentum_buffer") is not None
+                ],
+                fn,
+                graph_chains,
+                ws,
+                bufs,
+                bws,
+                bbufs,
+                hps,
+                ps,
+                pbufs,
+                ptab,
+                [[at[id(w)] for w in cw] for cw in ws],
+                [[-1 if b is None else at[id(b)] for b in cbw] for cbw in bws],
+                [at[id(p)] for p in ps],
+            )
         return True
 
     def _graph_replay(self) -> bool:

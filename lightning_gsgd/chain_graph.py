@@ -279,9 +279,8 @@ def _update(
             # in the tensor's own shape, the per-row and per-entry vectors broadcast against it (a
             # reshape of the result before its in-place copy would make Inductor write a temporary)
             w, g, buf = ws[c][l], gs[c][l], bufs[c][l]
-            shape = w.shape
             row_shape = (n_out,) + (1,) * (w.dim() - 1)
-            ent_shape = (1,) + tuple(shape[1:])
+            ent_shape = (1, *w.shape[1:])
             r, f, h = r_rows[rs].view(row_shape), F_rows[rs].view(row_shape), rhoinv[rs].view(row_shape)
             ks = slice(ch.koff[l], ch.koff[l] + K)
             s = r
