@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_gsgd import GSGD, detect_topology, init_skeleton_
-from lightning_gsgd.diagnostics import PathDiagnostics
+from lightning_gsgd.diagnostics.metrics import PathDiagnostics
 
 log = logging.getLogger("diagnostics_bench")
 

@@ -32,15 +32,15 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
             if isinstance(v, torch.Tensor):
                 total += v.numel() * v.element_size()
     if isinstance(opt, GSGD):
-        total += sum(c.numel() * c.element_size() for c in opt._counters.values())
+        total += sum(c.numel() * c.element_size() for c in opt._counters.tensors.values())
     return total
 
 
 def _cache_bytes(opt: GSGD) -> tuple[int, int]:
     tensors = []
-    for plan in opt._plans.values():
+    for plan in opt._caches.plans.values():
         tensors += [v for v in vars(plan).values() if isinstance(v, torch.Tensor)] + list(plan.sel)
-    for work in opt._work.values():
+    for work in opt._caches.work.values():
         tensors += [work.vec, work.ones_h, work.scratch]
     sizes = [t.numel() * t.element_size() for t in tensors]
     return sum(sizes), max(sizes, default=0)

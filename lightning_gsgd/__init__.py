@@ -9,20 +9,20 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_gsgd.baselines import skeleton_sgd
-from lightning_gsgd.detect import detect_topology
-from lightning_gsgd.optim import GSGD
-from lightning_gsgd.path_sgd import PathSGD
-from lightning_gsgd.selfcheck import check_invariance, invariance_error
-from lightning_gsgd.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
-from lightning_gsgd.topology import Chain, ChainLayer, Excluded, Topology, TopologyError
+from lightning_gsgd.optim.baselines import skeleton_sgd
+from lightning_gsgd.optim.gsgd import GSGD
+from lightning_gsgd.optim.path_sgd import PathSGD
+from lightning_gsgd.topology.detect import detect_topology
+from lightning_gsgd.topology.selfcheck import check_invariance, invariance_error
+from lightning_gsgd.topology.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
+from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
 
 if TYPE_CHECKING:
-    from lightning_gsgd.callback import GSGDCallback
-    from lightning_gsgd.mixin import GSGDMixin
+    from lightning_gsgd.lightning.callback import GSGDCallback
+    from lightning_gsgd.lightning.mixin import GSGDMixin
 
 # Public names whose modules import Lightning: loaded on first attribute access (PEP 562).
-_LAZY = {"GSGDCallback": "lightning_gsgd.callback", "GSGDMixin": "lightning_gsgd.mixin"}
+_LAZY = {"GSGDCallback": "lightning_gsgd.lightning.callback", "GSGDMixin": "lightning_gsgd.lightning.mixin"}
 
 __all__ = [
     "GSGD",

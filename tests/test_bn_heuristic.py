@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gsgd import GSGD, detect_topology
-from lightning_gsgd.bn_heuristic import bn_heuristic_direction, bn_heuristic_step
+from lightning_gsgd.step.bn_heuristic import bn_heuristic_direction, bn_heuristic_step
 from tests.zoo import make
 
 

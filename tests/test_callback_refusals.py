@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_gsgd import GSGD, GSGDCallback, TopologyError
-from lightning_gsgd._lightning_checks import check_strategy
+from lightning_gsgd.lightning.checks import check_strategy
 from tests.lightning_models import ManualModule, MLPModule, TanhModule, cpu_trainer, make_dataset, make_loader
 
 

@@ -1,4 +1,4 @@
-"""``GSGD(compiled=True)``: the whole step as one torch.compile graph (:mod:`lightning_gsgd.chain_graph`).
+"""``GSGD(compiled=True)``: the whole step as one torch.compile graph (:mod:`lightning_gsgd.step.graph`).
 
 The compiled step is checked against the brute-force path-space oracle (float64), like the eager
 step in test_oracle.py: with Inductor (real generated kernels) on a few models and every momentum
@@ -15,7 +15,7 @@ import torch
 import torch._dynamo
 
 from lightning_gsgd import GSGD, GSGDCallback, detect_topology
-from lightning_gsgd.chain_graph import ChainGraphs
+from lightning_gsgd.step.graph import ChainGraphs
 from tests.lightning_models import MLPModule, clone, cpu_trainer, make_dataset, make_loader, params_of
 from tests.models import INITS, MODELS, initialize, make
 from tests.oracle import run_against_oracle
@@ -259,7 +259,7 @@ def test_rows_too_long_for_float32_row_numbers_are_refused_by_name():
     # the graph tells sigma and tau entries apart by comparing row/entry numbers stored as float32
     from types import SimpleNamespace
 
-    from lightning_gsgd.chain_graph import graph_chain
+    from lightning_gsgd.step.graph_chain import graph_chain
 
     plan = SimpleNamespace(n_layers=2, shape3=((3, 2**24 + 1, 1), (2, 3, 1)))
     with pytest.raises(ValueError, match="compiled=False"):

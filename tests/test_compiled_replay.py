@@ -1,5 +1,5 @@
 """``GSGD(compiled=True)`` replays the last step's arguments with new gradients (``_Replay`` in
-:mod:`lightning_gsgd._optim_graph`) only while they are still valid.
+:mod:`lightning_gsgd.step.compiled`) only while they are still valid.
 
 Each case steps two copies of a model with the same gradients: one optimizer may replay, the
 other always rebuilds its arguments. Between steps, a case changes something the arguments were
@@ -18,7 +18,7 @@ import torch
 import torch._dynamo
 
 from lightning_gsgd import GSGD, detect_topology
-from lightning_gsgd.chain_graph import ChainGraphs
+from lightning_gsgd.step.graph import ChainGraphs
 from tests.models import initialize, make
 
 CHANGE_AT = 3  # the change is made before this step (steps 0 and 1 build the buffers and the replay)

@@ -26,7 +26,7 @@ from lightning_gsgd import (
     random_unit_factors,
     rescale_hidden_units_,
 )
-from lightning_gsgd.graph import call_model
+from lightning_gsgd.topology.graph import call_model
 from tests.zoo import ZOO, make
 
 WITH_CHAINS = [n for n, e in ZOO.items() if e.chains]
@@ -173,7 +173,7 @@ def test_self_check_catches_hand_built_wrong_chains(name):
 
 def test_self_check_runs_in_detect_topology(monkeypatch):
     """detect_topology refuses a topology its own self-check rejects (simulated detector bug)."""
-    import lightning_gsgd.detect as det
+    import lightning_gsgd.topology.detect as det
 
     model, x = make("gelu_mlp")
     monkeypatch.setattr(det, "transition", lambda op, layout, shape: layout)  # treat every op as homogeneous

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_gsgd import GSGD, detect_topology, diagnostics, init_skeleton_, path_metrics, selfcheck
-from lightning_gsgd.diagnostics import (
+from lightning_gsgd import GSGD, detect_topology, init_skeleton_
+from lightning_gsgd.diagnostics import chain as path_metrics
+from lightning_gsgd.diagnostics import metrics as diagnostics
+from lightning_gsgd.diagnostics.metrics import (
     AFTER_KEYS,
     BEFORE_KEYS,
     PER_CHAIN_KEYS,
@@ -20,7 +22,8 @@ from lightning_gsgd.diagnostics import (
     PathDiagnostics,
     topology_summary,
 )
-from lightning_gsgd.skeleton import random_unit_factors, rescale_hidden_units_
+from lightning_gsgd.topology import selfcheck
+from lightning_gsgd.topology.skeleton import random_unit_factors, rescale_hidden_units_
 from tests.models import MODELS, initialize, make, two_chains
 from tests.oracle import PathParameterization, path_values, sigma_mask
 

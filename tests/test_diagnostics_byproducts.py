@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lightning_gsgd import GSGD, detect_topology
-from lightning_gsgd.diagnostics import AFTER_KEYS, BEFORE_KEYS, PER_CHAIN_KEYS, PathDiagnostics
+from lightning_gsgd.diagnostics.metrics import AFTER_KEYS, BEFORE_KEYS, PER_CHAIN_KEYS, PathDiagnostics
 from tests.models import initialize
 from tests.test_diagnostics import _loss, _model
 from tests.test_step_nosync import no_host_reads

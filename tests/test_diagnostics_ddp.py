@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_gsgd import GSGDCallback
-from lightning_gsgd.diagnostics import PER_CHAIN_KEYS
+from lightning_gsgd.diagnostics.metrics import PER_CHAIN_KEYS
 from tests.lightning_models import _COLLECTIVES, MLPModule, cpu_trainer, make_dataset, make_loader
 from tests.test_ddp import clean_distributed  # noqa: F401  (fixture)
 from tests.test_diagnostics_logging import STEP_KEYS, SUMMARY_KEYS, column, read_log

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 from lightning_gsgd import GSGD, GSGDCallback, GSGDMixin, detect_topology, init_skeleton_
-from lightning_gsgd.diagnostics import AFTER_KEYS, BEFORE_KEYS, PathDiagnostics
+from lightning_gsgd.diagnostics.metrics import AFTER_KEYS, BEFORE_KEYS, PathDiagnostics
 from tests.lightning_models import MLPModule, cpu_trainer, make_dataset, make_loader
 from tests.models import two_chains
 
@@ -315,7 +315,7 @@ def test_model_without_chains_logs_only_the_fit_start_numbers(tmp_path):
 
 
 def test_plot_of_real_logs(tmp_path):
-    from lightning_gsgd.plot import plot_metrics
+    from lightning_gsgd.diagnostics.plot import plot_metrics
 
     pytest.importorskip("matplotlib")
     runs = []

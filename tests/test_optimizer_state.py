@@ -19,7 +19,7 @@ from lightning_gsgd import (
     random_unit_factors,
     rescale_hidden_units_,
 )
-from lightning_gsgd.chain_graph import ChainGraphs
+from lightning_gsgd.step.graph import ChainGraphs
 from tests.models import make
 from tests.oracle import PathParameterization
 

@@ -20,7 +20,7 @@ from lightning_gsgd import (
     rescale_hidden_units_,
     skeleton_sgd,
 )
-from lightning_gsgd.path_sgd import path_scales
+from lightning_gsgd.optim.path_sgd import path_scales
 from tests.models import MODELS, make
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_gsgd.plot import main, plot_metrics, read_metrics_csv
+from lightning_gsgd.diagnostics.plot import main, plot_metrics, read_metrics_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEP_KEYS = (

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_gsgd import Chain, ChainLayer, Topology, detect_topology, invariance_error
-from lightning_gsgd.skeleton import random_unit_factors
+from lightning_gsgd.topology.skeleton import random_unit_factors
 from tests.models import make
 
 

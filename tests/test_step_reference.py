@@ -1,4 +1,4 @@
-"""``GSGD``'s in-place step equals the straightforward reference step of ``functional.gsgd_chain_step``.
+"""``GSGD``'s in-place step equals the straightforward reference step of ``tests/reference_step.py``.
 
 The oracle tests (test_oracle.py) pin the math on small nets but keep the guard out of play and use
 one parameter group. Here the in-place step (``chain_step`` / ``chain_bulk``) is compared with the
@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from lightning_gsgd import GSGD, detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
-from lightning_gsgd.functional import Hyper, build_layer_index, gsgd_chain_step
+from lightning_gsgd.step.hyper import Hyper
+from lightning_gsgd.topology.index import build_layer_index
 from tests.models import make
+from tests.reference_step import gsgd_chain_step
 
 
 class ReferenceGSGD:

@@ -74,7 +74,7 @@ def test_parameters_missing_from_the_optimizer_are_named(missing):
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("when", ["before the first step", "after two steps"])
 def test_a_channels_last_conv_weight_is_refused_naming_the_layer(compiled, when):
-    from lightning_gsgd.chain_graph import ChainGraphs
+    from lightning_gsgd.step.graph import ChainGraphs
 
     model, x = make("cnn")
     opt = GSGD(model.parameters(), lr=1e-3, momentum=0.9, topology=detect_topology(model, x), compiled=compiled)

@@ -19,7 +19,7 @@ import torch
 from torch._inductor.output_code import CompiledFxGraph
 from torch.profiler import profile
 
-import lightning_gsgd.chain_graph as CG
+import lightning_gsgd.step.graph as CG
 from benchmarks._common import build, fixed_grads
 from lightning_gsgd import GSGD
 
@@ -34,7 +34,7 @@ opt.step()  # builds the replay
 r = opt._replay
 assert r is not None, "the step was not replayable"
 grads = [p.grad for p in r.params]
-counters = [opt._counter(name, r.device) for name in ("steps", "skipped_steps", "guard_hits")]
+counters = opt._counters.all_on(r.device)
 args = (
     r.chains,
     r.ws,

@@ -10,9 +10,11 @@ import sys
 import time
 
 import torch
+from lightning_gsgd.step.hyper import Hyper
+from lightning_gsgd.topology.index import build_layer_index
+from tests.reference_step import gsgd_chain_step
 
 from benchmarks._common import build, fixed_grads
-from lightning_gsgd.functional import Hyper, build_layer_index, gsgd_chain_step
 
 torch.set_num_threads(1)
 

@@ -35,7 +35,7 @@ import torch
 from benchmarks.study.data import load_splits
 from benchmarks.study.harness import RunConfig, initial_model, kw, run_one
 from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, summarize, tune, write_tables
-from lightning_gsgd.path_sgd import path_scales
+from lightning_gsgd.optim.path_sgd import path_scales
 
 ALL_METHODS = ("sgd", "sgd+skeleton", "gsgd", "path-sgd")
 GRID_POINTS = 7

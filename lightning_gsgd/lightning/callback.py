@@ -1,0 +1,334 @@
+"""``GSGDCallback``: train a LightningModule's ReLU chains with G-SGD by adding one callback.
+
+Lightning glue only: the G-SGD math lives in :mod:`lightning_gsgd.optim.gsgd` and :mod:`lightning_gsgd.step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_gsgd.lightning.checks import check_automatic_optimization, check_single_optimizer, check_strategy
+from lightning_gsgd.lightning.example_input import example_input
+from lightning_gsgd.lightning.logger import DiagnosticsLogger
+from lightning_gsgd.lightning.optimizer_swap import Overrides, install_optimizer, schedulers_of, to_gsgd
+from lightning_gsgd.optim.gsgd import GSGD
+from lightning_gsgd.topology.detect import detect_topology
+from lightning_gsgd.topology.skeleton import init_skeleton_
+from lightning_gsgd.topology.types import Topology, TopologyError
+
+_STATE_VERSION = 1
+
+
+class GSGDCallback(Callback):
+    r"""Train the model's ReLU chains with G-SGD instead of SGD (Meng et al., ICLR 2019).
+
+    Add it to the Trainer and return an ordinary ``torch.optim.SGD`` from ``configure_optimizers``:
+    at the start of ``fit`` the callback finds the model's ReLU chains, replaces the SGD by a
+    :class:`~lightning_gsgd.GSGD` with the same parameter groups and hyper-parameters (LR schedulers
+    stay attached), and, on a fresh fit, sets the chains' skeleton weights to 1. A ``GSGD``
+    returned from ``configure_optimizers`` (or built by the Lightning CLI's
+    ``--optimizer lightning_gsgd.GSGD``) is bound to the model instead. Parameters outside the chains
+    get plain SGD with the same hyper-parameters.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GSGDCallback(lr=0.05)])
+
+        # Lightning CLI (use the full dotted path):
+        #   --trainer.callbacks+=lightning_gsgd.GSGDCallback --trainer.callbacks.lr=0.05
+
+    Support matrix:
+
+    ========================================  ==============================================================
+    Set-up                                    Status
+    ========================================  ==============================================================
+    one device (CPU, CUDA)                    supported
+    ``ddp``, ``ddp_spawn``, ``ddp_fork``      supported; replicas stay identical, no extra communication
+    FSDP, DeepSpeed, ModelParallel            refused at ``setup`` (they shard the weights)
+    XLA / TPU                                 refused at ``setup`` (untested)
+    post-local SGD (DDP comm state)           refused at ``setup`` (replicas step on local gradients)
+    manual optimization                       refused at ``setup``
+    ``torch.optim.SGD``, ``GSGD``             supported (one optimizer)
+    any other optimizer                       refused at ``on_fit_start``
+    32-true, bf16-mixed, 16-mixed             supported; a step the GradScaler skips is not counted
+    gradient accumulation and clipping        supported; one G-SGD step per accumulation window
+    LR schedulers, ``Tuner.lr_find``          supported; the LR finder searches the G-SGD learning rate
+    ``ModelCheckpoint``, ``ckpt_path``        supported; resuming never re-applies the skeleton init
+    every logger (CSV, TensorBoard, ...)      diagnostics under ``gsgd/``, identical on every rank
+    ========================================  ==============================================================
+
+    Diagnostics (``docs/diagnostics.md``), on every logger the Trainer has (none without a logger):
+
+    * Once, when training starts (at the step it starts from), through each logger's ``log_metrics``:
+      ``gsgd/chains``, ``gsgd/hidden_units`` (H), ``gsgd/basis_paths`` (m - H), ``gsgd/coverage``
+      (share of parameters in chains), ``gsgd/covered_params`` and ``gsgd/plain_params`` (left to
+      plain SGD), as :meth:`Topology.summary` reports them.
+    * On Lightning's logging steps (every ``Trainer(log_every_n_steps)`` optimizer steps; set the
+      cadence there), through ``self.log``: ``gsgd/path_grad_norm`` (``||dL/dv||`` over the basis
+      paths, on the gradients before clipping), ``gsgd/basis_path_norm`` (``||v||``),
+      ``gsgd/skeleton_abs_min`` / ``_median`` / ``_max`` (``|v|`` of the skeleton paths, the ones the
+      guard protects), ``gsgd/imbalance`` (spread over hidden units of ``log(||in|| / ||out||)``, which
+      rescaling changes and the function does not), ``gsgd/relative_update`` (``||v' - v|| / ||v||``
+      across the step), and the optimizer's cumulative counters ``gsgd/guard_hits``,
+      ``gsgd/skipped_steps`` (non-finite gradients) and ``gsgd/steps`` (steps taken; steps that G-SGD
+      or AMP's GradScaler skipped are not counted). Cost on such a step: about a dozen elementwise
+      passes over the chain weights, measured at 5.6 ``torch.optim.SGD`` steps on a 784-1024x3-10 MLP
+      (``docs/diagnostics.md``); on every other step nothing but one integer test.
+    * With ``per_chain=True`` also ``gsgd/chain{i}/<key>``; with ``invariance_check=True`` also
+      ``gsgd/invariance_residual``.
+
+    Every value comes from the synchronized weights and gradients, so it is logged on every rank with
+    the same keys and without ``sync_dist`` (no collective).
+
+    The topology is detected on the LightningModule itself, by running its forward once (in eval
+    mode, without gradients) on ``example_input_array`` or, when that is not set, on the first
+    samples of the training dataset (tensor batches and ``(input, target, ...)`` tuples).
+
+    .. warning:: ``skeleton_init=True`` changes the function the network computes. It runs at the
+        start of every ``fit`` that does not resume from ``ckpt_path`` (once per callback instance);
+        pass ``skeleton_init=False`` to start G-SGD from weights you want to keep, e.g. a trained model.
+
+    Args:
+        lr: Learning rate for every parameter group; ``None`` keeps the configured optimizer's. Cannot
+            be combined with an LR scheduler (the scheduler keeps its own base learning rate): set the
+            rate where the optimizer is built instead.
+        momentum: Momentum for every parameter group (kept in path coordinates); ``None`` keeps the
+            configured optimizer's.
+        weight_decay: L2 penalty on path values for every parameter group; ``None`` keeps the
+            configured optimizer's.
+        skeleton_init: Set every chain's skeleton (sigma and tau) weights to 1 at the start of a fresh
+            fit; from PyTorch's default initialization G-SGD's path-space step is badly scaled.
+        min_ratio: Guard for G-SGD steps: the smallest factor a step may shrink a free path value by,
+            in (0, 1); ``None`` keeps the configured ``GSGD``'s value (0.01 by default).
+        allow_empty: Train a model without any ReLU chain (every parameter then gets plain SGD) with a
+            warning instead of raising.
+        min_coverage: Smallest share of the model's parameters, in [0, 1], that must lie in ReLU chains;
+            below it the fit stops with an error that lists what was left out.
+        include: Module-name patterns (``fnmatch``, e.g. ``"net.*"``); if given, only matching layers
+            may be in chains. Passed to :func:`~lightning_gsgd.detect_topology`.
+        exclude: Module-name patterns of layers to leave to plain SGD. Passed to
+            :func:`~lightning_gsgd.detect_topology`.
+        bn_mode: Layers followed by BatchNorm: ``"sgd"`` leaves them to plain SGD; ``"authors_heuristic"``
+            updates them with the G-SGD authors' heuristic (not exact G-SGD). Passed to
+            :func:`~lightning_gsgd.detect_topology`.
+        self_check: After detection, rescale every hidden unit at random and check that the model's
+            outputs on the example input do not change (one extra forward pass).
+        diagnostics: Log the per-step ``gsgd/`` diagnostics on Lightning's logging steps (every
+            ``Trainer(log_every_n_steps)`` steps). The fit-start numbers are logged either way.
+        per_chain: Also log every per-step diagnostic of each chain ``i`` as ``gsgd/chain{i}/<key>``.
+        invariance_check: On every logging step, also rescale the hidden units at random in place, run
+            the model's forward in eval mode on the example input, restore the weights bit for bit, and
+            log the relative output change as ``gsgd/invariance_residual`` (rounding level when the
+            topology is right). Costs two forward passes on the example batch and one copy of the chain
+            weights per logging step, and a host synchronization.
+        compiled: Run G-SGD's step as one ``torch.compile`` graph (see :class:`~lightning_gsgd.GSGD`'s
+            ``compiled``; compiles on the first step, then faster than the eager step); ``None`` keeps
+            a configured ``GSGD``'s setting (``False`` for a converted SGD).
+    """
+
+    def __init__(
+        self,
+        lr: float | None = None,
+        momentum: float | None = None,
+        weight_decay: float | None = None,
+        skeleton_init: bool = True,
+        min_ratio: float | None = None,
+        allow_empty: bool = False,
+        min_coverage: float = 0.0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        bn_mode: Literal["sgd", "authors_heuristic"] = "sgd",
+        self_check: bool = True,
+        diagnostics: bool = True,
+        per_chain: bool = False,
+        invariance_check: bool = False,
+        compiled: bool | None = None,
+    ) -> None:
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if value is not None and value < 0:
+                raise ValueError(f"GSGDCallback: {name}={value} must be >= 0 (or None to keep the optimizer's)")
+        if min_ratio is not None and not 0.0 < min_ratio < 1.0:
+            raise ValueError(f"GSGDCallback: min_ratio={min_ratio} must be in (0, 1)")
+        if not 0.0 <= min_coverage <= 1.0:
+            raise ValueError(f"GSGDCallback: min_coverage={min_coverage} must be in [0, 1]")
+        if bn_mode not in ("sgd", "authors_heuristic"):
+            raise ValueError(f"GSGDCallback: bn_mode={bn_mode!r} must be 'sgd' or 'authors_heuristic'")
+        if compiled is not None and not isinstance(compiled, bool):
+            raise TypeError(f"GSGDCallback: compiled={compiled!r} must be True, False or None")
+        self.overrides = Overrides(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, min_ratio=min_ratio, compiled=compiled
+        )
+        self.skeleton_init = skeleton_init
+        self.allow_empty = allow_empty
+        self.min_coverage = min_coverage
+        self.detect_options: dict[str, Any] = {
+            "include": None if include is None else list(include),
+            "exclude": list(exclude or ()),
+            "bn_mode": bn_mode,
+            "self_check": self_check,
+        }
+        self.topology: Topology | None = None
+        self._skeleton_done = False
+        self._loaded_fingerprint: list[tuple[str, tuple[int, ...]]] | None = None
+        self._last_step = 0
+        self.optimizer: GSGD | None = None
+        """The ``GSGD`` this callback installed or bound in the current fit (``None`` before ``on_fit_start``)."""
+        self.diagnostics = DiagnosticsLogger(diagnostics, per_chain, invariance_check)
+        """Logs the ``gsgd/`` diagnostics (see the class docstring)."""
+        self._example: Any = None
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse unsupported set-ups before anything runs (``fit`` only)."""
+        if stage != "fit":
+            return
+        check_strategy(trainer.strategy)
+        check_automatic_optimization(pl_module)
+        self._run_before_tuners(trainer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Detect the topology, install the bound ``GSGD``, initialize the skeleton (fresh fit), set up diagnostics."""
+        self._example = None
+        configured = check_single_optimizer(trainer.strategy.optimizers)
+        if self.overrides.lr is not None and schedulers_of(trainer, configured):
+            raise MisconfigurationException(
+                "GSGDCallback(lr=...) cannot override the learning rate of an optimizer that has an LR scheduler "
+                "(the scheduler keeps its own base learning rate); set lr where the optimizer is built "
+                "(configure_optimizers or --optimizer.lr) and leave GSGDCallback's lr at None."
+            )
+        if isinstance(configured, GSGD) and configured.is_bound:
+            topology = configured.topology
+            assert topology is not None
+        else:
+            topology = self._detect(trainer, pl_module)
+        self._check_fingerprint(topology)
+        optimizer = to_gsgd(configured, topology, self.overrides)
+        install_optimizer(trainer, configured, optimizer)
+        self.topology = topology
+        self.optimizer = optimizer
+        rank_zero_info(topology.summary())
+
+        if trainer.ckpt_path is not None:
+            self._skeleton_done = True  # resuming: the checkpoint's weights are the ones to keep
+        elif self.skeleton_init and not self._skeleton_done:
+            init_skeleton_(topology)  # constant values: identical on every rank
+            self._skeleton_done = True
+            if topology.chains:
+                rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
+        self.diagnostics.setup(trainer, topology, lambda: self._example_input(trainer, pl_module))
+        self._example = None  # the diagnostics keep their own reference if they need it
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the step count the fit starts from (restored by now when resuming); log the fit-start numbers."""
+        self._last_step = trainer.global_step
+        self.diagnostics.log_summary(trainer)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """On a logging step, measure the gradients and weights before the step (once per optimizer step)."""
+        self.diagnostics.before_step(trainer, pl_module, self.optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Call :meth:`on_gsgd_step` once per optimizer step (not per accumulated micro-batch)."""
+        if trainer.global_step > self._last_step:
+            self._last_step = trainer.global_step
+            self.on_gsgd_step(trainer, pl_module)
+
+    def on_gsgd_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Runs after every optimizer step, on every rank; the place for per-step diagnostics.
+
+        Under ``16-mixed`` the GradScaler may have skipped the step: ``self.optimizer.steps`` counts only
+        the steps taken. Log only values that are identical on every rank (see the design notes).
+        Subclasses that override it must call ``super().on_gsgd_step(trainer, pl_module)``: it logs the
+        diagnostics of the step.
+        """
+        self.diagnostics.after_step(trainer, pl_module, self.optimizer)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse optimizer state that another optimizer saved (its buffers are not in path coordinates)."""
+        states = checkpoint.get("optimizer_states") or []
+        if states and "gsgd" not in states[0] and any(states[0].get("state", {}).values()):
+            raise MisconfigurationException(
+                "GSGDCallback cannot resume from this checkpoint: its optimizer state was not saved by GSGD, and "
+                "G-SGD cannot reuse another optimizer's momentum buffers; load only the weights "
+                "(Model.load_from_checkpoint(path)) and start a new fit with GSGDCallback(skeleton_init=False)."
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Small and ``weights_only``-safe: a version, the skeleton flag and the topology fingerprint."""
+        fingerprint = self.topology.fingerprint() if self.topology is not None else self._loaded_fingerprint
+        return {"version": _STATE_VERSION, "skeleton_done": self._skeleton_done, "fingerprint": fingerprint}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        self._skeleton_done = bool(state_dict.get("skeleton_done", True))
+        fingerprint = state_dict.get("fingerprint")
+        self._loaded_fingerprint = (
+            None if fingerprint is None else [(str(name), tuple(shape)) for name, shape in fingerprint]
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        if self._example is None:
+            self._example = example_input(trainer, pl_module)
+        return self._example
+
+    def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Topology:
+        # Outside the precision plugin's autocast: the self-check compares outputs at full precision.
+        x = self._example_input(trainer, pl_module)
+        topology = detect_topology(pl_module, x, allow_empty=True, **self.detect_options)
+        if not topology.chains and not topology.bn_layers:
+            if not self.allow_empty:
+                raise TopologyError(
+                    f"GSGDCallback found no ReLU chain in {type(pl_module).__name__}, so G-SGD would be plain SGD; "
+                    "remove GSGDCallback to train it with SGD, or pass GSGDCallback(allow_empty=True) to run anyway.\n"
+                    + topology.summary()
+                )
+            rank_zero_warn(
+                f"GSGDCallback found no ReLU chain in {type(pl_module).__name__}: every parameter gets plain SGD "
+                "(allow_empty=True)."
+            )
+        elif topology.coverage < self.min_coverage:
+            raise TopologyError(
+                f"GSGDCallback: only {100 * topology.coverage:.1f}% of the parameters lie in ReLU chains, below "
+                f"min_coverage={self.min_coverage}; lower min_coverage or change the layers listed below.\n"
+                + topology.summary()
+            )
+        return topology
+
+    def _check_fingerprint(self, topology: Topology) -> None:
+        if self._loaded_fingerprint is not None and self._loaded_fingerprint != topology.fingerprint():
+            raise TopologyError(
+                "GSGDCallback: the checkpoint was saved for a model with other ReLU chains "
+                f"(saved {self._loaded_fingerprint}, now {topology.fingerprint()}); resume with the same model."
+            )
+
+    def _run_before_tuners(self, trainer: pl.Trainer) -> None:
+        """Move this callback in front of the LR and batch-size finders.
+
+        Those run their trial fits inside their own ``on_fit_start``; they must see the bound GSGD and
+        the initialized skeleton, which this callback's ``on_fit_start`` sets up.
+        """
+        callbacks = list(trainer.callbacks)
+        tuners = [i for i, cb in enumerate(callbacks) if isinstance(cb, (LearningRateFinder, BatchSizeFinder))]
+        mine = next(i for i, cb in enumerate(callbacks) if cb is self)
+        if tuners and tuners[0] < mine:
+            others = [cb for cb in callbacks if cb is not self]
+            trainer.callbacks = others[: tuners[0]] + [self] + others[tuners[0] :]

@@ -1,0 +1,90 @@
+"""What ``GSGD`` and ``PathSGD`` share: hyper-parameter checks, the bind check, torch's SGD rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_gsgd.topology.types import Chain, Topology, TopologyError
+
+
+def check_hyper(h: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first out-of-range SGD hyper-parameter of ``h``."""
+    lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
+    if lr < 0.0:
+        raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
+    if momentum < 0.0:
+        raise ValueError(f"{where}: invalid momentum={momentum}; it must be >= 0")
+    if h["weight_decay"] < 0.0:
+        raise ValueError(f"{where}: invalid weight_decay={h['weight_decay']}; it must be >= 0")
+    if not 0.0 <= dampening <= 1.0:
+        raise ValueError(f"{where}: invalid dampening={dampening}; it must be in [0, 1]")
+    if h["nesterov"] and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{where}: nesterov=True requires momentum > 0 and dampening = 0")
+
+
+def check_chain_params(topology: Topology, param_groups: list[dict[str, Any]], name: str) -> set[int]:
+    """Check that every chain weight and bias is a trainable parameter of the optimizer ``name``.
+
+    Returns:
+        The ids of the optimizer's parameters.
+
+    Raises:
+        TopologyError: A chain parameter is not in ``param_groups`` or is frozen (the message names
+            the layer).
+    """
+    owned = {id(p) for group in param_groups for p in group["params"]}
+    for chain in topology.chains:
+        for layer in chain.layers:
+            for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
+                if p is None:
+                    continue
+                if id(p) not in owned:
+                    raise TopologyError(
+                        f"{name}: the {kind} of layer '{layer.name}' is not among this optimizer's "
+                        "parameters: was the topology built for a different model, or were "
+                        "parameters left out of the optimizer?"
+                    )
+                if not p.requires_grad:
+                    raise TopologyError(
+                        f"{name}: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
+                        "exclude that layer from the topology"
+                    )
+    return owned
+
+
+def check_contiguous(chain: Chain, name: str) -> None:
+    """Refuse a chain whose weight is not contiguous (a ``channels_last`` conv weight).
+
+    Raises:
+        TopologyError: Names the layer.
+    """
+    for layer in chain.layers:
+        if not layer.weight.is_contiguous():
+            raise TopologyError(
+                f"{name}: the weight of layer '{layer.name}' is not contiguous (channels_last memory format?); "
+                "G-SGD steps contiguous weights only: use model.to(memory_format=torch.contiguous_format)"
+            )
+
+
+def begin_step(closure: Callable[[], Any] | None, topology: Topology | None, unbound: str) -> Any:
+    """Run the closure (under ``torch.enable_grad``) and refuse an optimizer without a topology.
+
+    Returns:
+        The closure's loss, or ``None``.
+
+    Raises:
+        RuntimeError: ``topology`` is ``None`` (message ``unbound``).
+    """
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if topology is None:
+        raise RuntimeError(unbound)
+    return loss

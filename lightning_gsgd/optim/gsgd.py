@@ -1,0 +1,333 @@
+"""``GSGD``: a ``torch.optim.Optimizer`` that runs SGD on the basis-path values of ReLU chains.
+
+The class validates its arguments, binds a topology, and each step collects its arguments and
+dispatches once to the eager or the compiled form of :mod:`lightning_gsgd.step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_gsgd.optim.common import begin_step, check_chain_params, check_hyper
+from lightning_gsgd.optim.state import (
+    STATE_KEY,
+    refuse_foreign_state,
+    restore_counters,
+    saved_extra,
+    saved_fingerprint,
+    split_extra,
+)
+from lightning_gsgd.step.compiled import CompiledStep
+from lightning_gsgd.step.eager import eager_step
+from lightning_gsgd.step.graph import ChainGraphs
+from lightning_gsgd.step.hyper import hyper
+from lightning_gsgd.step.inputs import ChainCaches, StepCounters, collect_step_args
+from lightning_gsgd.step.readings import supported as readings_supported
+from lightning_gsgd.step.slots import ChainReading
+from lightning_gsgd.topology.types import Topology, TopologyError
+
+_UNBOUND = (
+    "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
+    "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
+    "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
+    "lightning_gsgd.GSGDMixin first among your LightningModule's base classes"
+)
+
+
+class GSGD(Optimizer):
+    """G-SGD (Meng et al., ICLR 2019): SGD in the positively scale-invariant space of a ReLU net.
+
+    Parameters that belong to a ReLU chain of ``topology`` are updated by SGD on their basis-path
+    values, with momentum and weight decay acting on path values and every sigma weight held
+    fixed; every other parameter (and each chain's output bias) gets plain SGD with the same
+    hyper-parameters, exactly like ``torch.optim.SGD``.
+
+    Per-group hyper-parameters (``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``,
+    ``min_ratio``) apply per layer, so LR schedulers work as usual.
+
+    A step whose gradients contain NaN or inf is skipped as a whole (weights and momentum buffers
+    untouched) and counted in :attr:`skipped_steps`; so is a step for which a hidden chain layer's
+    per-unit sum ``sum(w * grad)`` is not finite (non-finite weights, or an overflow that would make
+    the step itself non-finite). A step that would shrink a free tau path value below ``min_ratio``
+    times its value (or flip its sign) is clamped there and counted in :attr:`guard_hits`. A guard
+    that clamps the same path step after step shrinks it geometrically; a step whose O(H) per-unit
+    factors (``F'``, ``1 / rho``, ``1 / F``, ``1 / (F F')``, new tau weights and momentum entries) are
+    not finite, or whose new ``F'`` is so small that ``1 / F'**2`` is not (float32: ``F' < ~5.4e-20``),
+    is skipped too and counted in :attr:`skipped_steps`, so the step never writes a non-finite weight
+    from an underflowed path value. Training does not recover from that by itself (lower the lr or
+    momentum, or resume from a checkpoint).
+
+    Cost: the step is the cheap form of docs/math.md, "The cheap form" (SGD with a per-row/column
+    preconditioner and a per-row rescale, a few in-place ``torch._foreach_*`` passes, plus one row
+    reduction per hidden layer; ``compiled=True`` runs it as one generated graph); its
+    state is the momentum buffers, as for ``torch.optim.SGD``. On the CPU, where reading a flag is
+    free, a non-finite step is detected before anything is written; on accelerators ``step`` never
+    reads a tensor value on the host (no synchronization): it computes the step on copies and
+    applies it with ``torch.where``. Index tensors are built in :meth:`bind`
+    (and once more, with one host-to-device copy, if the model later moves to another device).
+
+    Args:
+        params: Parameters or parameter groups, as for any torch optimizer.
+        lr: Learning rate in path space.
+        momentum: Momentum factor (buffer kept in path coordinates).
+        dampening: Dampening for momentum.
+        weight_decay: L2 penalty on path values (on weights for parameters outside chains).
+        nesterov: Use Nesterov momentum.
+        topology: The model's topology from :func:`lightning_gsgd.detect_topology`. May be left out
+            and supplied later with :meth:`bind` (the Lightning callback and mixin do this).
+        min_ratio: Guard on free tau path values: the smallest factor a step may shrink one by, in
+            ``(0, 1)``.
+        compiled: Run the whole step (every chain, and the parameters outside chains) as one graph
+            compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor
+            instead of five, and none of the eager step's ~20 small ops per layer (faster than
+            ``torch.optim.SGD`` on large MLPs, about 1.5x it on a small CNN, against 1.4x and 3x
+            eager; see benchmarks/README.md). The first step compiles it (seconds; a C++ compiler
+            on the CPU, Triton on CUDA), and a new variant when which tensors have gradients or
+            buffers changes; hyper-parameters enter as a tensor, so LR schedulers do not recompile.
+            The step never reads a flag on the host, on any device. Steps that log path
+            diagnostics and models with a BN-heuristic layer take the eager step. Results agree
+            with the eager step to rounding, not bit for bit (also for parameters outside chains,
+            which the eager step updates exactly like ``torch.optim.SGD``). Default ``False``.
+
+    Example:
+        >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
+        >>> init_skeleton_(topo)  # doctest: +SKIP
+        >>> opt = GSGD(model.parameters(), lr=0.1, momentum=0.9, topology=topo)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        topology: Topology | None = None,
+        min_ratio: float = 0.01,
+        compiled: bool = False,
+    ) -> None:
+        if not isinstance(compiled, bool):
+            raise TypeError(f"GSGD: compiled must be True or False, got {compiled!r}")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "min_ratio": min_ratio,
+        }
+        _check_hyper(defaults, "GSGD")
+        super().__init__(params, defaults)
+        self.topology: Topology | None = None
+        self._caches = ChainCaches()
+        self._counters = StepCounters()
+        self._compiled_step = CompiledStep(self._caches)
+        self._in_chain: set[int] = set()
+        # Whether step() may read device flags on the host (None: only on the CPU, where it is free).
+        # Tests set it to False to run the synchronization-free path on the CPU.
+        self._host_reads: bool | None = None
+        # A fingerprint loaded before bind(), checked against the topology bind() receives.
+        self._pending_fingerprint: list[Any] | None = None
+        #: Whether the step runs as one ``torch.compile`` graph (see the class docstring).
+        self.compiled = compiled
+        # Diagnostics by-products (PathDiagnostics on logging steps, see step/readings.py): a request
+        # for the next step only, and that step's readings per chain index.
+        self._readings_request = False
+        self._readings: dict[int, ChainReading] | None = None
+        if topology is not None:
+            self.bind(topology)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, as torch's optimizers do, refusing bad hyper-parameters in it.
+
+        Raises:
+            ValueError: A hyper-parameter of the group is out of range (the message names it).
+        """
+        _check_hyper({**self.defaults, **param_group}, f"GSGD param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, topology: Topology) -> GSGD:
+        """Attach the model's topology; every chain parameter must be in this optimizer.
+
+        Args:
+            topology: From :func:`lightning_gsgd.detect_topology` on the model being optimized.
+
+        Returns:
+            ``self``, for chaining.
+
+        Raises:
+            TopologyError: A chain parameter is not in this optimizer's parameter groups, is
+                frozen, or is listed twice; or saved state does not fit the topology.
+        """
+        owned = check_chain_params(topology, self.param_groups, "GSGD")
+        for layer in topology.bn_layers:  # detect_topology(bn_mode="authors_heuristic")
+            if id(layer.weight) not in owned or not layer.weight.requires_grad:
+                raise TopologyError(
+                    f"GSGD: the weight of BN-heuristic layer '{layer.name}' is not a trainable parameter "
+                    "of this optimizer"
+                )
+        if self._pending_fingerprint is not None:
+            refuse_foreign_state(self._pending_fingerprint, topology)
+        self._pending_fingerprint = None
+        self.topology = topology
+        self._caches.reset(topology)
+        self._compiled_step.reset()
+        # Parameters the chain step owns; the output bias of a chain is no path value and takes the
+        # plain SGD path like every other parameter outside chains.
+        owned_by_chains = {id(layer.weight) for layer in topology.bn_layers}
+        for chain in topology.chains:
+            for l, layer in enumerate(chain.layers):
+                owned_by_chains.add(id(layer.weight))
+                if layer.bias is not None and l < len(chain.layers) - 1:
+                    owned_by_chains.add(id(layer.bias))
+        self._in_chain = owned_by_chains
+        return self
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether a topology is attached."""
+        return self.topology is not None
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one G-SGD step.
+
+        The step is skipped as a whole (counted in :attr:`skipped_steps`) when a gradient is not
+        finite, when a per-node sum ``sum(w * grad)`` that the step needs is not (an overflow
+        there would make the step non-finite too), or when an O(H) per-unit factor of the step is
+        not finite or a new tau product ``F'`` falls below the floor (see the class docstring). On
+        the CPU this is decided before anything is written; on other devices, where reading the
+        flag would stall the host, the step is computed on copies and applied with ``torch.where``,
+        so ``step`` never synchronizes with the device.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (run under ``torch.enable_grad``).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: The optimizer has no topology (see :meth:`bind`).
+            TopologyError: A chain weight is not contiguous (a ``channels_last`` conv weight); the
+                message names the layer.
+        """
+        loss = begin_step(closure, self.topology, _UNBOUND)
+        assert self.topology is not None
+        want, self._readings_request, self._readings = self._readings_request, False, None
+        if self.compiled and not want and self._graph_replay():
+            return loss
+        args = collect_step_args(
+            self.topology,
+            self.param_groups,
+            self.state,
+            self._in_chain,
+            self._counters,
+            self._caches,
+            host_reads=self._host_reads,
+            readings=want,
+        )
+        if args is None:
+            return loss
+        # The compiled graph neither reads diagnostics nor steps BN-heuristic layers.
+        form = self._compiled_step if self.compiled and not want and not args.bn_layers else eager_step
+        self._readings = form(args)
+        return loss
+
+    def _graph_replay(self) -> bool:
+        """Replay the last compiled step with the new gradients if its arguments still hold."""
+        return self._compiled_step.replay(self.param_groups, self.state, self._counters)
+
+    @property
+    def _graphs(self) -> ChainGraphs | None:
+        """The compiled variants of the step (``None`` before the first compiled step)."""
+        return self._compiled_step.graphs
+
+    @_graphs.setter
+    def _graphs(self, graphs: ChainGraphs | None) -> None:  # tests choose the torch.compile backend here
+        self._compiled_step.graphs = graphs
+
+    @property
+    def _replay(self) -> Any:
+        """The last compiled step's arguments kept for a replay, or ``None``."""
+        return self._compiled_step.last
+
+    # ------------------------------------------------------------------ counters and state
+    @property
+    def guard_hits(self) -> Tensor:
+        """Total number of tau path values the guard clamped (a 0-d int64 tensor)."""
+        return self._counters.read("guard_hits")
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped because a gradient or a per-unit factor was not finite (a 0-d int64 tensor)."""
+        return self._counters.read("skipped_steps")
+
+    @property
+    def steps(self) -> Tensor:
+        """Number of steps taken, skipped ones excluded (a 0-d int64 tensor)."""
+        return self._counters.read("steps")
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus G-SGD counters and the topology fingerprint."""
+        sd = super().state_dict()
+        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
+        sd[STATE_KEY] = saved_extra(fp, self._counters)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state saved by :meth:`state_dict`; refuses state saved for another topology.
+
+        Raises:
+            TopologyError: The saved fingerprint (chain layer names and shapes) differs.
+        """
+        state_dict, extra = split_extra(state_dict)
+        saved_fp = None if extra is None else saved_fingerprint(extra)
+        if saved_fp is not None:
+            if self.topology is not None:
+                refuse_foreign_state(saved_fp, self.topology)
+            else:
+                self._pending_fingerprint = saved_fp
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            restore_counters(self._counters, extra)
+
+    # ------------------------------------------------------------------ diagnostics by-products
+    def _request_readings(self) -> bool:
+        """Have the next :meth:`step` produce the diagnostics readings (``PathDiagnostics``; private).
+
+        Returns ``False`` (and requests nothing) unless the step can read every chain: float32 or
+        float64 parameters, and hyper-parameters :func:`lightning_gsgd.step.readings.supported`
+        covers. After that step, :attr:`_readings` maps a chain's index to its
+        :class:`~lightning_gsgd.step.readings.ChainReading` for every chain it stepped (a chain
+        without gradients is left out, and everything when the step never ran). Costs nothing on
+        other steps.
+        """
+        self._readings = None
+        self._readings_request = False
+        if self.topology is None:
+            return False
+        hp_of = {id(p): hyper(g) for g in self.param_groups for p in g["params"]}
+        for chain in self.topology.chains:
+            last = len(chain.layers) - 1
+            tensors = [layer.weight for layer in chain.layers]
+            tensors += [layer.bias for l, layer in enumerate(chain.layers) if layer.bias is not None and l < last]
+            if not readings_supported([hp_of[id(t)] for t in tensors], tensors[0].dtype):
+                return False
+        self._readings_request = True
+        return True
+
+
+def _check_hyper(h: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first out-of-range hyper-parameter of ``h``."""
+    check_hyper(h, where)
+    if not 0.0 < h["min_ratio"] < 1.0:
+        raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")

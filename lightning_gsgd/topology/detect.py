@@ -1,0 +1,346 @@
+"""Find the ReLU chains of any PyTorch model: ``detect_topology``.
+
+The model's data flow comes from :mod:`lightning_gsgd.topology.graph` (torch.fx tracing, or a recorded
+forward pass when tracing fails). Two weight layers ``A -> B`` (``nn.Linear`` / ``nn.ConvNd`` with
+``groups=1``) are linked when every tensor from ``A``'s output to ``B``'s input has exactly one
+consumer, every op between them is positively homogeneous per unit and keeps units apart
+(:mod:`lightning_gsgd.topology.rules`), ``B`` reads ``A``'s units, and neither layer's parameters are used
+anywhere else. Chains are the maximal runs of links; everything else is left to plain SGD, with
+the reason. The result is then proved on the model (:func:`lightning_gsgd.check_invariance`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_gsgd.topology.graph import Op, OpGraph
+from lightning_gsgd.topology.graph_fx import trace_fx
+from lightning_gsgd.topology.graph_record import record_forward
+from torch import nn
+
+from lightning_gsgd.topology.rules import (
+    CONVS,
+    ELEMENTWISE,
+    RESHAPE,
+    SPATIAL,
+    Layout,
+    accepts,
+    conv_centre,
+    is_batchnorm,
+    is_weight_layer,
+    output_layout,
+    transition,
+    weight_layer_problem,
+)
+from lightning_gsgd.topology.selfcheck import check_invariance
+from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
+
+log = logging.getLogger(__name__)
+
+_METHODS = ("auto", "fx", "record")
+
+
+def build_graph(model: nn.Module, example_input: Any, method: str = "auto") -> OpGraph:
+    """The model's op graph: torch.fx tracing, or recording a forward pass if tracing fails.
+
+    Args:
+        model: Any ``nn.Module`` (a ``LightningModule`` too); it runs in eval mode here.
+        example_input: Tensor, tuple/list (positional arguments) or dict (keyword arguments).
+        method: ``"auto"`` (fx, then recording), ``"fx"`` or ``"record"``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"detect_topology: method must be one of {_METHODS}, got {method!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        if method in ("auto", "fx"):
+            try:
+                return trace_fx(model, example_input)
+            except Exception as exc:  # tracing fails on data-dependent control flow and more
+                if method == "fx":
+                    raise
+                log.info(
+                    "detect_topology: torch.fx tracing failed (%s: %s); recording a forward pass instead",
+                    type(exc).__name__,
+                    exc,
+                )
+        return record_forward(model, example_input)
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class _Link:
+    target: int  # op index of the next weight layer
+    n_in: int
+    taps: int
+
+
+@dataclass
+class _End:
+    reason: str  # why no next layer
+    norm: Op | None = None  # the BatchNorm that normalizes the layer's units per channel, if any
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Sequence[str]) -> dict[int, str | None]:
+    """For every weight-layer op: why it cannot be a chain layer (``None`` if it can)."""
+    uses: Counter[int] = Counter()
+    for op in graph:
+        for p in {id(p): p for p in op.params}.values():
+            uses[id(p)] += 1
+    calls = Counter(id(op.module) for op in graph if op.kind == "module")
+    problems: dict[int, str | None] = {}
+    for op in graph:
+        if not is_weight_layer(op):
+            continue
+        assert op.module is not None
+        mod = op.module
+        own = [p for p in (mod.weight, getattr(mod, "bias", None)) if p is not None]
+        problem = weight_layer_problem(mod)
+        if problem is None and calls[id(mod)] > 1:
+            problem = f"shared weight: module '{op.qualname}' is called {calls[id(mod)]} times"
+        elif problem is None and any(uses[id(p)] > 1 for p in own):
+            problem = "shared weight: its parameters are also used by another op"
+        elif problem is None and any(not p.requires_grad for p in own):
+            problem = "frozen (requires_grad=False)"
+        elif problem is None and include is not None and not _matches(op.qualname, include):
+            problem = "not named in include="
+        elif problem is None and _matches(op.qualname, exclude):
+            problem = "excluded by exclude="
+        problems[op.index] = problem
+    return problems
+
+
+def _follow(graph: OpGraph, a: Op, layout: Layout, problems: dict[int, str | None]) -> _Link | _End:
+    """Walk from weight layer ``a``'s output to the next weight layer, or say why the chain ends."""
+    ops = graph.ops
+    cur = a
+    while True:
+        if len(cur.users) != 1:
+            what = "its output" if cur is a else f"the output of {cur.describe()}"
+            return _End(f"{what} has {len(cur.users)} consumers" if cur.users else f"{what} is not used")
+        u = ops[cur.users[0]]
+        others = [s for s in u.inputs if s != cur.index and s >= 0 and ops[s].shape is not None]
+        if others or u.data_input != cur.index:
+            return _End(f"{u.describe()} combines it with another tensor")
+        assert cur.shape is not None
+        if is_weight_layer(u):
+            if problems.get(u.index):
+                return _End(f"next layer '{u.qualname}' is excluded ({problems[u.index]})")
+            how = accepts(u, layout, cur.shape)
+            if isinstance(how, str):
+                return _End(how)
+            return _Link(u.index, *how)
+        nxt = transition(u, layout, cur.shape)
+        if isinstance(nxt, str):
+            per_channel = layout.dim == 1 and layout.inner == 1 and len(cur.shape) >= 2
+            return _End(nxt, u if is_batchnorm(u) and per_channel else None)
+        layout, cur = nxt, u
+
+
+def _before(graph: OpGraph, op: Op) -> str:
+    """What feeds a weight layer, skipping homogeneous ops (for exclusion messages)."""
+    ops = graph.ops
+    src = op.data_input
+    while src >= 0 and ops[src].name in ELEMENTWISE | SPATIAL | RESHAPE:
+        src = ops[src].data_input
+    if src < 0:
+        return "a constant"
+    s = ops[src]
+    if s.kind == "input":
+        return "the model input"
+    if is_weight_layer(s):
+        return f"'{s.qualname}'"
+    return s.describe()
+
+
+def _make_layer(op: Op, n_in: int | None, taps: int | None) -> ChainLayer:
+    mod = op.module
+    if isinstance(mod, CONVS):
+        k = tuple(mod.kernel_size)
+        n = mod.in_channels if n_in is None else n_in
+        t = math.prod(k) if taps is None else taps
+        return ChainLayer(op.qualname, mod.weight, mod.bias, mod.out_channels, n, t, conv_centre(k))
+    assert isinstance(mod, nn.Linear)
+    n = mod.in_features if n_in is None else n_in
+    t = 1 if taps is None else taps
+    return ChainLayer(op.qualname, mod.weight, mod.bias, mod.out_features, n, t, t // 2)
+
+
+BN_MODES = ("sgd", "authors_heuristic")
+
+
+def find_chains(
+    model: nn.Module,
+    graph: OpGraph,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    bn_mode: str = "sgd",
+) -> Topology:
+    """The chains and exclusions of ``model`` from its op graph (no self-check).
+
+    Args:
+        model: The model the graph was built from.
+        graph: Its op graph (:func:`build_graph`).
+        include: See :func:`detect_topology`.
+        exclude: See :func:`detect_topology`.
+        bn_mode: See :func:`detect_topology`.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"detect_topology: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    ops = graph.ops
+    problems = _weight_problems(graph, include, exclude)
+    names = [op.qualname for op in ops if is_weight_layer(op)]
+    for kind, patterns in (("include", include or ()), ("exclude", exclude)):
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no Linear/Conv layer ({names})")
+    links: dict[int, _Link] = {}
+    ends: dict[int, str] = {}
+    normalized: dict[int, Op] = {}
+    for op in ops:
+        if not is_weight_layer(op) or problems[op.index] is not None:
+            continue
+        in_shape = ops[op.data_input].shape if op.data_input >= 0 else None
+        layout = output_layout(op, in_shape)
+        if layout is None:
+            ends[op.index] = "its output units cannot be located (unbatched input?)"
+            continue
+        res = _follow(graph, op, layout, problems)
+        if isinstance(res, _End):
+            ends[op.index] = res.reason
+            if res.norm is not None:
+                normalized[op.index] = res.norm
+        else:
+            links[op.index] = res
+    has_pred = {link.target for link in links.values()}
+    chains: list[Chain] = []
+    covered: set[int] = set()
+    for start in links:
+        if start in has_pred:
+            continue
+        layers = [_make_layer(ops[start], None, None)]
+        cur = start
+        while cur in links:
+            link = links[cur]
+            layers.append(_make_layer(ops[link.target], link.n_in, link.taps))
+            cur = link.target
+        chains.append(Chain(tuple(layers)))
+        covered.update(id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None)
+    reasons = _reasons(model, graph, problems, ends)
+    bn_layers: list[ChainLayer] = []
+    if bn_mode == "authors_heuristic":
+        in_chain = set(links) | has_pred
+        for i, norm in normalized.items():
+            if i in in_chain:
+                continue
+            layer = _make_layer(ops[i], None, None)
+            bn_layers.append(layer)
+            covered.add(id(layer.weight))
+            if layer.bias is not None:
+                reasons[id(layer.bias)] = (
+                    f"bias of '{layer.name}', whose outputs {norm.describe()} normalizes "
+                    "(the BN heuristic updates only the weight)"
+                )
+    excluded = tuple(
+        Excluded(name, p.numel(), reasons.get(id(p), "not used on example_input"))
+        for name, p in model.named_parameters()
+        if id(p) not in covered
+    )
+    return Topology(tuple(chains), excluded, tuple(bn_layers), graph.method)
+
+
+def _reasons(model: nn.Module, graph: OpGraph, problems: dict[int, str | None], ends: dict[int, str]) -> dict[int, str]:
+    reasons: dict[int, str] = {}
+    for op in graph:
+        if op.kind == "module" and op.module is not None and is_weight_layer(op):
+            problem = problems[op.index]
+            if problem is not None:
+                why = f"'{op.qualname}': {problem}"
+            else:
+                after, before = ends.get(op.index), _before(graph, op)
+                why = f"'{op.qualname}' is in no ReLU chain (after it: {after}; before it: {before})"
+            for p in op.params:
+                reasons.setdefault(id(p), why)
+        elif op.kind == "module":
+            for p in op.params:
+                reasons.setdefault(id(p), f"parameter of {op.describe()} (not a Linear/Conv layer)")
+        else:
+            for p in op.params:
+                reasons.setdefault(
+                    id(p), f"read by a '{op.name}' call (only nn.Linear/nn.ConvNd modules are chain layers)"
+                )
+    return reasons
+
+
+def detect_topology(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    allow_empty: bool = False,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    min_coverage: float = 0.0,
+    self_check: bool = True,
+    bn_mode: str = "sgd",
+    method: str = "auto",
+) -> Topology:
+    """Find the ReLU chains of ``model`` that G-SGD treats exactly, and prove them.
+
+    Args:
+        model: Any ``nn.Module`` (a ``LightningModule`` too). Chain layers are ``nn.Linear`` and
+            ``nn.ConvNd`` modules (``groups=1``) joined by ReLU/LeakyReLU/PReLU (modules,
+            ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not), pooling, dropout,
+            channel-major flatten/view/reshape, spatial mean and identity.
+        example_input: A batch the model accepts, as Lightning's ``example_input_array``: a
+            tensor, a tuple/list of positional arguments, or a dict of keyword arguments (wrap a
+            dict that ``forward`` takes as one argument in a tuple). The model runs on it in eval
+            mode without gradients.
+        allow_empty: Return a topology without chains instead of raising.
+        include: Module-name patterns (``fnmatch``); if given, only matching layers may be in chains.
+        exclude: Module-name patterns of layers to leave to plain SGD.
+        min_coverage: Raise unless at least this share of the parameters is in chains.
+        self_check: Rescale every detected hidden unit at random and check that the outputs on
+            ``example_input`` do not change (:func:`lightning_gsgd.check_invariance`).
+        bn_mode: What to do with layers whose outputs BatchNorm normalizes per channel (directly or
+            through ReLU/pooling/dropout). ``"sgd"`` (default): leave them to plain SGD and say so
+            in ``excluded``. ``"authors_heuristic"``: list them in ``Topology.bn_layers`` so that
+            :class:`~lightning_gsgd.GSGD` updates their weights with the heuristic of the G-SGD
+            authors' CIFAR code (:mod:`lightning_gsgd.step.bn_heuristic`; not exact G-SGD, no invariance
+            guarantee, not covered by the self-check).
+        method: How to read the data flow: ``"auto"`` (torch.fx, falling back to recording a
+            forward pass), ``"fx"`` or ``"record"``.
+
+    Returns:
+        The :class:`Topology`.
+
+    Raises:
+        TopologyError: No chain was found (unless ``allow_empty``), coverage is below
+            ``min_coverage``, an include/exclude pattern matches no layer, or the self-check failed.
+    """
+    graph = build_graph(model, example_input, method)
+    topo = find_chains(model, graph, include=include, exclude=exclude, bn_mode=bn_mode)
+    if not topo.chains and not topo.bn_layers and not allow_empty and min_coverage <= 0:
+        detail = "; ".join(f"{e.name}: {e.reason}" for e in topo.excluded) or "the model has no parameters"
+        raise TopologyError(f"detect_topology: no ReLU chain found ({detail})")
+    if topo.coverage < min_coverage:
+        detail = "\n".join(f"  {e.name} ({e.numel}): {e.reason}" for e in topo.excluded)
+        raise TopologyError(
+            f"detect_topology: coverage {100 * topo.coverage:.1f}% is below min_coverage="
+            f"{100 * min_coverage:.1f}%; parameters left to plain SGD:\n{detail}"
+        )
+    if self_check:
+        # the graph's forward pass ran the model's own modules in eval mode: reuse its output
+        check_invariance(model, topo, example_input, reference=graph.output)
+    return topo

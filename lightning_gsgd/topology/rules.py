@@ -1,0 +1,220 @@
+"""Which ops keep a layer's hidden units apart and commute with positive per-unit scaling.
+
+Between two weight layers of a chain, every op must map "unit ``j`` scaled by ``c > 0``" to "the
+entries of unit ``j`` scaled by ``c``", and must not mix units. A :class:`Layout` says where the
+units of a tensor live; :func:`transition` gives the layout after an op, or the reason the chain
+must end there; :func:`accepts` says how a Linear or Conv layer reads the units of its input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lightning_gsgd.topology.graph import Op
+from torch import nn
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# Element-wise maps f with f(c x) = c f(x) for every c > 0 (piecewise linear through 0, or a
+# value-independent random mask), by canonical op name (module class names and call names).
+ELEMENTWISE = frozenset(
+    {
+        "ReLU",
+        "LeakyReLU",
+        "PReLU",
+        "RReLU",
+        "Dropout",
+        "Dropout1d",
+        "Dropout2d",
+        "Dropout3d",
+        "Identity",
+        "relu",
+        "leaky_relu",
+        "prelu",
+        "rrelu",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "feature_dropout",
+        "contiguous",
+        "clone",
+        "detach",
+    }
+)
+# Per-channel maps over the spatial dims of an ``[N, C, *spatial]`` tensor, homogeneous per channel.
+SPATIAL = frozenset(
+    {
+        "MaxPool1d",
+        "MaxPool2d",
+        "MaxPool3d",
+        "AvgPool1d",
+        "AvgPool2d",
+        "AvgPool3d",
+        "AdaptiveAvgPool1d",
+        "AdaptiveAvgPool2d",
+        "AdaptiveAvgPool3d",
+        "AdaptiveMaxPool1d",
+        "AdaptiveMaxPool2d",
+        "AdaptiveMaxPool3d",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+        "adaptive_max_pool1d",
+        "adaptive_max_pool2d",
+        "adaptive_max_pool3d",
+    }
+)
+# Reshapes: valid when the shapes show that each unit's entries stay together (row-major order).
+RESHAPE = frozenset({"Flatten", "Unflatten", "flatten", "view", "reshape", "squeeze", "unsqueeze", "unflatten"})
+# Reductions (amax: max) over dims given by a ``dim`` argument: fine unless they include the units' dim.
+REDUCE = frozenset({"mean", "sum", "amax"})
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the units of a tensor live: along ``dim``, ``inner`` consecutive entries per unit.
+
+    A Linear output ``[..., F]`` has ``dim = ndim - 1, inner = 1``; a Conv output ``[N, C, *S]``
+    has ``dim = 1, inner = 1``; after flattening it to ``[N, C * prod(S)]``, ``dim = 1`` and
+    ``inner = prod(S)`` (entry ``f`` belongs to unit ``f // inner``).
+    """
+
+    dim: int
+    units: int
+    inner: int = 1
+
+
+def is_batchnorm(op: Op) -> bool:
+    """Whether the op is a BatchNorm module or ``F.batch_norm`` call (normalizes dim 1)."""
+    return (op.kind == "module" and isinstance(op.module, BATCHNORM)) or (op.kind == "call" and op.name == "batch_norm")
+
+
+def weight_layer_problem(module: nn.Module) -> str | None:
+    """Why a module cannot be a chain layer, or ``None`` if it can (Linear, ConvNd with groups=1)."""
+    if isinstance(module, CONVS):
+        if module.groups != 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            return f"{kind} convolution (groups={module.groups})"
+        return None
+    if isinstance(module, nn.Linear):
+        return None
+    return f"{type(module).__name__} is not a Linear or Conv layer"
+
+
+def is_weight_layer(op: Op) -> bool:
+    """Whether the op is a call of an ``nn.Linear`` or ``nn.ConvNd`` module."""
+    return op.kind == "module" and isinstance(op.module, (nn.Linear, *CONVS))
+
+
+def conv_centre(kernel_size: tuple[int, ...]) -> int:
+    """Flat index of the kernel's centre tap (``k // 2`` in every dimension)."""
+    idx = 0
+    for k in kernel_size:
+        idx = idx * k + k // 2
+    return idx
+
+
+def output_layout(op: Op, in_shape: tuple[int, ...] | None) -> Layout | None:
+    """Layout of a weight layer's output, or ``None`` when its units cannot be located."""
+    mod = op.module
+    if op.shape is None or in_shape is None:
+        return None
+    if isinstance(mod, CONVS):
+        nd = len(mod.kernel_size)
+        if len(in_shape) != nd + 2:  # unbatched input: dim 0 would be the channels
+            return None
+        return Layout(1, mod.out_channels)
+    assert isinstance(mod, nn.Linear)
+    return Layout(len(op.shape) - 1, mod.out_features)
+
+
+def accepts(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> tuple[int, int] | str:
+    """How weight layer ``op`` reads units in ``layout``: ``(n_in, taps)``, or why it cannot."""
+    mod = op.module
+    if isinstance(mod, CONVS):
+        nd = len(mod.kernel_size)
+        if layout.dim != 1 or layout.inner != 1 or len(in_shape) != nd + 2:
+            return f"'{op.qualname}' does not read the units as channels"
+        if mod.in_channels != layout.units:
+            return f"'{op.qualname}' reads {mod.in_channels} channels, not the {layout.units} units"
+        return layout.units, math.prod(mod.kernel_size)
+    assert isinstance(mod, nn.Linear)
+    if layout.dim != len(in_shape) - 1:
+        return f"'{op.qualname}' reads the last dim, but the units are on dim {layout.dim}"
+    if mod.in_features != layout.units * layout.inner:
+        return f"'{op.qualname}' reads {mod.in_features} features, not {layout.units} x {layout.inner}"
+    return layout.units, layout.inner
+
+
+def _dims(op: Op) -> tuple[int, ...] | None:
+    dim = op.kwargs.get("dim", op.args[1] if len(op.args) > 1 else None)
+    if isinstance(dim, int):
+        return (dim,)
+    if isinstance(dim, (tuple, list)) and all(isinstance(d, int) for d in dim):
+        return tuple(dim)
+    return None
+
+
+def _reshape(layout: Layout, src: tuple[int, ...], dst: tuple[int, ...]) -> Layout | None:
+    if layout.inner == 1 and layout.dim == len(src) - 1 and dst and dst[-1] == src[-1]:
+        return Layout(len(dst) - 1, layout.units)  # units stay on the last dim
+    if layout.dim != 1 or len(dst) < 2 or src[0] != dst[0]:
+        return None
+    block = layout.inner * math.prod(src[2:])  # consecutive entries of one unit, per sample
+    rest = math.prod(dst[2:])
+    if block % rest != 0 or dst[1] * rest != layout.units * block:
+        return None
+    return Layout(1, layout.units, block // rest)
+
+
+def transition(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> Layout | str:
+    """The layout after ``op`` (which reads the units' tensor as its only data input), or why not.
+
+    Returns:
+        The new :class:`Layout`, or a short reason naming the op.
+    """
+    out = op.shape
+    name = op.name
+    if op.kind == "output":
+        return "model output"
+    if out is None:
+        return f"{op.describe()} (output is not a single tensor)"
+    if is_batchnorm(op):
+        return f"{op.describe()} normalizes its outputs (see bn_mode)"
+    if name in ELEMENTWISE:
+        if out != in_shape:
+            return f"{op.describe()} changes the shape"
+        return layout
+    if name in SPATIAL:
+        if layout.dim == 1 and layout.inner == 1 and len(in_shape) == len(out) >= 3 and in_shape[:2] == out[:2]:
+            return layout
+        return f"{op.describe()} does not act per channel here"
+    if name in RESHAPE:
+        new = _reshape(layout, in_shape, out)
+        return new if new is not None else f"{op.describe()} {in_shape} -> {out} mixes units"
+    if name in REDUCE:
+        dims = _dims(op)
+        if dims is not None and layout.inner == 1:
+            norm = {d % len(in_shape) for d in dims}
+            keepdim = op.kwargs.get("keepdim", op.args[2] if len(op.args) > 2 else False)
+            dim = layout.dim if keepdim else layout.dim - sum(d < layout.dim for d in norm)
+            if norm and layout.dim not in norm and 0 <= dim < len(out) and out[dim] == layout.units:
+                return Layout(dim, layout.units)  # a sum/mean/max over other dims, unit by unit
+        return f"{op.describe()} over dims {dims} mixes units"
+    if name == "clamp" or name == "clamp_min":
+        lo = op.kwargs.get("min", op.args[1] if len(op.args) > 1 else None)
+        hi = op.kwargs.get("max", op.args[2] if len(op.args) > 2 else None)
+        if name == "clamp_min":
+            hi = None
+        if lo == 0 and hi is None and out == in_shape:
+            return layout  # clamp(x, min=0) is ReLU
+    return f"{op.describe()} is not positively homogeneous per unit"

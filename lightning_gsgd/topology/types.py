@@ -1,0 +1,232 @@
+"""What G-SGD knows about a model: its ReLU chains, their layers, and what was left out.
+
+A *chain* is a sequence of weight layers joined by positively homogeneous maps (ReLU, pooling,
+dropout, flatten). Each layer's weight is seen as a 3-D tensor ``[n_out, n_in, taps]``: ``n_out``
+nodes of this layer, ``n_in`` nodes of the previous one, and ``taps`` weights per node pair (kernel
+taps for a convolution, spatial positions for a Linear after Flatten, 1 for a plain Linear).
+The output nodes of every layer but the last are the chain's *hidden nodes*.
+
+This module holds plain data and the human-readable summary; it imports nothing from Lightning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class TopologyError(ValueError):
+    """A model, topology or optimizer does not fit together (names the layer at fault)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ChainLayer:
+    """One weight layer of a chain.
+
+    Attributes:
+        name: Qualified module name in the model (``"features.3"``), used in messages.
+        weight: The layer's weight parameter (Linear ``[out, in]`` or ConvNd ``[out, in, *k]``).
+        bias: The bias parameter, or ``None``.
+        n_out: Number of output nodes (features or channels).
+        n_in: Number of input nodes (features or channels of the previous layer or input).
+        taps: Weights per (output node, input node) pair.
+        centre: Index in ``[0, taps)`` of the tap that carries the sigma/tau edges.
+    """
+
+    name: str
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    n_out: int
+    n_in: int
+    taps: int
+    centre: int
+
+    def __post_init__(self) -> None:
+        if self.weight.numel() != self.n_out * self.n_in * self.taps:
+            raise TopologyError(
+                f"layer '{self.name}': weight of shape {tuple(self.weight.shape)} does not hold "
+                f"{self.n_out} x {self.n_in} x {self.taps} entries"
+            )
+        if not 0 <= self.centre < self.taps:
+            raise TopologyError(f"layer '{self.name}': centre tap {self.centre} outside [0, {self.taps})")
+        if self.bias is not None and self.bias.numel() != self.n_out:
+            raise TopologyError(f"layer '{self.name}': bias has {self.bias.numel()} entries, expected {self.n_out}")
+
+    def weight3d(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """A ``[n_out, n_in, taps]`` view of ``tensor`` (default: the weight); never a copy."""
+        t = self.weight if tensor is None else tensor
+        return t.view(self.n_out, self.n_in, self.taps)
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalar parameters in the layer (weight and bias)."""
+        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+
+
+@dataclass(frozen=True, eq=False)
+class Chain:
+    """A sequence of at least two layers joined by positively homogeneous maps."""
+
+    layers: tuple[ChainLayer, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.layers) < 2:
+            raise TopologyError("a chain needs at least two weight layers (one hidden layer)")
+        for prev, nxt in zip(self.layers[:-1], self.layers[1:]):
+            if prev.n_out != nxt.n_in:
+                raise TopologyError(f"layer '{nxt.name}' reads {nxt.n_in} nodes but '{prev.name}' has {prev.n_out}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Node counts from the input nodes to the output nodes."""
+        return (self.layers[0].n_in,) + tuple(layer.n_out for layer in self.layers)
+
+    @property
+    def hidden_units(self) -> int:
+        """Number of hidden nodes H (the rescalable units)."""
+        return sum(layer.n_out for layer in self.layers[:-1])
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the chain (weights and biases, output bias included)."""
+        return sum(layer.num_params for layer in self.layers)
+
+    @property
+    def basis_paths(self) -> int:
+        """Independent path values: weights plus hidden biases, minus hidden units.
+
+        The output layer's bias is not a path value (it is already invariant) and is not counted.
+        """
+        hidden_bias = sum(0 if layer.bias is None else layer.n_out for layer in self.layers[:-1])
+        weights = sum(layer.weight.numel() for layer in self.layers)
+        return weights + hidden_bias - self.hidden_units
+
+    @property
+    def name(self) -> str:
+        """``first..last`` layer names."""
+        return f"{self.layers[0].name}..{self.layers[-1].name}"
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """A parameter left to plain SGD, with the reason."""
+
+    name: str
+    numel: int
+    reason: str
+
+
+@dataclass(eq=False)
+class Topology:
+    """The ReLU chains of a model that G-SGD treats exactly, and everything it leaves to plain SGD.
+
+    Build it with :func:`lightning_gsgd.detect_topology`. ``chains`` hold references to the
+    model's own parameters, so the topology stays valid when the model moves between devices.
+
+    Attributes:
+        chains: The detected chains, in forward order.
+        excluded: Parameters outside every chain, each with the reason (they get plain SGD).
+        bn_layers: Layers whose outputs are normalized by BatchNorm and that the optimizer updates
+            with the G-SGD authors' heuristic (:mod:`lightning_gsgd.step.bn_heuristic`); only filled by
+            ``detect_topology(..., bn_mode="authors_heuristic")``. Their biases get plain SGD and are
+            listed in ``excluded``.
+        method: How the data flow was read (``"fx"``, ``"record"``, or ``""`` if built by hand).
+    """
+
+    chains: tuple[Chain, ...]
+    excluded: tuple[Excluded, ...] = ()
+    bn_layers: tuple[ChainLayer, ...] = ()
+    method: str = ""
+
+    @property
+    def hidden_units(self) -> int:
+        """Hidden nodes H over all chains."""
+        return sum(c.hidden_units for c in self.chains)
+
+    @property
+    def basis_paths(self) -> int:
+        """Basis paths m - H over all chains."""
+        return sum(c.basis_paths for c in self.chains)
+
+    @property
+    def covered_params(self) -> int:
+        """Scalar parameters updated by G-SGD (chain weights and biases)."""
+        return sum(c.num_params for c in self.chains)
+
+    @property
+    def bn_heuristic_params(self) -> int:
+        """Scalar weights of :attr:`bn_layers` (their biases are in ``excluded``)."""
+        return sum(layer.weight.numel() for layer in self.bn_layers)
+
+    @property
+    def total_params(self) -> int:
+        """Scalar parameters of the model (in chains, in BN-heuristic layers, and excluded)."""
+        return self.covered_params + self.bn_heuristic_params + sum(e.numel for e in self.excluded)
+
+    @property
+    def coverage(self) -> float:
+        """Share of the model's parameters updated by exact G-SGD (chains only), in [0, 1]."""
+        total = self.total_params
+        return self.covered_params / total if total else 0.0
+
+    def chain_params(self) -> list[nn.Parameter]:
+        """Every parameter that belongs to a chain."""
+        out: list[nn.Parameter] = []
+        for chain in self.chains:
+            for layer in chain.layers:
+                out.append(layer.weight)
+                if layer.bias is not None:
+                    out.append(layer.bias)
+        return out
+
+    def fingerprint(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every chain parameter, to check that saved state fits this model."""
+        fp: list[tuple[str, tuple[int, ...]]] = []
+        for chain in self.chains:
+            for layer in chain.layers:
+                fp.append((layer.name + ".weight", tuple(layer.weight.shape)))
+                if layer.bias is not None:
+                    fp.append((layer.name + ".bias", tuple(layer.bias.shape)))
+        for layer in self.bn_layers:
+            fp.append((layer.name + ".weight (bn heuristic)", tuple(layer.weight.shape)))
+        return fp
+
+    def summary(self) -> str:
+        """A readable report: chains, layers, widths, units, basis paths, coverage, exclusions."""
+        via = f" [data flow from {self.method}]" if self.method else ""
+        lines = [
+            f"G-SGD topology: {len(self.chains)} chain(s), {self.hidden_units} hidden units, "
+            f"{self.basis_paths} basis paths, coverage {100 * self.coverage:.1f}% "
+            f"({self.covered_params} of {self.total_params} parameters){via}"
+        ]
+        for i, chain in enumerate(self.chains):
+            widths = "-".join(str(w) for w in chain.widths)
+            lines.append(
+                f"  chain {i}: {chain.name}  widths {widths}  hidden units {chain.hidden_units}  "
+                f"basis paths {chain.basis_paths}"
+            )
+            for layer in chain.layers:
+                kind = "x".join(str(s) for s in layer.weight.shape)
+                bias = "+bias" if layer.bias is not None else ""
+                lines.append(
+                    f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
+                )
+        if self.bn_layers:
+            share = 100 * self.bn_heuristic_params / self.total_params if self.total_params else 0.0
+            lines.append(
+                f"  BatchNorm heuristic of the G-SGD authors (not exact G-SGD): "
+                f"{len(self.bn_layers)} layer(s), {self.bn_heuristic_params} parameters ({share:.1f}%)"
+            )
+            for layer in self.bn_layers:
+                kind = "x".join(str(s) for s in layer.weight.shape)
+                lines.append(f"    {layer.name}: {kind} ({layer.n_out} <- {layer.n_in} channels x {layer.taps} taps)")
+        if self.excluded:
+            lines.append("  left to plain SGD:")
+            for e in self.excluded:
+                lines.append(f"    {e.name} ({e.numel} params): {e.reason}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
