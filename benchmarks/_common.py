@@ -1,4 +1,7 @@
-"""Shared pieces of the benchmarks: models, fixed gradients, interleaved timing, the header line."""
+"""Shared pieces of the benchmarks: fixed gradients, interleaved timing, the header line.
+
+The models are those of the project's one model zoo, ``tests/models.py`` (``BENCH_MODELS``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_gsgd import detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
+from tests.models import BENCH_MODELS as MODELS
 
 
 def header(title: str) -> str:
@@ -31,50 +35,6 @@ def header(title: str) -> str:
         f"machine: {cpu}, {os.cpu_count()} cpus | torch {torch.__version__} | "
         f"threads {torch.get_num_threads()} | loadavg (1/5/15 min) {load}"
     )
-
-
-def mlp() -> nn.Sequential:
-    """MLP 784-1024-1024-1024-10 (2.9M parameters)."""
-    return _mlp([784, 1024, 1024, 1024, 10])
-
-
-def mlp6() -> nn.Sequential:
-    """6-layer MLP with unequal widths 784-1200-600-1000-300-800-10 (2.6M parameters)."""
-    return _mlp([784, 1200, 600, 1000, 300, 800, 10])
-
-
-def _mlp(widths: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def cnn() -> nn.Sequential:
-    """4 convs with 64 channels on 3x16x16 inputs, 2 max-pools, linear head (0.13M parameters)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 10),
-    )
-
-
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "mlp 784-1024x3-10": (mlp, (128, 1, 28, 28)),
-    "mlp6 784-1200-600-1000-300-800-10": (mlp6, (128, 1, 28, 28)),
-    "cnn 4x conv64 16x16": (cnn, (64, 3, 16, 16)),
-}
 
 
 INITS = ("skeleton", "rescaled")

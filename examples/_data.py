@@ -2,7 +2,7 @@
 
 Nothing is downloaded. The examples import this file as a sibling module (``from _data import ...``),
 which works when they run as scripts (``python examples/NAME.py``: Python puts ``examples/`` on
-``sys.path``). ``benchmarks/study/data.py`` holds the study's versions with a validation split; it is
+``sys.path``). ``experiments/study/data.py`` holds the study's versions with a validation split; it is
 not part of the installed package, so the examples cannot import it.
 """
 

@@ -10,7 +10,7 @@ initialization (which separates the effect of the initialization from that of th
     python examples/mnist1d_mlp.py --epochs 1 --num-samples 500 --width 32   # smoke size
 
 One seed and one untuned learning rate: this shows how to run it, it is not a benchmark
-(``benchmarks/study/`` tunes each method and averages over seeds).
+(``experiments/study/`` tunes each method and averages over seeds).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_gsgd.diagnostics.metrics import PathDiagnostics
 from lightning_gsgd.optim.baselines import skeleton_sgd
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.optim.path_sgd import PathSGD
@@ -31,6 +32,7 @@ __all__ = [
     "Excluded",
     "GSGDCallback",
     "GSGDMixin",
+    "PathDiagnostics",
     "PathSGD",
     "Topology",
     "TopologyError",

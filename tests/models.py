@@ -1,6 +1,9 @@
-"""Small float64 models used across the tests (module level so that DDP spawn can pickle them)."""
+"""The project's model zoo: small float64 models used across the tests (module level so that DDP spawn can
+pickle them), and the float32 models the benchmarks time (``BENCH_MODELS``, larger)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -105,6 +108,54 @@ MODELS = {
     "cnn_nobias": (lambda: cnn(False), (3, 2, 8, 8)),
     "cnn1d": (cnn_strided_1d, (3, 1, 12)),
     "mixed": (mixed, (6, 4)),
+}
+
+
+# --- the benchmarks' models
+
+
+def bench_mlp() -> nn.Sequential:
+    """MLP 784-1024-1024-1024-10 (2.9M parameters)."""
+    return _flat_mlp([784, 1024, 1024, 1024, 10])
+
+
+def bench_mlp6() -> nn.Sequential:
+    """6-layer MLP with unequal widths 784-1200-600-1000-300-800-10 (2.6M parameters)."""
+    return _flat_mlp([784, 1200, 600, 1000, 300, 800, 10])
+
+
+def _flat_mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def bench_cnn() -> nn.Sequential:
+    """4 convs with 64 channels on 3x16x16 inputs, 2 max-pools, linear head (0.13M parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 10),
+    )
+
+
+#: The benchmarks' models (``benchmarks/``): name -> (builder, input shape).
+BENCH_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp 784-1024x3-10": (bench_mlp, (128, 1, 28, 28)),
+    "mlp6 784-1200-600-1000-300-800-10": (bench_mlp6, (128, 1, 28, 28)),
+    "cnn 4x conv64 16x16": (bench_cnn, (64, 3, 16, 16)),
 }
 
 

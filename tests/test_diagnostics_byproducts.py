@@ -1,7 +1,7 @@
 """``PathDiagnostics`` with the optimizer's by-products equals its own independent computation.
 
 Given the optimizer in ``before_step(optimizer)``, a bound ``GSGD`` produces the metrics during its
-step (lightning_gsgd/chain_readings.py); every value must equal what ``before_step()`` /
+step (lightning_gsgd/step/readings.py); every value must equal what ``before_step()`` /
 ``after_step()`` compute on an identical copy without it (the path the oracle tests pin), on the
 CPU path and the synchronization-free path, with B = 1 and B != 1, with and without momentum, and
 when the guard acts or the step is skipped.
@@ -66,7 +66,7 @@ def _check_byproducts(name: str, init: str, hyper: str, sync_free: bool, compile
     if compiled:
         opt.compiled = True
     if sync_free:
-        opt._host_reads = False
+        opt.host_reads = False
     diag, ref = PathDiagnostics(topo, per_chain=True), PathDiagnostics(topo2, per_chain=True)
     loss_fn = _loss(model, x)
     for _ in range(3):

@@ -75,13 +75,13 @@ class Recorder(Callback):
 
         diag.before_step, diag.after_step = counted_before, counted_after
         # the optimizer's by-products are requested on logging steps only, too
-        request = gsgd.optimizer._request_readings
+        request = gsgd.optimizer.request_readings
 
         def counted_request() -> bool:
             self.requests += 1
             return request()
 
-        gsgd.optimizer._request_readings = counted_request
+        gsgd.optimizer.request_readings = counted_request
 
 
 class BreakGradient(Callback):

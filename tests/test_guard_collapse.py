@@ -44,7 +44,7 @@ def test_collapse_is_skipped_not_written(digits, host_reads):
     x, y = digits
     model, topo = _model(x)
     opt = GSGD(model.parameters(), lr=1.0, momentum=0.9, topology=topo)
-    opt._host_reads = host_reads
+    opt.host_reads = host_reads
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
         idx = torch.randint(0, len(x), (64,), generator=g)
@@ -76,7 +76,7 @@ def test_both_paths_agree_through_the_collapse(digits):
     other = copy.deepcopy(model)
     cpu = GSGD(model.parameters(), lr=1.0, momentum=0.9, topology=topo)
     dev = GSGD(other.parameters(), lr=1.0, momentum=0.9, topology=detect_topology(other, x[:2]))
-    dev._host_reads = False
+    dev.host_reads = False
     g = torch.Generator().manual_seed(0)
     for _ in range(12):
         idx = torch.randint(0, len(x), (64,), generator=g)

@@ -149,3 +149,63 @@ def test_every_pointer_to_the_math_page_names_one_of_its_headings():
     assert not outside
     assert cited, "no pointer found: the pattern no longer matches how the code cites the page"
     assert cited <= headings, sorted(cited - headings)
+
+
+# ``obj._name`` accesses the package allows across modules, each with its reason. torch's own private
+# names are not the package's and are not listed (``torch._foreach_*`` is torch's multi-tensor API).
+PRIVATE_ACCESS_ALLOWED = {
+    # torch.optim.lr_scheduler marks an optimizer whose step it wrapped; the optimizer swap carries
+    # the mark over to the new optimizer so that the scheduler's "step before optimizer.step" check holds.
+    ("lightning_gsgd.lightning.optimizer_swap", "_opt_called"),
+    ("lightning_gsgd.lightning.optimizer_swap", "_wrapped_by_lr_sched"),
+    # torch's SequentialLR / ChainedScheduler keep their children only here; each child must be re-pointed.
+    ("lightning_gsgd.lightning.optimizer_swap", "_schedulers"),
+    # Lightning's DDPStrategy keeps the post-local-SGD hook state only here (refused: it averages weights).
+    ("lightning_gsgd.lightning.checks", "_ddp_comm_state"),
+    # nn.Module keeps its forward hooks only in these dicts (no public accessor); a hooked layer may
+    # compute something else than the plain Linear/Conv, so detection must see them.
+    ("lightning_gsgd.topology.rules", "_forward_hooks"),
+    ("lightning_gsgd.topology.rules", "_forward_pre_hooks"),
+    ("lightning_gsgd.topology.rules", "_global_forward_hooks"),
+    ("lightning_gsgd.topology.rules", "_global_forward_pre_hooks"),
+}
+
+
+def _private_accesses(path: Path) -> set[str]:
+    """Private names read off another object: ``obj._name``, ``getattr(obj, "_name")``, ``import _name``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if not (isinstance(root, ast.Name) and root.id in ("self", "cls", "torch")):
+                found.add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr"):
+            name = node.args[1] if len(node.args) > 1 else None
+            if isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.startswith("_"):
+                if name.value.startswith("__"):
+                    continue
+                found.add(name.value)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(ROOT):
+            found |= {a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")}
+    return found
+
+
+def test_the_private_access_walk_sees_each_form(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text(
+        "from lightning_gsgd.step.graph import _x\n"
+        "def f(opt, self):\n    opt._a\n    getattr(opt, '_b')\n    self._ok\n    torch._foreach_mul_\n"
+    )
+    assert _private_accesses(src) == {"_x", "_a", "_b"}
+
+
+def test_no_module_reads_another_objects_private_names():
+    found = {
+        (name, attr)
+        for name, path in _modules().items()
+        for attr in _private_accesses(path)
+        if (name, attr) not in PRIVATE_ACCESS_ALLOWED
+    }
+    assert not found

@@ -3,7 +3,7 @@
 On an accelerator, reading a flag (``.item()``, ``bool(t)``, ``torch.equal``...) stalls the host
 until the device catches up and breaks CUDA graph capture. ``GSGD`` therefore takes a
 synchronization-free path there: it never branches on tensor values, and applies a step that must
-be skipped with ``torch.where``. The optimizer's private ``_host_reads = False`` selects that path
+be skipped with ``torch.where``. The optimizer's documented test hook ``host_reads = False`` selects that path
 on the CPU, where these tests run it with every host read patched to raise. They also check that
 the path computes what the CPU path computes, bit for bit, and skips non-finite steps the same way.
 (On a GPU, ``benchmarks/gpu_check.py`` runs the step under ``torch.cuda.set_sync_debug_mode``.)
@@ -107,7 +107,7 @@ def _compare_paths(name: str, init: str, hyper: dict, compiled: bool) -> None:
     dev_model = copy.deepcopy(model)
     cpu = GSGD(cpu_model.parameters(), topology=detect_topology(cpu_model, x), compiled=compiled, **hyper)
     dev = GSGD(dev_model.parameters(), topology=detect_topology(dev_model, x), compiled=compiled, **hyper)
-    dev._host_reads = False
+    dev.host_reads = False
     for k in range(4):
         _copy_grads(dev_model, _grads(cpu_model, x, y))
         cpu.step()
@@ -142,7 +142,7 @@ def test_tensor_lr_and_per_layer_groups_take_no_host_reads(compiled):
         for i, m in enumerate(layers)
     ]
     opt = GSGD(groups, lr=1e-3, topology=detect_topology(model, x), compiled=compiled)
-    opt._host_reads = False
+    opt.host_reads = False
     before = copy.deepcopy(model)
     for k in range(3):
         _grads(model, x, y)
@@ -159,7 +159,7 @@ def test_tensor_lr_and_per_layer_groups_take_no_host_reads(compiled):
 def test_sync_free_path_skips_a_non_finite_step(momentum):
     model, x, y = _setup("cnn", "skeleton")
     opt = GSGD(model.parameters(), lr=1e-3, momentum=momentum, topology=detect_topology(model, x))
-    opt._host_reads = False
+    opt.host_reads = False
     _grads(model, x, y)
     with no_host_reads():
         opt.step()  # a good step first, so that momentum buffers exist

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_gsgd.step.slots import ChainReading
 from lightning_gsgd.topology.index import LayerIndex, build_layer_index, chain_backbone, chain_gamma
 from lightning_gsgd.topology.types import Chain
 
@@ -108,24 +109,9 @@ def _norm_sq(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t).square()
 
 
-@dataclass
-class ChainReading:
-    """What :func:`read_chain` measures on one chain (0-d tensors unless noted).
-
-    Attributes:
-        grad_sq: Sum of ``(dL/dv)**2`` over the chain's basis paths.
-        value_sq: Sum of ``v**2`` over the chain's basis paths.
-        skeleton_abs: ``|v|`` of every skeleton path (1-D).
-        imbalance_terms: ``log(||incoming|| / ||outgoing||)`` of every hidden unit (1-D).
-        values: Per layer the basis-path values in the flat layout (sigma entries 0), and per layer the
-            hidden bias's values (``None`` for the output layer and layers without a bias).
-    """
-
-    grad_sq: Tensor
-    value_sq: Tensor
-    skeleton_abs: Tensor
-    imbalance_terms: Tensor
-    values: tuple[list[Tensor], list[Tensor | None]]
+#: Per layer the basis-path values in the flat layout (sigma entries 0), and per layer the hidden
+#: bias's values (``None`` for the output layer and layers without a bias).
+PathValues = tuple[list[Tensor], list[Tensor | None]]
 
 
 def read_chain(
@@ -135,14 +121,14 @@ def read_chain(
     bias_grads: list[Tensor | None],
     index: list[LayerIndex],
     flat: list[FlatIndex],
-) -> ChainReading:
-    """Path-space norms, skeleton values and imbalance terms of one chain.
+) -> tuple[ChainReading, PathValues]:
+    """Path-space norms, skeleton values and imbalance terms of one chain, and its path values.
 
-    With ``v_e = w_e B(a) F(b)`` and, for an edge ``e = (a -> b)`` that is not a tau edge,
-    ``dL/dv_e = g_e / (B(a) F(b))`` (docs/math.md, "The sigma/tau basis" and "The inverse chain rule"). A free tau edge also carries every
-    path through its source node ``a``: its ``dL/dv`` is ``g_e / (B(a) F(b)) - Gamma(a) / v_e``
-    (``Gamma`` from :func:`chain_gamma`), an O(H) correction. A hidden bias gives ``v = bias F(b)``
-    and ``dL/dv = dL/dbias / F(b)``. Sigma entries are not coordinates and are zeroed.
+    With ``v_e = w_e B(a) F(b)`` and, for an edge ``e = (a -> b)`` that is not a tau edge, ``dL/dv_e = g_e /
+    (B(a) F(b))`` (docs/math.md, "The sigma/tau basis" and "The inverse chain rule"). A free tau edge also
+    carries every path through its source node ``a``: its ``dL/dv`` is ``g_e / (B(a) F(b)) - Gamma(a) / v_e``
+    (``Gamma`` from :func:`chain_gamma`), an O(H) correction. A hidden bias gives ``v = bias F(b)`` and
+    ``dL/dv = dL/dbias / F(b)``. Sigma entries are not coordinates and are zeroed.
 
     Cost per layer, in elementwise passes over the weight (flat ``[n_out, n_in * taps]`` layout,
     so every pass is contiguous): one for the path values (kept for the relative update) and one
@@ -198,7 +184,7 @@ def read_chain(
             if gb is not None:
                 grad_sq = grad_sq + _norm_sq(gb / F[l])
     vb = [None if b is None or l == last else b * F[l] for l, b in enumerate(biases)]
-    return ChainReading(grad_sq, value_sq, torch.cat(skeleton), torch.cat(terms), (vw, vb))
+    return ChainReading(grad_sq, value_sq, torch.cat(skeleton), torch.cat(terms)), (vw, vb)
 
 
 def update_sq(

@@ -1,10 +1,10 @@
 """Invariant-space diagnostics of a ReLU network: pure tensor code, no Lightning.
 
-Everything here is measured in the coordinates G-SGD works in (docs/math.md, "The sigma/tau basis" and "The inverse chain rule"): the
-basis-path values ``v`` of every chain of a :class:`~lightning_gsgd.topology.types.Topology`, and the
-gradient ``dL/dv`` obtained from ordinary weight gradients by the inverse chain rule. Path-space
-quantities do not change when hidden units are positively rescaled; ``imbalance`` is the
-weight-space quantity that does.
+Everything here is measured in the coordinates G-SGD works in (docs/math.md, "The sigma/tau basis" and "The
+inverse chain rule"): the basis-path values ``v`` of every chain of a
+:class:`~lightning_gsgd.topology.types.Topology`, and the gradient ``dL/dv`` obtained from ordinary weight
+gradients by the inverse chain rule. Path-space quantities do not change when hidden units are positively
+rescaled; ``imbalance`` is the weight-space quantity that does.
 
 Definitions (per chain, then pooled over all chains):
 
@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.diagnostics.chain import (
-    ChainReading,
     FlatIndex,
+    PathValues,
     chain_index,
     chain_tensors,
     flat_index,
@@ -54,6 +54,7 @@ from lightning_gsgd.diagnostics.chain import (
     read_chain,
     update_sq,
 )
+from lightning_gsgd.step.slots import ChainReading
 from lightning_gsgd.topology.index import LayerIndex
 from lightning_gsgd.topology.types import Chain, Topology
 
@@ -142,7 +143,7 @@ class PathDiagnostics:
         self.topology = topology
         self.per_chain = per_chain
         self._index: dict[int, tuple[torch.device, list[LayerIndex], list[FlatIndex]]] = {}
-        self._kept: list[tuple[list[Tensor], list[Tensor | None]]] | None = None
+        self._kept: list[PathValues] | None = None
         self._kept_sq: list[Tensor] = []
         self._deferred: Any = None
 
@@ -181,24 +182,26 @@ class PathDiagnostics:
         """
         self._deferred = None
         if optimizer is not None and getattr(optimizer, "topology", None) is self.topology:
-            request = getattr(optimizer, "_request_readings", None)
+            request = getattr(optimizer, "request_readings", None)
             if request is not None and request():
                 self._deferred = optimizer
                 self._kept = None
                 return {}
         out: dict[str, Tensor] = {}
         readings: list[ChainReading] = []
+        values: list[PathValues] = []
         for ci, chain in enumerate(self.topology.chains):
-            r = self._read(ci, chain)
+            r, v = self._read(ci, chain)
             readings.append(r)
+            values.append(v)
             if self.per_chain:
                 out.update(_prefixed(f"chain{ci}/", _stats([r])))
-        self._kept = [r.values for r in readings]
+        self._kept = values
         self._kept_sq = [r.value_sq for r in readings]
         out.update(_stats(readings))
         return out
 
-    def _read(self, ci: int, chain: Chain) -> ChainReading:
+    def _read(self, ci: int, chain: Chain) -> tuple[ChainReading, PathValues]:
         index, flat = self._indices(ci, chain)
         return read_chain(*chain_tensors(chain), index, flat)
 
@@ -252,15 +255,14 @@ class PathDiagnostics:
         (AMP's GradScaler skipped it): its weights and gradients are still those of before the step,
         so it is measured now and its update is 0.
         """
-        got = optimizer._readings or {}
-        optimizer._readings_request = False
+        got = optimizer.last_readings() or {}
         out: dict[str, Tensor] = {}
         readings: list[ChainReading] = []
         updates: list[Tensor] = []
         for ci, chain in enumerate(self.topology.chains):
             step = got.get(ci)
             if step is None:
-                r = self._read(ci, chain)
+                r, _ = self._read(ci, chain)
                 upd = torch.zeros_like(r.value_sq)
             else:
                 dtype = torch.promote_types(step.grad_sq.dtype, torch.float32)
@@ -269,7 +271,6 @@ class PathDiagnostics:
                     step.value_sq.to(dtype),
                     step.skeleton_abs.to(dtype),
                     step.imbalance_terms.to(dtype),
-                    ([], []),
                 )
                 assert step.update_sq is not None
                 upd = step.update_sq.to(dtype)

@@ -43,48 +43,10 @@ class GSGDCallback(Callback):
         # Lightning CLI (use the full dotted path):
         #   --trainer.callbacks+=lightning_gsgd.GSGDCallback --trainer.callbacks.lr=0.05
 
-    Support matrix:
-
-    ========================================  ==============================================================
-    Set-up                                    Status
-    ========================================  ==============================================================
-    one device (CPU, CUDA)                    supported
-    ``ddp``, ``ddp_spawn``, ``ddp_fork``      supported; replicas stay identical, no extra communication
-    FSDP, DeepSpeed, ModelParallel            refused at ``setup`` (they shard the weights)
-    XLA / TPU                                 refused at ``setup`` (untested)
-    post-local SGD (DDP comm state)           refused at ``setup`` (replicas step on local gradients)
-    manual optimization                       refused at ``setup``
-    ``torch.optim.SGD``, ``GSGD``             supported (one optimizer)
-    any other optimizer                       refused at ``on_fit_start``
-    32-true, bf16-mixed, 16-mixed             supported; a step the GradScaler skips is not counted
-    gradient accumulation and clipping        supported; one G-SGD step per accumulation window
-    LR schedulers, ``Tuner.lr_find``          supported; the LR finder searches the G-SGD learning rate
-    ``ModelCheckpoint``, ``ckpt_path``        supported; resuming never re-applies the skeleton init
-    every logger (CSV, TensorBoard, ...)      diagnostics under ``gsgd/``, identical on every rank
-    ========================================  ==============================================================
-
-    Diagnostics (``docs/diagnostics.md``), on every logger the Trainer has (none without a logger):
-
-    * Once, when training starts (at the step it starts from), through each logger's ``log_metrics``:
-      ``gsgd/chains``, ``gsgd/hidden_units`` (H), ``gsgd/basis_paths`` (m - H), ``gsgd/coverage``
-      (share of parameters in chains), ``gsgd/covered_params`` and ``gsgd/plain_params`` (left to
-      plain SGD), as :meth:`Topology.summary` reports them.
-    * On Lightning's logging steps (every ``Trainer(log_every_n_steps)`` optimizer steps; set the
-      cadence there), through ``self.log``: ``gsgd/path_grad_norm`` (``||dL/dv||`` over the basis
-      paths, on the gradients before clipping), ``gsgd/basis_path_norm`` (``||v||``),
-      ``gsgd/skeleton_abs_min`` / ``_median`` / ``_max`` (``|v|`` of the skeleton paths, the ones the
-      guard protects), ``gsgd/imbalance`` (spread over hidden units of ``log(||in|| / ||out||)``, which
-      rescaling changes and the function does not), ``gsgd/relative_update`` (``||v' - v|| / ||v||``
-      across the step), and the optimizer's cumulative counters ``gsgd/guard_hits``,
-      ``gsgd/skipped_steps`` (non-finite gradients) and ``gsgd/steps`` (steps taken; steps that G-SGD
-      or AMP's GradScaler skipped are not counted). Cost on such a step: about a dozen elementwise
-      passes over the chain weights, measured at 5.6 ``torch.optim.SGD`` steps on a 784-1024x3-10 MLP
-      (``docs/diagnostics.md``); on every other step nothing but one integer test.
-    * With ``per_chain=True`` also ``gsgd/chain{i}/<key>``; with ``invariance_check=True`` also
-      ``gsgd/invariance_residual``.
-
-    Every value comes from the synchronized weights and gradients, so it is logged on every rank with
-    the same keys and without ``sync_dist`` (no collective).
+    What is supported and refused (strategies, precisions, optimizers, schedulers, checkpoints), what
+    each hook does and what it costs: ``docs/lightning.md``. The ``gsgd/`` diagnostics it logs on every
+    logger of the Trainer, once at the start of training and on Lightning's logging steps, identical
+    on every rank and without a collective: ``docs/diagnostics.md``.
 
     The topology is detected on the LightningModule itself, by running its forward once (in eval
     mode, without gradients) on ``example_input_array`` or, when that is not set, on the first

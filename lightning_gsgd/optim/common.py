@@ -1,4 +1,4 @@
-"""What ``GSGD`` and ``PathSGD`` share: hyper-parameter checks, the bind check, torch's SGD rule."""
+"""What ``GSGD`` and ``PathSGD`` share: the hyper-parameter checks, the bind check, the start of a step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gsgd.topology.types import Chain, Topology, TopologyError
+from lightning_gsgd.topology.types import Topology, TopologyError
 
 
 def check_hyper(h: dict[str, Any], where: str) -> None:
@@ -56,20 +56,6 @@ def check_chain_params(topology: Topology, param_groups: list[dict[str, Any]], n
                         "exclude that layer from the topology"
                     )
     return owned
-
-
-def check_contiguous(chain: Chain, name: str) -> None:
-    """Refuse a chain whose weight is not contiguous (a ``channels_last`` conv weight).
-
-    Raises:
-        TopologyError: Names the layer.
-    """
-    for layer in chain.layers:
-        if not layer.weight.is_contiguous():
-            raise TopologyError(
-                f"{name}: the weight of layer '{layer.name}' is not contiguous (channels_last memory format?); "
-                "G-SGD steps contiguous weights only: use model.to(memory_format=torch.contiguous_format)"
-            )
 
 
 def begin_step(closure: Callable[[], Any] | None, topology: Topology | None, unbound: str) -> Any:

@@ -50,26 +50,19 @@ class GSGD(Optimizer):
     Per-group hyper-parameters (``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``,
     ``min_ratio``) apply per layer, so LR schedulers work as usual.
 
-    A step whose gradients contain NaN or inf is skipped as a whole (weights and momentum buffers
-    untouched) and counted in :attr:`skipped_steps`; so is a step for which a hidden chain layer's
-    per-unit sum ``sum(w * grad)`` is not finite (non-finite weights, or an overflow that would make
-    the step itself non-finite). A step that would shrink a free tau path value below ``min_ratio``
-    times its value (or flip its sign) is clamped there and counted in :attr:`guard_hits`. A guard
-    that clamps the same path step after step shrinks it geometrically; a step whose O(H) per-unit
-    factors (``F'``, ``1 / rho``, ``1 / F``, ``1 / (F F')``, new tau weights and momentum entries) are
-    not finite, or whose new ``F'`` is so small that ``1 / F'**2`` is not (float32: ``F' < ~5.4e-20``),
-    is skipped too and counted in :attr:`skipped_steps`, so the step never writes a non-finite weight
-    from an underflowed path value. Training does not recover from that by itself (lower the lr or
-    momentum, or resume from a checkpoint).
+    A step whose gradients, per-unit sums ``sum(w * grad)`` or O(H) per-unit factors are not finite
+    is skipped as a whole (weights and momentum buffers untouched) and counted in
+    :attr:`skipped_steps`; a step that would shrink a free tau path value below ``min_ratio`` times
+    its value (or flip its sign) is clamped there and counted in :attr:`guard_hits` (docs/math.md,
+    "Skipped steps and the guard"). A path the guard clamps step after step shrinks geometrically
+    until its factors underflow and every step is skipped; training does not recover from that by
+    itself (lower the lr or momentum, or resume from a checkpoint).
 
-    Cost: the step is the cheap form of docs/math.md, "The cheap form" (SGD with a per-row/column
-    preconditioner and a per-row rescale, a few in-place ``torch._foreach_*`` passes, plus one row
-    reduction per hidden layer; ``compiled=True`` runs it as one generated graph); its
-    state is the momentum buffers, as for ``torch.optim.SGD``. On the CPU, where reading a flag is
-    free, a non-finite step is detected before anything is written; on accelerators ``step`` never
-    reads a tensor value on the host (no synchronization): it computes the step on copies and
-    applies it with ``torch.where``. Index tensors are built in :meth:`bind`
-    (and once more, with one host-to-device copy, if the model later moves to another device).
+    The step is the cheap form of docs/math.md, "The cheap form"; the optimizer state is the momentum
+    buffers, as for ``torch.optim.SGD``. On accelerators ``step`` never reads a tensor value on the
+    host (see :attr:`host_reads`). Index tensors are built in :meth:`bind` (and once more if the model
+    later moves to another device). Speed and memory against ``torch.optim.SGD`` are measured in
+    ``benchmarks/README.md``.
 
     Args:
         params: Parameters or parameter groups, as for any torch optimizer.
@@ -83,16 +76,14 @@ class GSGD(Optimizer):
         min_ratio: Guard on free tau path values: the smallest factor a step may shrink one by, in
             ``(0, 1)``.
         compiled: Run the whole step (every chain, and the parameters outside chains) as one graph
-            compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor
-            instead of five, and none of the eager step's ~20 small ops per layer (faster than
-            ``torch.optim.SGD`` on large MLPs, about 1.5x it on a small CNN, against 1.4x and 3x
-            eager; see benchmarks/README.md). The first step compiles it (seconds; a C++ compiler
-            on the CPU, Triton on CUDA), and a new variant when which tensors have gradients or
-            buffers changes; hyper-parameters enter as a tensor, so LR schedulers do not recompile.
-            The step never reads a flag on the host, on any device. Steps that log path
-            diagnostics and models with a BN-heuristic layer take the eager step. Results agree
-            with the eager step to rounding, not bit for bit (also for parameters outside chains,
-            which the eager step updates exactly like ``torch.optim.SGD``). Default ``False``.
+            compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor.
+            The first step compiles it (a C++ compiler on the CPU, Triton on CUDA), and a new
+            variant when which tensors have gradients or buffers changes; hyper-parameters enter as
+            a tensor, so LR schedulers do not recompile. The step never reads a flag on the host,
+            on any device. Steps that log path diagnostics and models with a BN-heuristic layer take
+            the eager step. Results agree with the eager step to rounding, not bit for bit (also for
+            parameters outside chains, which the eager step updates exactly like
+            ``torch.optim.SGD``). Default ``False``.
 
     Example:
         >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
@@ -130,9 +121,10 @@ class GSGD(Optimizer):
         self._counters = StepCounters()
         self._compiled_step = CompiledStep(self._caches)
         self._in_chain: set[int] = set()
-        # Whether step() may read device flags on the host (None: only on the CPU, where it is free).
-        # Tests set it to False to run the synchronization-free path on the CPU.
-        self._host_reads: bool | None = None
+        #: Whether :meth:`step` may read a device flag on the host: ``None`` (default) only on the CPU,
+        #: where it is free; ``False`` never, the synchronization-free path that accelerators take (the
+        #: hook with which tests run that path on the CPU); ``True`` always.
+        self.host_reads: bool | None = None
         # A fingerprint loaded before bind(), checked against the topology bind() receives.
         self._pending_fingerprint: list[Any] | None = None
         #: Whether the step runs as one ``torch.compile`` graph (see the class docstring).
@@ -232,7 +224,7 @@ class GSGD(Optimizer):
             self._in_chain,
             self._counters,
             self._caches,
-            host_reads=self._host_reads,
+            host_reads=self.host_reads,
             readings=want,
         )
         if args is None:
@@ -301,15 +293,17 @@ class GSGD(Optimizer):
             restore_counters(self._counters, extra)
 
     # ------------------------------------------------------------------ diagnostics by-products
-    def _request_readings(self) -> bool:
-        """Have the next :meth:`step` produce the diagnostics readings (``PathDiagnostics``; private).
+    def request_readings(self) -> bool:
+        """Have the next :meth:`step` also produce the diagnostics readings of every chain.
 
-        Returns ``False`` (and requests nothing) unless the step can read every chain: float32 or
-        float64 parameters, and hyper-parameters :func:`lightning_gsgd.step.readings.supported`
-        covers. After that step, :attr:`_readings` maps a chain's index to its
-        :class:`~lightning_gsgd.step.readings.ChainReading` for every chain it stepped (a chain
-        without gradients is left out, and everything when the step never ran). Costs nothing on
-        other steps.
+        :class:`~lightning_gsgd.diagnostics.metrics.PathDiagnostics` calls this before a step it
+        logs, then :meth:`last_readings` after it. The request holds for one step. Costs nothing on
+        other steps; the step that takes it runs eagerly (not the compiled graph).
+
+        Returns:
+            Whether the request was taken: ``False`` (and nothing requested) unless the step can read
+            every chain (float32 or float64 parameters, and hyper-parameters that
+            :func:`lightning_gsgd.step.readings.supported` covers) or when no topology is bound.
         """
         self._readings = None
         self._readings_request = False
@@ -324,6 +318,16 @@ class GSGD(Optimizer):
                 return False
         self._readings_request = True
         return True
+
+    def last_readings(self) -> dict[int, ChainReading] | None:
+        """The readings of the step that took the last :meth:`request_readings`, by chain index.
+
+        A chain without gradients is left out; ``None`` when no step ran since the request (AMP's
+        ``GradScaler`` can skip one). Also withdraws a request that no step has taken, so that it does
+        not carry over to a later step.
+        """
+        self._readings_request = False
+        return self._readings
 
 
 def _check_hyper(h: dict[str, Any], where: str) -> None:

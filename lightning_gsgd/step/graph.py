@@ -1,9 +1,9 @@
 """The whole G-SGD step of every chain as one ``torch.compile`` graph (``GSGD(compiled=True)``).
 
-The eager step (:mod:`lightning_gsgd.step.chain_step`) runs ~20 small ops per layer plus ~35 on the
-O(H) vectors, each a separate call; on a small network (a 4-conv CNN has 0.1 M weights) that per-op
-cost, not the arithmetic, is the step. Here the same mathematics (docs/math.md, "The inverse chain rule" and "The cheap form")
-is written as plain tensor expressions over *every* chain of the model, compiled into one graph:
+The eager step (:mod:`lightning_gsgd.step.chain_step`) runs ~20 small ops per layer plus ~35 on the O(H)
+vectors, each a separate call; on a small network (a 4-conv CNN has 0.1 M weights) that per-op cost, not the
+arithmetic, is the step. Here the same mathematics (docs/math.md, "The inverse chain rule" and "The cheap
+form") is written as plain tensor expressions over *every* chain of the model, compiled into one graph:
 
 * phase one (:func:`_prepare`): the skeleton gathers, the per-row sums ``sum(w * g)``, ``B``,
   ``F``, ``Gamma``, the free tau step with its guard, ``rho``, the new skeleton values, and the
@@ -189,7 +189,7 @@ def _update(
                 s, f = r * Binv[ks].view(ent_shape), f * B[ks].view(ent_shape)
             new, nb = _new_values(w, g, buf, s, f, h if l < L - 1 else None, hp[l])
             # the skeleton entries: sigma (entry sig_k[b] of row b), free tau (row tau_k[k] of entry
-            # k); compared as floats, which vectorize better than int64 indices (log entry 13)
+            # k); compared as floats, which vectorize better than int64 indices
             sig_at, tau_at = ch.fspec[l]
             if sig_at >= 0:
                 sig = ch.floats[:K].view(ent_shape) == ch.floats[sig_at : sig_at + n_out].view(row_shape)

@@ -1,11 +1,11 @@
 """Precomputed index tensors that let one G-SGD step on a chain run in a fixed, small number of ops.
 
-The step of :mod:`lightning_gsgd.step.chain_step` needs, per step, only the O(H) *skeleton* entries of
-each layer (sigma and free tau weights; H = hidden nodes) besides SGD-like elementwise passes. This
-module gathers, once per chain, where those entries live and how the sequential products and sums
-of the chain (``B``, ``F``, ``F'`` and ``Gamma`` of docs/math.md, "The sigma/tau basis" to "The cheap form") unroll: every such
-recursion along a chain is a fixed walk over at most ``L - 1`` nodes, so it is precomputed as an
-``[H, L - 1]`` table of positions and evaluated with one gather and one ``prod``/``sum``.
+The step of :mod:`lightning_gsgd.step.chain_step` needs, per step, only the O(H) *skeleton* entries of each
+layer (sigma and free tau weights; H = hidden nodes) besides SGD-like elementwise passes. This module gathers,
+once per chain, where those entries live and how the sequential products and sums of the chain (``B``, ``F``,
+``F'`` and ``Gamma`` of docs/math.md, "The sigma/tau basis" to "The cheap form") unroll: every such recursion
+along a chain is a fixed walk over at most ``L - 1`` nodes, so it is precomputed as an ``[H, L - 1]`` table of
+positions and evaluated with one gather and one ``prod``/``sum``.
 
 Layout (all positions are into vectors built per step by :mod:`lightning_gsgd.step.chain_step`):
 

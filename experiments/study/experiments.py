@@ -1,11 +1,11 @@
 """The study's experiments (issue 7), one command each.
 
-    python -m benchmarks.study.experiments width      [--out results/study] [--threads 1]
-    python -m benchmarks.study.experiments depth
-    python -m benchmarks.study.experiments invariance
-    python -m benchmarks.study.experiments bn-resnet
-    python -m benchmarks.study.experiments width --estimate   # time one short run, print the budget
-    python -m benchmarks.study.experiments width --plan       # list the settings and grids, run nothing
+    python -m experiments.study.experiments width      [--out results/study] [--threads 1]
+    python -m experiments.study.experiments depth
+    python -m experiments.study.experiments invariance
+    python -m experiments.study.experiments bn-resnet
+    python -m experiments.study.experiments width --estimate   # time one short run, print the budget
+    python -m experiments.study.experiments width --plan       # list the settings and grids, run nothing
 
 Each experiment writes ``<out>/<name>/``: ``runs.jsonl`` (every run, appended as it finishes, so a
 rerun resumes), ``runs.csv``, ``curves.csv``, ``summary.csv`` and ``summary.json``.
@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.study.data import load_splits
-from benchmarks.study.harness import RunConfig, initial_model, kw, run_one
-from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, summarize, tune, write_tables
+from experiments.study.data import load_splits
+from experiments.study.harness import RunConfig, initial_model, kw, run_one
+from experiments.study.protocol import RunStore, evaluate_seeds, lr_grid, summarize, tune, write_tables
 from lightning_gsgd.optim.path_sgd import path_scales
 
 ALL_METHODS = ("sgd", "sgd+skeleton", "gsgd", "path-sgd")

@@ -1,7 +1,7 @@
 """Markdown tables and PNG figures of the study from its result files (``summary.json``, ``runs.csv``,
 ``curves.csv`` under ``<results>/<experiment>/``).
 
-    python -m benchmarks.study.report --results results/study --figures docs/figures/study
+    python -m experiments.study.report --results results/study --figures docs/figures/study
 
 prints the Markdown tables of every experiment found and writes the figures: test error against
 width and against depth, final test accuracy against the rescaling spread, training-loss curves per

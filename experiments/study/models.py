@@ -1,7 +1,7 @@
 """The study's models, built from a name and keyword arguments (``build_model``).
 
 All take flat inputs ``[N, n_features]`` (convolutional models unflatten them to ``[N, 1, n_features]``
-themselves), so every model reads the same :class:`~benchmarks.study.data.StudyData`. The ReLU
+themselves), so every model reads the same :class:`~experiments.study.data.StudyData`. The ReLU
 models without BatchNorm are ``nn.Sequential`` so that the current ``detect_topology`` sees them as
 one chain each; the BN ResNet needs the general (torch.fx) detection.
 """
@@ -114,7 +114,7 @@ def build_model(name: str, n_features: int, n_classes: int, **kwargs: Any) -> nn
     """Build model ``name`` (a key of :data:`MODELS`) with the given keyword arguments.
 
     Uses the global torch generator for the default initialization: seed it (or use
-    ``torch.random.fork_rng``) around the call, as :func:`benchmarks.study.harness.initial_model` does.
+    ``torch.random.fork_rng``) around the call, as :func:`experiments.study.harness.initial_model` does.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")

@@ -6,7 +6,7 @@
 # full-length checks of the plain CNN and of the plain MLPs at every depth. Each later call of an experiment resumes
 # from its runs.jsonl, so the wider settings only add runs; creating OUT/STOP_EXTRA before a stage
 # skips the full-length checks.
-# Usage (repository root): bash benchmarks/study/run_study.sh [OUT]   (default results/study)
+# Usage (repository root): bash experiments/study/run_study.sh [OUT]   (default results/study)
 set -u
 OUT=${1:-results/study}
 FULL=${FULL:-$OUT-full-epochs}
@@ -17,7 +17,7 @@ mkdir -p "$OUT/logs"
 run() {  # run LOG ARGS...: one experiment, its stdout/stderr and timing to OUT/logs/LOG.*
   local log=$1; shift
   echo "[$(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)] start $*" >>"$OUT/logs/$log.log"
-  $PY -m benchmarks.study.experiments "$@" $COMMON >>"$OUT/logs/$log.log" 2>>"$OUT/logs/$log.err"
+  $PY -m experiments.study.experiments "$@" $COMMON >>"$OUT/logs/$log.log" 2>>"$OUT/logs/$log.err"
   local rc=$?
   echo "[$(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)] end rc=$rc $*" >>"$OUT/logs/$log.log"
 }

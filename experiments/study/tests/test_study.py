@@ -1,4 +1,4 @@
-"""Smoke tests of the study harness (benchmarks/study): data, models, init, runs, protocol, tables."""
+"""Smoke tests of the study harness (experiments/study): data, models, init, runs, protocol, tables."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.study import experiments as ex
-from benchmarks.study.data import StudyData, digits_splits, mnist1d_splits
-from benchmarks.study.harness import RunConfig, initial_model, kw, run_one
-from benchmarks.study.methods import gsgd_callback
-from benchmarks.study.models import MODELS, build_model
-from benchmarks.study.protocol import RunStore, evaluate_seeds, lr_grid, mean_std, summarize, tune, write_tables
+from experiments.study import experiments as ex
+from experiments.study.data import StudyData, digits_splits, mnist1d_splits
+from experiments.study.harness import RunConfig, initial_model, kw, run_one
+from experiments.study.methods import gsgd_callback
+from experiments.study.models import MODELS, build_model
+from experiments.study.protocol import RunStore, evaluate_seeds, lr_grid, mean_std, summarize, tune, write_tables
 from lightning_gsgd import detect_topology
 
 

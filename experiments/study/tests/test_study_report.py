@@ -1,4 +1,4 @@
-"""The study's report (benchmarks/study/report.py): tables and figures from result files of fake runs."""
+"""The study's report (experiments/study/report.py): tables and figures from result files of fake runs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from benchmarks.study import experiments as ex
-from benchmarks.study.harness import RunConfig, kw
-from benchmarks.study.report import markdown_table, report
+from experiments.study import experiments as ex
+from experiments.study.harness import RunConfig, kw
+from experiments.study.report import markdown_table, report
 
 pytest.importorskip("matplotlib")
 

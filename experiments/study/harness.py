@@ -23,10 +23,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from benchmarks.study.data import Splits, StudyData, load_splits
-from benchmarks.study.methods import Method, get_method, gsgd_callback
-from benchmarks.study.models import build_model
-from benchmarks.study.module import StudyModule
+from experiments.study.data import Splits, StudyData, load_splits
+from experiments.study.methods import Method, get_method, gsgd_callback
+from experiments.study.models import build_model
+from experiments.study.module import StudyModule
 from lightning_gsgd import Topology, detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
 
 RESCALE_SEED_OFFSET = 1_000_003  # factors' generator seed = seed + offset (independent of the init stream)
@@ -37,11 +37,11 @@ class RunConfig:
     """Everything that defines one run (and nothing else: equal configs give equal results).
 
     Attributes:
-        method: A key of :data:`benchmarks.study.methods.METHODS`.
+        method: A key of :data:`experiments.study.methods.METHODS`.
         lr: Learning rate (peak lr with the cosine schedule).
         seed: Seeds the initialization, the rescaling factors and the training order.
         dataset: ``"mnist1d"`` or ``"digits"``.
-        model: A key of :data:`benchmarks.study.models.MODELS`.
+        model: A key of :data:`experiments.study.models.MODELS`.
         model_kwargs: Keyword arguments of the model, as sorted ``(name, value)`` pairs.
         momentum: Momentum.
         weight_decay: Weight decay.

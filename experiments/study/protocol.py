@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.study.harness import RunConfig
+from experiments.study.harness import RunConfig
 
 Runner = Callable[[RunConfig], dict[str, Any]]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.study.methods import Method, build_optimizer
+from experiments.study.methods import Method, build_optimizer
 from lightning_gsgd import Topology
 
 SCHEDULES = ("constant", "cosine")
