@@ -2,43 +2,43 @@
 
 The model's data flow comes from :mod:`lightning_gsgd.topology.graph` (torch.fx tracing, or a recorded
 forward pass when tracing fails). Two weight layers ``A -> B`` (``nn.Linear`` / ``nn.ConvNd`` with
-``groups=1``) are linked when every tensor from ``A``'s output to ``B``'s input has exactly one
-consumer, every op between them is positively homogeneous per unit and keeps units apart
-(:mod:`lightning_gsgd.topology.rules`), ``B`` reads ``A``'s units, and neither layer's parameters are used
-anywhere else. Chains are the maximal runs of links; everything else is left to plain SGD, with
-the reason. The result is then proved on the model (:func:`lightning_gsgd.check_invariance`).
+``groups=1`` whose computation is provably the plain one,
+:func:`~lightning_gsgd.topology.rules.computation_problem`) are linked when every tensor from ``A``'s
+output to ``B``'s input has exactly one consumer, every op between them is positively homogeneous per
+unit and keeps units apart (:mod:`lightning_gsgd.topology.rules`), ``B`` reads ``A``'s units, and
+neither layer's parameters are used anywhere else. Chains are the maximal runs of links; everything
+else is left to plain SGD, with the reason. The result is then proved on the model
+(:func:`lightning_gsgd.topology.prove.prove_topology`): links that fail the self-check are cut, and
+the layers it cannot test are recorded.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from lightning_gsgd.topology.graph import Op, OpGraph
 from lightning_gsgd.topology.graph_fx import trace_fx
 from lightning_gsgd.topology.graph_record import record_forward
-from torch import nn
-
+from lightning_gsgd.topology.prove import chain_layer, prove_topology
 from lightning_gsgd.topology.rules import (
-    CONVS,
     ELEMENTWISE,
     RESHAPE,
     SPATIAL,
     Layout,
     accepts,
-    conv_centre,
     is_batchnorm,
     is_weight_layer,
     output_layout,
     transition,
     weight_layer_problem,
 )
-from lightning_gsgd.topology.selfcheck import check_invariance
 from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,9 @@ def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Seq
             continue
         assert op.module is not None
         mod = op.module
-        own = [p for p in (mod.weight, getattr(mod, "bias", None)) if p is not None]
         problem = weight_layer_problem(mod)
+        # read mod.weight only on a plain layer: a parametrization (spectral_norm) updates state on access
+        own = [p for p in (mod.weight, getattr(mod, "bias", None)) if p is not None] if problem is None else []
         if problem is None and calls[id(mod)] > 1:
             problem = f"shared weight: module '{op.qualname}' is called {calls[id(mod)]} times"
         elif problem is None and any(uses[id(p)] > 1 for p in own):
@@ -165,16 +166,8 @@ def _before(graph: OpGraph, op: Op) -> str:
 
 
 def _make_layer(op: Op, n_in: int | None, taps: int | None) -> ChainLayer:
-    mod = op.module
-    if isinstance(mod, CONVS):
-        k = tuple(mod.kernel_size)
-        n = mod.in_channels if n_in is None else n_in
-        t = math.prod(k) if taps is None else taps
-        return ChainLayer(op.qualname, mod.weight, mod.bias, mod.out_channels, n, t, conv_centre(k))
-    assert isinstance(mod, nn.Linear)
-    n = mod.in_features if n_in is None else n_in
-    t = 1 if taps is None else taps
-    return ChainLayer(op.qualname, mod.weight, mod.bias, mod.out_features, n, t, t // 2)
+    assert op.module is not None
+    return chain_layer(op.qualname, op.module, n_in, taps)
 
 
 BN_MODES = ("sgd", "authors_heuristic")
@@ -284,6 +277,20 @@ def _reasons(model: nn.Module, graph: OpGraph, problems: dict[int, str | None], 
     return reasons
 
 
+def _refuse_empty(topo: Topology) -> None:
+    detail = "; ".join(f"{e.name}: {e.reason}" for e in topo.excluded) or "the model has no parameters"
+    raise TopologyError(f"detect_topology: no ReLU chain found ({detail})")
+
+
+def _check_coverage(topo: Topology, min_coverage: float) -> None:
+    if topo.coverage < min_coverage:
+        detail = "\n".join(f"  {e.name} ({e.numel}): {e.reason}" for e in topo.excluded)
+        raise TopologyError(
+            f"detect_topology: coverage {100 * topo.coverage:.1f}% is below min_coverage="
+            f"{100 * min_coverage:.1f}%; parameters left to plain SGD:\n{detail}"
+        )
+
+
 def detect_topology(
     model: nn.Module,
     example_input: Any,
@@ -332,15 +339,17 @@ def detect_topology(
     graph = build_graph(model, example_input, method)
     topo = find_chains(model, graph, include=include, exclude=exclude, bn_mode=bn_mode)
     if not topo.chains and not topo.bn_layers and not allow_empty and min_coverage <= 0:
-        detail = "; ".join(f"{e.name}: {e.reason}" for e in topo.excluded) or "the model has no parameters"
-        raise TopologyError(f"detect_topology: no ReLU chain found ({detail})")
-    if topo.coverage < min_coverage:
-        detail = "\n".join(f"  {e.name} ({e.numel}): {e.reason}" for e in topo.excluded)
-        raise TopologyError(
-            f"detect_topology: coverage {100 * topo.coverage:.1f}% is below min_coverage="
-            f"{100 * min_coverage:.1f}%; parameters left to plain SGD:\n{detail}"
-        )
-    if self_check:
+        _refuse_empty(topo)
+    _check_coverage(topo, min_coverage)
+    if self_check and topo.chains:
+        modules = {op.qualname: op.module for op in graph if is_weight_layer(op) and op.module is not None}
         # the graph's forward pass ran the model's own modules in eval mode: reuse its output
-        check_invariance(model, topo, example_input, reference=graph.output)
+        topo, failure = prove_topology(model, topo, example_input, graph.output, modules)
+        if failure is not None:
+            if not topo.chains and not topo.bn_layers and not allow_empty:
+                raise TopologyError(
+                    f"{failure}\nNo chain passes the self-check, so the whole model would get plain SGD "
+                    "(pass allow_empty=True to accept that)."
+                )
+            _check_coverage(topo, min_coverage)
     return topo

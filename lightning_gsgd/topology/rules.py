@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lightning_gsgd.topology.graph import Op
 from torch import nn
+
+from lightning_gsgd.topology.graph import Op
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -98,16 +99,88 @@ def is_batchnorm(op: Op) -> bool:
     return (op.kind == "module" and isinstance(op.module, BATCHNORM)) or (op.kind == "call" and op.name == "batch_norm")
 
 
+# Methods through which a Linear/Conv subclass can change what the layer computes.
+_COMPUTE_METHODS = ("forward", "_conv_forward", "__call__")
+# Names of the weight re-parametrizations and hook objects of torch.nn.utils, for messages.
+_KNOWN_NAMES = {
+    "_WeightNorm": "weight_norm",
+    "_SpectralNorm": "spectral_norm",
+    "WeightNorm": "torch.nn.utils.weight_norm",
+    "SpectralNorm": "torch.nn.utils.spectral_norm",
+}
+
+
+def _plain_base(module: nn.Module) -> type[nn.Module] | None:
+    """The ``nn.Linear`` / ``nn.ConvNd`` class the module's class derives from (``None``: neither)."""
+    for base in (nn.Linear, *CONVS):
+        if isinstance(module, base):
+            return base
+    return None
+
+
+def _hook_name(hook: object) -> str:
+    name = getattr(hook, "__qualname__", None) or type(hook).__name__
+    return _KNOWN_NAMES.get(type(hook).__name__, name)
+
+
+def computation_problem(module: nn.Module) -> str | None:
+    """Why ``module`` may not compute the plain ``nn.Linear`` / ``nn.ConvNd`` map of its own Parameters.
+
+    A layer is plain when its class is ``nn.Linear`` / ``nn.ConvNd``, or a subclass that overrides
+    none of ``forward``, ``_conv_forward``, ``__call__``; it has no parametrization
+    (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, ...); no forward hook or forward
+    pre-hook is registered on it or globally (``register_module_forward_hook``); and its weight is
+    an ``nn.Parameter``. Only the structure is read: no forward pass, so a zero gain or a dead
+    branch cannot hide anything from it.
+
+    Returns:
+        ``None`` for a plain layer, else a short reason naming the class and the cause.
+    """
+    from torch.nn.modules import module as module_mod
+    from torch.nn.utils import parametrize
+
+    cls = type(module)
+    base = _plain_base(module)
+    if base is None:
+        return f"{cls.__name__} is not a Linear or Conv layer"
+    if parametrize.is_parametrized(module):
+        kinds = []
+        for tensor_name, plist in module.parametrizations.items():  # type: ignore[union-attr]
+            for p in plist:
+                kinds.append(f"{_KNOWN_NAMES.get(type(p).__name__, type(p).__name__)} on '{tensor_name}'")
+        base_name = cls.__mro__[1].__name__ if cls.__name__.startswith("Parametrized") else cls.__name__
+        return f"{base_name} has a parametrization ({', '.join(kinds)}): its weight is computed, not the Parameter"
+    over = [m for m in _COMPUTE_METHODS if getattr(cls, m, None) is not getattr(base, m, None)]
+    if over:
+        name = cls.__name__ if cls.__name__ != base.__name__ else f"{cls.__module__}.{cls.__qualname__}"
+        return f"{name} overrides {'/'.join(over)} (a subclass of nn.{base.__name__} whose computation may differ)"
+    for what, own, glob in (
+        ("forward pre-hook", module._forward_pre_hooks, module_mod._global_forward_pre_hooks),
+        ("forward hook", module._forward_hooks, module_mod._global_forward_hooks),
+    ):
+        if own:
+            names = ", ".join(_hook_name(h) for h in own.values())
+            return f"{cls.__name__} has a {what} ({names}) that may change its computation"
+        if glob:
+            names = ", ".join(_hook_name(h) for h in glob.values())
+            return f"a global module {what} is registered ({names}) that may change every layer's computation"
+    if not isinstance(module.weight, nn.Parameter):
+        return f"{cls.__name__}'s weight is a {type(module.weight).__name__}, not an nn.Parameter"
+    return None
+
+
 def weight_layer_problem(module: nn.Module) -> str | None:
-    """Why a module cannot be a chain layer, or ``None`` if it can (Linear, ConvNd with groups=1)."""
-    if isinstance(module, CONVS):
-        if module.groups != 1:
-            kind = "depthwise" if module.groups == module.in_channels else "grouped"
-            return f"{kind} convolution (groups={module.groups})"
-        return None
-    if isinstance(module, nn.Linear):
-        return None
-    return f"{type(module).__name__} is not a Linear or Conv layer"
+    """Why a module cannot be a chain layer, or ``None`` if it can.
+
+    It can when :func:`computation_problem` finds it plain and, for a convolution, ``groups == 1``.
+    """
+    problem = computation_problem(module)
+    if problem is not None:
+        return problem
+    if isinstance(module, CONVS) and module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} convolution (groups={module.groups})"
+    return None
 
 
 def is_weight_layer(op: Op) -> bool:

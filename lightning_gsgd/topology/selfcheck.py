@@ -15,28 +15,37 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from lightning_gsgd.topology.graph import call_model
-from lightning_gsgd.topology.skeleton import random_unit_factors, rescale_hidden_units_
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from lightning_gsgd.topology.graph import call_model
+from lightning_gsgd.topology.skeleton import random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology.types import Topology, TopologyError
 
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-def default_tolerance(dtype: torch.dtype) -> float:
+def defaultresolve_tolerance(dtype: torch.dtype) -> float:
     """Relative output tolerance of the self-check for outputs of ``dtype``."""
     return _TOLERANCE.get(dtype, 1e-4)
 
 
-def _float_leaves(out: Any) -> list[Tensor]:
+def resolve_tolerance(reference: Any, tolerance: float | None) -> float:
+    """``tolerance``, or the default for the dtype of ``reference``'s first floating-point tensor."""
+    if tolerance is not None:
+        return tolerance
+    leaves = float_leaves(reference)
+    return defaultresolve_tolerance(leaves[0].dtype if leaves else torch.float32)
+
+
+def float_leaves(out: Any) -> list[Tensor]:
+    """The floating-point tensors of a model output (any nesting of tuples, lists, dicts)."""
     return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()]
 
 
 def output_deviation(reference: Any, other: Any) -> float:
     """``max |a - b| / max |a|`` over the floating-point tensors of two model outputs."""
-    ref, oth = _float_leaves(reference), _float_leaves(other)
+    ref, oth = float_leaves(reference), float_leaves(other)
     if len(ref) != len(oth):
         raise TopologyError("self-check: the model returned a different output structure after rescaling")
     if not ref:
@@ -57,7 +66,7 @@ def _factors(topology: Topology, spread: float, generator: torch.Generator, only
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode inside; afterwards every submodule's own ``training`` flag as it was (not ``model.train()``,
     which would also switch on submodules the user keeps in eval mode, e.g. a frozen BatchNorm)."""
     modes = [(m, m.training) for m in model.modules()]
@@ -115,7 +124,7 @@ def invariance_error(
     if not topology.chains:
         return 0.0
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    with _eval_mode(model):
+    with eval_mode(model):
         with torch.no_grad():
             ref = call_model(model, example_input) if reference is None else reference
         out = _rescaled_output(
@@ -157,11 +166,10 @@ def check_invariance(
     """
     if not topology.chains:
         return 0.0
-    with _eval_mode(model):
+    with eval_mode(model):
         with torch.no_grad():
             ref = call_model(model, example_input) if reference is None else reference
-        leaves = _float_leaves(ref)
-        tol = tolerance if tolerance is not None else default_tolerance(leaves[0].dtype if leaves else torch.float32)
+        tol = resolve_tolerance(ref, tolerance)
         err = invariance_error(model, topology, example_input, spread=spread, generator=generator, reference=ref)
         if err <= tol:
             return err
@@ -175,19 +183,101 @@ def check_invariance(
             )
         for ci, chain in enumerate(topology.chains):
             for li in range(len(chain.layers) - 1):
-                gen = generator if generator is not None else torch.Generator().manual_seed(0)
-                factors = _factors(topology, spread, gen, (ci, li))
-                out = _rescaled_output(model, topology, example_input, factors, topology.chain_params())
-                e = output_deviation(ref, out)
+                e = _layer_error(model, topology, example_input, ref, spread, generator, ci, li)
                 if e > tol:
-                    a, b = chain.layers[li], chain.layers[li + 1]
-                    raise TopologyError(
-                        f"self-check failed in chain {ci} ({chain.name}) at layer '{a.name}': rescaling its "
-                        f"{a.n_out} output units (and dividing the matching inputs of '{b.name}', "
-                        f"{b.n_in} units x {b.taps} taps) changed the model output by {e:.2e} (relative; "
-                        f"tolerance {tol:.0e}). '{a.name}' -> '{b.name}' is not a positively scale-invariant link."
-                    )
-        raise TopologyError(
-            f"self-check failed: rescaling all hidden units changed the model output by {err:.2e} "
-            f"(relative; tolerance {tol:.0e}), though no single layer does; the chains interact"
-        )
+                    raise TopologyError(link_failure(topology, ci, li, e, tol))
+        raise TopologyError(interaction_failure(err, tol))
+
+
+def link_failure(topology: Topology, ci: int, li: int, error: float, tol: float) -> str:
+    """The self-check's message for the link from layer ``li`` to ``li + 1`` of chain ``ci``."""
+    chain = topology.chains[ci]
+    a, b = chain.layers[li], chain.layers[li + 1]
+    return (
+        f"self-check failed in chain {ci} ({chain.name}) at layer '{a.name}': rescaling its "
+        f"{a.n_out} output units (and dividing the matching inputs of '{b.name}', "
+        f"{b.n_in} units x {b.taps} taps) changed the model output by {error:.2e} (relative; "
+        f"tolerance {tol:.0e}). '{a.name}' -> '{b.name}' is not a positively scale-invariant link."
+    )
+
+
+def interaction_failure(error: float, tol: float) -> str:
+    """The self-check's message when all units together break invariance and no single layer does."""
+    return (
+        f"self-check failed: rescaling all hidden units changed the model output by {error:.2e} "
+        f"(relative; tolerance {tol:.0e}), though no single layer does; the chains interact"
+    )
+
+
+def _layer_error(
+    model: nn.Module,
+    topology: Topology,
+    example_input: Any,
+    ref: Any,
+    spread: float,
+    generator: torch.Generator | None,
+    ci: int,
+    li: int | None,
+) -> float:
+    """Output change when only hidden layer ``li`` of chain ``ci`` (``None``: every hidden layer of it) is rescaled."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    factors = _factors(topology, spread, gen, None)
+    for cj, chain_factors in enumerate(factors):
+        for lj in range(len(chain_factors)):
+            if cj != ci or (li is not None and lj != li):
+                chain_factors[lj] = torch.ones_like(chain_factors[lj])
+    out = _rescaled_output(model, topology, example_input, factors, topology.chain_params())
+    return output_deviation(ref, out)
+
+
+def self_check_errors(
+    model: nn.Module,
+    topology: Topology,
+    example_input: Any,
+    *,
+    tolerance: float | None = None,
+    spread: float = 1.0,
+    generator: torch.Generator | None = None,
+    reference: Any = None,
+) -> tuple[float, float, list[tuple[int, int, float]], list[tuple[int, float]]]:
+    """Where a topology fails the self-check, for detection to drop what fails and keep the rest.
+
+    Returns:
+        ``(error, tolerance, bad_links, bad_chains)``: the relative output change with every hidden
+        unit rescaled; the tolerance used; when the error exceeds it, every ``(chain, layer, error)``
+        whose hidden units alone break invariance (the link ``layer -> layer + 1``); and, only when no
+        single link does, every ``(chain, error)`` whose units alone break it. Both lists are empty
+        when the topology passes.
+
+    Raises:
+        TopologyError: The eval-mode output differs between two identical forward passes.
+    """
+    if not topology.chains:
+        return 0.0, 0.0, [], []
+    with eval_mode(model):
+        with torch.no_grad():
+            ref = call_model(model, example_input) if reference is None else reference
+            tol = resolve_tolerance(ref, tolerance)
+            err = invariance_error(model, topology, example_input, spread=spread, generator=generator, reference=ref)
+            if err <= tol:
+                return err, tol, [], []
+            again = call_model(model, example_input)
+            if output_deviation(ref, again) > tol:
+                raise TopologyError(
+                    "self-check: the model's eval-mode output differs between two identical forward passes, "
+                    "so the topology cannot be verified; make forward deterministic in eval mode or pass "
+                    "self_check=False"
+                )
+            links: list[tuple[int, int, float]] = []
+            for ci, chain in enumerate(topology.chains):
+                for li in range(len(chain.layers) - 1):
+                    e = _layer_error(model, topology, example_input, ref, spread, generator, ci, li)
+                    if e > tol:
+                        links.append((ci, li, e))
+            chains: list[tuple[int, float]] = []
+            if not links:
+                for ci in range(len(topology.chains)):
+                    e = _layer_error(model, topology, example_input, ref, spread, generator, ci, None)
+                    if e > tol:
+                        chains.append((ci, e))
+    return err, tol, links, chains

@@ -133,12 +133,18 @@ class Topology:
             ``detect_topology(..., bn_mode="authors_heuristic")``. Their biases get plain SGD and are
             listed in ``excluded``.
         method: How the data flow was read (``"fx"``, ``"record"``, or ``""`` if built by hand).
+        untested: Names of the chain layers whose hidden units the self-check could not test on
+            ``example_input``: scaling them, even without compensation, did not change the output
+            (their contribution was zero there, e.g. behind a zero gain or dead after ReLU). They are
+            claimed on the structural rule alone (plain ``nn.Linear``/``nn.ConvNd`` joined by
+            homogeneous ops). Empty when the self-check did not run.
     """
 
     chains: tuple[Chain, ...]
     excluded: tuple[Excluded, ...] = ()
     bn_layers: tuple[ChainLayer, ...] = ()
     method: str = ""
+    untested: tuple[str, ...] = ()
 
     @property
     def hidden_units(self) -> int:
@@ -213,6 +219,11 @@ class Topology:
                 lines.append(
                     f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
                 )
+        if self.untested:
+            lines.append(
+                "  not tested by the self-check (their units did not affect the output on example_input; "
+                f"claimed as plain Linear/Conv layers): {', '.join(self.untested)}"
+            )
         if self.bn_layers:
             share = 100 * self.bn_heuristic_params / self.total_params if self.total_params else 0.0
             lines.append(

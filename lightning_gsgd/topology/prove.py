@@ -1,0 +1,158 @@
+"""Prove a detected topology on the model, and keep what passes.
+
+:func:`prove_topology` runs the self-check (:mod:`lightning_gsgd.topology.selfcheck`) on the chains
+that detection found. A link ``a -> b`` whose rescaling changes the output is cut: the chain is split
+there, a layer left alone leaves the topology with the measured change as its reason, and the rest
+is checked again until it passes. Then it records the hidden layers the check could not test
+(:func:`~lightning_gsgd.topology.untested.untested_layers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from torch import nn
+
+from lightning_gsgd.topology.rules import CONVS, conv_centre
+from lightning_gsgd.topology.selfcheck import interaction_failure, link_failure, self_check_errors
+from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
+from lightning_gsgd.topology.untested import untested_layers
+
+log = logging.getLogger(__name__)
+
+
+def chain_layer(name: str, mod: nn.Module, n_in: int | None, taps: int | None) -> ChainLayer:
+    """The chain layer of module ``mod``; ``n_in``/``taps`` as its predecessor's link gives them (``None``: a
+    chain's first layer, which reads its input channels/features as units)."""
+    if isinstance(mod, CONVS):
+        k = tuple(mod.kernel_size)
+        n = mod.in_channels if n_in is None else n_in
+        t = math.prod(k) if taps is None else taps
+        return ChainLayer(name, mod.weight, mod.bias, mod.out_channels, n, t, conv_centre(k))
+    assert isinstance(mod, nn.Linear)
+    n = mod.in_features if n_in is None else n_in
+    t = 1 if taps is None else taps
+    return ChainLayer(name, mod.weight, mod.bias, mod.out_features, n, t, t // 2)
+
+
+def _split(
+    chains: list[Chain], links: list[tuple[int, int, float]], modules: dict[str, nn.Module], tol: float
+) -> tuple[list[Chain], dict[str, str]]:
+    """Cut every chain at its failing links; single layers left over leave the topology.
+
+    Returns:
+        The remaining chains and, per layer name that left, the reason.
+    """
+    cuts: dict[int, dict[int, float]] = {}
+    for ci, li, e in links:
+        cuts.setdefault(ci, {})[li] = e
+    out: list[Chain] = []
+    gone: dict[str, str] = {}
+    for ci, chain in enumerate(chains):
+        if ci not in cuts:
+            out.append(chain)
+            continue
+        layers = chain.layers
+        for li, e in sorted(cuts[ci].items()):
+            log.warning(
+                "detect_topology: the self-check found that rescaling the units between '%s' and '%s' changes the "
+                "output by %.2e (relative; tolerance %.0e); chain %s is split there",
+                layers[li].name,
+                layers[li + 1].name,
+                e,
+                tol,
+                chain.name,
+            )
+        bounds = [-1] + sorted(cuts[ci]) + [len(layers) - 1]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            seg = list(layers[lo + 1 : hi + 1])
+            if len(seg) >= 2:
+                if lo >= 0:  # a new first layer reads its input channels/features as units
+                    seg[0] = chain_layer(seg[0].name, modules[seg[0].name], None, None)
+                out.append(Chain(tuple(seg)))
+                continue
+            li = hi if hi in cuts[ci] else lo  # the failing link after the layer, else the one before it
+            a, b = layers[li].name, layers[li + 1].name
+            gone[seg[0].name] = (
+                f"the self-check found that rescaling the units between '{a}' and '{b}' changed the output by "
+                f"{cuts[ci][li]:.2e} (relative; tolerance {tol:.0e}); '{seg[0].name}' is left in no chain"
+            )
+    return out, gone
+
+
+def prove_topology(
+    model: nn.Module, topo: Topology, example_input: Any, reference: Any, modules: dict[str, nn.Module]
+) -> tuple[Topology, str | None]:
+    """Self-check ``topo``; drop what fails and keep the rest; record the layers it cannot test.
+
+    Returns:
+        The proved topology, and the first failure's message (``None`` if nothing failed).
+
+    Raises:
+        TopologyError: The eval-mode output is not deterministic, or all units together break the
+            invariance while no single chain does.
+    """
+    chains = list(topo.chains)
+    gone: dict[str, str] = {}  # layer name -> why it left
+    first: str | None = None
+    tol = 0.0
+    for _ in range(2 + sum(len(c.layers) for c in chains)):  # every round removes a link or a chain
+        current = Topology(tuple(chains), topo.excluded, topo.bn_layers, topo.method)
+        err, tol, links, bad = self_check_errors(model, current, example_input, reference=reference)
+        if err <= tol:
+            break
+        if not links and not bad:
+            raise TopologyError(interaction_failure(err, tol))
+        if first is None:
+            first = (
+                link_failure(current, *links[0], tol)
+                if links
+                else f"self-check failed in chain {bad[0][0]} ({chains[bad[0][0]].name}): rescaling its hidden units "
+                f"changed the model output by {bad[0][1]:.2e} (relative; tolerance {tol:.0e}), though no single "
+                "layer's do"
+            )
+        if links:
+            chains, lost = _split(chains, links, modules, tol)
+            gone.update(lost)
+        else:
+            drop = dict(bad)
+            for ci, e in drop.items():
+                why = (
+                    f"the self-check found that rescaling the hidden units of chain {chains[ci].name} changed the "
+                    f"output by {e:.2e} (relative; tolerance {tol:.0e}), though no single layer's do"
+                )
+                log.warning("detect_topology: %s; the chain is left to plain SGD", why)
+                gone.update({layer.name: why for layer in chains[ci].layers})
+            chains = [c for ci, c in enumerate(chains) if ci not in drop]
+    else:  # pragma: no cover - unreachable: each round shrinks the topology
+        raise TopologyError("self-check: could not reduce the topology to one that passes")
+    excluded = topo.excluded
+    if gone:
+        param_reason = {}
+        for chain in topo.chains:
+            for layer in chain.layers:
+                if layer.name in gone:
+                    for p in (layer.weight, layer.bias):
+                        if p is not None:
+                            param_reason[id(p)] = f"'{layer.name}': {gone[layer.name]}"
+        old = {e.name: e.reason for e in topo.excluded}
+        covered = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
+        covered |= {id(layer.weight) for layer in topo.bn_layers}
+        excluded = tuple(
+            Excluded(name, p.numel(), old.get(name) or param_reason.get(id(p), "not used on example_input"))
+            for name, p in model.named_parameters()
+            if id(p) not in covered
+        )
+    proved = Topology(tuple(chains), excluded, topo.bn_layers, topo.method)
+    silent = untested_layers(model, proved, example_input, tolerance=tol or None, reference=reference)
+    if silent:
+        proved.untested = tuple(proved.chains[ci].layers[li].name for ci, li in silent)
+        log.warning(
+            "detect_topology: the self-check cannot test the hidden units of %s: scaling them does not change the "
+            "output on example_input (a zero gain or dead units?); they are claimed only because they are plain "
+            "Linear/Conv layers joined by positively homogeneous ops",
+            ", ".join(f"'{n}'" for n in proved.untested),
+        )
+    return proved, first
