@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_gsgd.diagnostics.metrics import PathDiagnostics
 from lightning_gsgd.optim.baselines import skeleton_sgd
+from lightning_gsgd.optim.gadam import GAdam, GAdamW
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.optim.path_sgd import PathSGD
 from lightning_gsgd.topology.detect import detect_topology
@@ -27,6 +28,8 @@ _LAZY = {"GSGDCallback": "lightning_gsgd.lightning.callback", "GSGDMixin": "ligh
 
 __all__ = [
     "GSGD",
+    "GAdam",
+    "GAdamW",
     "Chain",
     "ChainLayer",
     "Excluded",

@@ -76,7 +76,6 @@ def test_manual_optimization_is_refused():
 @pytest.mark.parametrize(
     ("kind", "match"),
     [
-        ("adam", "replaces torch.optim.SGD only.*return torch.optim.SGD"),
         ("none", "found no optimizer.*return torch.optim.SGD"),
         ("sgd_maximize", "maximize=True.*minimize the negated objective"),
     ],

@@ -1,4 +1,5 @@
-"""Turn the optimizer a LightningModule configured into a bound ``GSGD`` and keep schedulers attached.
+"""Turn the optimizer a LightningModule configured into a bound ``GSGD`` (from ``torch.optim.SGD``) or
+``GAdam``/``GAdamW`` (from ``torch.optim.Adam``/``AdamW``) and keep schedulers attached.
 
 Lightning glue only: no G-SGD math here.
 """
@@ -14,13 +15,28 @@ import lightning.pytorch as pl
 from lightning.pytorch.core.optimizer import _MockOptimizer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch.optim import SGD, Optimizer
+from torch.optim import SGD, Adam, AdamW, Optimizer
 
+from lightning_gsgd.optim.gadam import GAdam, GAdamW
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.topology.types import Topology
 
 # torch.optim.SGD options that GSGD does not have (it is neither fused, foreach nor differentiable).
 _SGD_ONLY_KEYS = ("maximize", "foreach", "differentiable", "fused")
+# torch.optim.Adam/AdamW options that GAdam does not have; each may keep its default (a false value).
+_ADAM_ONLY_KEYS = ("maximize", "foreach", "capturable", "differentiable", "fused")
+
+#: The G-space optimizers the callback binds as they are.
+G_OPTIMIZERS = (GSGD, GAdam)
+
+_SUPPORTED = "GSGDCallback converts torch.optim.SGD, Adam and AdamW (or binds lightning_gsgd.GSGD, GAdam, GAdamW)"
+
+
+def bound_topology(optimizer: Optimizer) -> Topology | None:
+    """The topology a configured ``GSGD``/``GAdam``/``GAdamW`` is already bound to, else ``None``."""
+    if isinstance(optimizer, G_OPTIMIZERS) and optimizer.is_bound:
+        return optimizer.topology
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,12 +60,14 @@ class Overrides:
                 group[key] = value
 
 
-def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> GSGD:
-    """Return a bound ``GSGD`` for the configured ``optimizer``.
+def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> GSGD | GAdam:
+    """Return a bound G-space optimizer for the configured ``optimizer``.
 
-    A ``torch.optim.SGD`` becomes a new ``GSGD`` over the same parameter groups, with the same
-    hyper-parameters (and any extra group keys, such as a scheduler's ``initial_lr``); a ``GSGD`` is
-    bound in place, unless it is already bound, in which case its own topology is kept.
+    A ``torch.optim.SGD`` becomes a new ``GSGD``, a ``torch.optim.Adam`` a new ``GAdam`` and a
+    ``torch.optim.AdamW`` a new ``GAdamW``, over the same parameter groups, with the same
+    hyper-parameters (and any extra group keys, such as a scheduler's ``initial_lr``); a ``GSGD``,
+    ``GAdam`` or ``GAdamW`` is bound in place, unless it is already bound, in which case its own
+    topology is kept.
 
     Args:
         optimizer: What ``configure_optimizers`` returned (the raw torch optimizer).
@@ -57,9 +75,20 @@ def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> G
         overrides: Hyper-parameters to replace.
 
     Raises:
-        MisconfigurationException: The optimizer is neither ``torch.optim.SGD`` nor ``GSGD``, or it is
-            an ``SGD`` with ``maximize=True``.
+        MisconfigurationException: The optimizer is none of those, it is an ``SGD`` with
+            ``maximize=True``, an ``Adam``/``AdamW`` with an option GAdam does not have (``maximize``,
+            ``foreach``, ``capturable``, ``differentiable``, ``fused``), or an Adam with an override
+            that does not apply to it (``momentum``, ``compiled=True``).
     """
+    if isinstance(optimizer, GAdam):
+        _check_adam_overrides(overrides)
+        for group in optimizer.param_groups:
+            overrides.apply(group)
+        if not optimizer.is_bound:
+            optimizer.bind(topology)
+        return optimizer
+    if type(optimizer) in (Adam, AdamW):
+        return _to_gadam(optimizer, topology, overrides)
     if isinstance(optimizer, GSGD):
         for group in optimizer.param_groups:
             overrides.apply(group)
@@ -75,9 +104,8 @@ def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> G
         )
     if type(optimizer) is not SGD:
         raise MisconfigurationException(
-            f"GSGDCallback replaces torch.optim.SGD only, but configure_optimizers returned "
-            f"{type(optimizer).__name__}; return torch.optim.SGD(...) or lightning_gsgd.GSGD(...) instead "
-            "(on the Lightning CLI: --optimizer torch.optim.SGD), or remove GSGDCallback to keep your optimizer."
+            f"{_SUPPORTED}, but configure_optimizers returned {type(optimizer).__name__}; return one of those "
+            "(on the Lightning CLI: --optimizer SGD, Adam or AdamW), or remove GSGDCallback to keep your optimizer."
         )
     groups = []
     for i, group in enumerate(optimizer.param_groups):
@@ -101,6 +129,54 @@ def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> G
     if overrides.min_ratio is not None:
         defaults["min_ratio"] = overrides.min_ratio
     return GSGD(groups, **defaults, topology=topology, compiled=bool(overrides.compiled))
+
+
+def _check_adam_overrides(overrides: Overrides) -> None:
+    """Refuse the callback overrides that have no meaning for Adam."""
+    if overrides.momentum is not None:
+        raise MisconfigurationException(
+            "GSGDCallback(momentum=...) applies to SGD only; Adam/AdamW have betas instead: set betas where the "
+            "optimizer is built and leave GSGDCallback's momentum at None."
+        )
+    if overrides.compiled:
+        raise MisconfigurationException(
+            "GSGDCallback(compiled=True) is not available for Adam/AdamW yet (GAdam has no compiled step); "
+            "leave compiled at None or False."
+        )
+
+
+def _to_gadam(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> GAdam:
+    """A new bound ``GAdam`` (from ``Adam``) or ``GAdamW`` (from ``AdamW``) with the same groups."""
+    _check_adam_overrides(overrides)
+    name = type(optimizer).__name__
+    decoupled = type(optimizer) is AdamW
+    groups = []
+    for i, group in enumerate(optimizer.param_groups):
+        for key in _ADAM_ONLY_KEYS:
+            if group.get(key):
+                raise MisconfigurationException(
+                    f"GSGDCallback cannot convert torch.optim.{name}({key}={group[key]!r}) (param group {i}): "
+                    f"build the {name} without {key} (GAdam steps each tensor eagerly)."
+                )
+        new = {k: v for k, v in group.items() if k not in _ADAM_ONLY_KEYS}
+        new["decoupled_weight_decay"] = bool(group.get("decoupled_weight_decay", decoupled))
+        overrides.apply(new)
+        groups.append(new)
+    if any(optimizer.state.values()):
+        rank_zero_warn(
+            f"GSGDCallback: the torch.optim.{name} being replaced already holds state (moment estimates); G-space "
+            "Adam keeps its moments in path coordinates and starts them afresh."
+        )
+    defaults = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad")}
+    for key in ("lr", "weight_decay"):
+        if getattr(overrides, key) is not None:
+            defaults[key] = getattr(overrides, key)
+    if overrides.min_ratio is not None:
+        defaults["min_ratio"] = overrides.min_ratio
+    if decoupled:
+        return GAdamW(groups, **defaults, topology=topology)
+    dwd = bool(optimizer.defaults.get("decoupled_weight_decay", False))
+    return GAdam(groups, **defaults, decoupled_weight_decay=dwd, topology=topology)
 
 
 def install_optimizer(trainer: pl.Trainer, old: Optimizer, new: Optimizer) -> None:

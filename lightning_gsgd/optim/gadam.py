@@ -1,0 +1,337 @@
+"""``GAdam`` and ``GAdamW``: Adam and AdamW on the basis-path values of ReLU chains.
+
+The classes validate their arguments as ``torch.optim.Adam`` does, bind a topology like ``GSGD``, and
+each step collects its arguments and calls :func:`lightning_gsgd.step.adam.adam_step`
+(docs/math.md, "Adam in path space").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_gsgd.optim.common import begin_step, check_chain_params
+from lightning_gsgd.optim.state import (
+    STATE_KEY,
+    refuse_foreign_state,
+    restore_counters,
+    saved_extra,
+    saved_fingerprint,
+    split_extra,
+)
+from lightning_gsgd.step.adam import AdamHyper, AdamPlans, AdamStepArgs, adam_hyper, adam_step
+from lightning_gsgd.step.inputs import StepCounters, check_contiguous
+from lightning_gsgd.topology.types import Topology, TopologyError
+
+#: The value of ``state_dict()["gsgd"]["kind"]`` that marks state saved by GAdam/GAdamW.
+STATE_KIND = "adam"
+
+
+def _unbound(name: str) -> str:
+    return (
+        f"{name} is not bound to a model: pass topology=detect_topology(model, example_input) to {name}(...) "
+        "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
+        "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
+        "lightning_gsgd.GSGDMixin first among your LightningModule's base classes"
+    )
+
+
+class GAdam(Optimizer):
+    """Adam in the positively scale-invariant space of a ReLU net (G-space, Meng et al., ICLR 2019).
+
+    Parameters that belong to a ReLU chain of ``topology`` are updated by Adam on their basis-path
+    values: the moment estimates are kept in path coordinates (the same ``dL/dv`` G-SGD computes), the
+    new path values are mapped back to weights holding every sigma weight fixed, and the result does
+    not depend on how the hidden units are scaled. Every other parameter (and each chain's output
+    bias) gets exactly ``torch.optim.Adam``'s rule (``AdamW``'s for :class:`GAdamW`) with the same
+    hyper-parameters. The state has torch's keys and sizes (``step``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq`` with amsgrad); for chain parameters the moments are in path coordinates and 0
+    at the sigma entries.
+
+    Weight decay: with ``decoupled_weight_decay=False`` (Adam) it is an L2 penalty on path values,
+    ``d = dL/dv + wd v``; with ``True`` (AdamW) every path value is multiplied by ``1 - lr wd``
+    before the Adam step (docs/math.md, "Adam in path space").
+
+    Skipped steps and the guard are those of :class:`~lightning_gsgd.GSGD`: a step whose gradients or
+    O(H) factors are not finite is skipped as a whole and counted in :attr:`skipped_steps` (on the CPU
+    decided before writing; on accelerators applied with ``torch.where``, no host read); a step that
+    would shrink a free tau path value below ``min_ratio`` times its value is clamped there and
+    counted in :attr:`guard_hits`. A skipped step does not advance the per-parameter ``step``.
+
+    Args:
+        params: Parameters or parameter groups, as for any torch optimizer.
+        lr: Learning rate (in path space for chain parameters).
+        betas: Coefficients of the running averages of the gradient and its square.
+        eps: Added to the denominator.
+        weight_decay: Weight decay (see above).
+        amsgrad: Use the AMSGrad variant.
+        decoupled_weight_decay: AdamW's decoupled weight decay.
+        topology: The model's topology from :func:`lightning_gsgd.detect_topology`; may be supplied
+            later with :meth:`bind` (the Lightning callback and mixin do this).
+        min_ratio: Guard on free tau path values, in ``(0, 1)``.
+        compiled: Not available for GAdam yet: ``True`` raises ``ValueError``.
+    """
+
+    _name = "GAdam"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        decoupled_weight_decay: bool = False,
+        topology: Topology | None = None,
+        min_ratio: float = 0.01,
+        compiled: bool = False,
+    ) -> None:
+        if not isinstance(compiled, bool):
+            raise TypeError(f"{self._name}: compiled must be True or False, got {compiled!r}")
+        if compiled:
+            raise ValueError(
+                f"{self._name}: compiled=True is not available for GAdam/GAdamW yet; use compiled=False "
+                "(the eager step)"
+            )
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "min_ratio": min_ratio,
+        }
+        check_adam_hyper(defaults, self._name)
+        super().__init__(params, defaults)
+        self.topology: Topology | None = None
+        self._plans = AdamPlans()
+        self._counters = StepCounters()
+        self._in_chain: set[int] = set()
+        #: Whether :meth:`step` may read a device flag on the host: ``None`` (default) only on the CPU;
+        #: ``False`` never (the accelerator path, which tests run on the CPU with it); ``True`` always.
+        self.host_reads: bool | None = None
+        self._pending_fingerprint: list[Any] | None = None
+        #: Always ``False``: GAdam has no compiled step yet.
+        self.compiled = False
+        if topology is not None:
+            self.bind(topology)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, refusing bad hyper-parameters in it.
+
+        Raises:
+            ValueError: A hyper-parameter of the group is out of range (the message names it).
+        """
+        check_adam_hyper({**self.defaults, **param_group}, f"{self._name} param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, topology: Topology) -> GAdam:
+        """Attach the model's topology; every chain parameter must be in this optimizer.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            TopologyError: A chain parameter is not in this optimizer, is frozen, the topology has
+                BN-heuristic layers (SGD only), or saved state does not fit the topology.
+        """
+        check_chain_params(topology, self.param_groups, self._name)
+        if topology.bn_layers:
+            raise TopologyError(
+                f"{self._name}: the BN heuristic (bn_mode='authors_heuristic', layer '{topology.bn_layers[0].name}') "
+                "is an SGD rule; detect the topology with bn_mode='sgd' to train those layers with plain Adam"
+            )
+        if self._pending_fingerprint is not None:
+            refuse_foreign_state(self._pending_fingerprint, topology)
+        self._pending_fingerprint = None
+        self.topology = topology
+        self._plans.reset(topology)
+        owned: set[int] = set()
+        for chain in topology.chains:
+            for l, layer in enumerate(chain.layers):
+                owned.add(id(layer.weight))
+                if layer.bias is not None and l < len(chain.layers) - 1:
+                    owned.add(id(layer.bias))
+        self._in_chain = owned
+        return self
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether a topology is attached."""
+        return self.topology is not None
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one G-space Adam step (see the class docstring for skipped steps and the guard).
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (run under ``torch.enable_grad``).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            RuntimeError: The optimizer has no topology (see :meth:`bind`).
+            TopologyError: A chain weight is not contiguous.
+        """
+        loss = begin_step(closure, self.topology, _unbound(self._name))
+        assert self.topology is not None
+        hp_of: dict[int, tuple[AdamHyper, dict[str, Any]]] = {}
+        device = None
+        for g in self.param_groups:
+            hp = adam_hyper(g)
+            for p in g["params"]:
+                hp_of[id(p)] = (hp, g)
+                if device is None and p.grad is not None:
+                    device = p.grad.device
+        if device is None:
+            return loss
+        for chain in self.topology.chains:
+            check_contiguous(chain, self._name)
+        plain = [
+            (p, hp_of[id(p)][0])
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and id(p) not in self._in_chain
+        ]
+        for p, _ in plain:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{self._name} does not support sparse gradients")
+        host_reads = device.type == "cpu" if self.host_reads is None else self.host_reads
+        adam_step(
+            AdamStepArgs(
+                chains=self.topology.chains,
+                plans=self._plans,
+                hp_of=hp_of,
+                plain=plain,
+                state=self.state,
+                counters=self._counters,
+                device=device,
+                host_reads=host_reads,
+            )
+        )
+        return loss
+
+    # ------------------------------------------------------------------ counters and state
+    @property
+    def guard_hits(self) -> Tensor:
+        """Total number of tau path values the guard clamped (a 0-d int64 tensor)."""
+        return self._counters.read("guard_hits")
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """Steps skipped because a gradient or a per-unit factor was not finite (a 0-d int64 tensor)."""
+        return self._counters.read("skipped_steps")
+
+    @property
+    def steps(self) -> Tensor:
+        """Number of steps taken, skipped ones excluded (a 0-d int64 tensor)."""
+        return self._counters.read("steps")
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's Adam state plus the step counters, the topology fingerprint and a kind marker."""
+        sd = super().state_dict()
+        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
+        extra = saved_extra(fp, self._counters)
+        extra["kind"] = STATE_KIND
+        sd[STATE_KEY] = extra
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state saved by :meth:`state_dict`; refuses state saved for another topology or optimizer.
+
+        Raises:
+            TopologyError: The saved fingerprint (chain layer names and shapes) differs, or the state
+                holds moments that GAdam did not save (torch's Adam keeps them in weight coordinates,
+                GSGD has momentum buffers).
+        """
+        state_dict, extra = split_extra(state_dict)
+        if any(state_dict.get("state", {}).values()) and (extra is None or extra.get("kind") != STATE_KIND):
+            saved_by = "torch.optim.Adam/AdamW or another optimizer" if extra is None else "GSGD"
+            raise TopologyError(
+                f"{self._name}: this optimizer state was saved by {saved_by}, not by GAdam/GAdamW; its moments "
+                "are not in path coordinates. Start the optimizer afresh (load only the model weights)."
+            )
+        saved_fp = None if extra is None else saved_fingerprint(extra)
+        if saved_fp is not None:
+            if self.topology is not None:
+                refuse_foreign_state(saved_fp, self.topology)
+            else:
+                self._pending_fingerprint = saved_fp
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            restore_counters(self._counters, extra)
+
+
+class GAdamW(GAdam):
+    """AdamW in G-space: :class:`GAdam` with decoupled weight decay (every path value is multiplied by
+    ``1 - lr wd`` before the Adam step; parameters outside chains get exactly ``torch.optim.AdamW``).
+
+    Same arguments as :class:`GAdam`, with torch's AdamW default ``weight_decay=1e-2``.
+    """
+
+    _name = "GAdamW"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        topology: Topology | None = None,
+        min_ratio: float = 0.01,
+        compiled: bool = False,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            decoupled_weight_decay=True,
+            topology=topology,
+            min_ratio=min_ratio,
+            compiled=compiled,
+        )
+
+
+def check_adam_hyper(h: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming the first out-of-range Adam hyper-parameter of ``h`` (torch's ranges)."""
+    lr = h["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
+    if not 0.0 <= lr:
+        raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
+    eps = h["eps"]
+    if isinstance(eps, Tensor) or not 0.0 <= eps:
+        raise ValueError(f"{where}: invalid eps={eps}; it must be a number >= 0")
+    betas = h["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: invalid betas={betas!r}; it must be a pair (beta1, beta2)")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"{where}: invalid betas[{i}]={beta}; it must be a number in [0, 1)")
+    wd = h["weight_decay"]
+    if isinstance(wd, Tensor) or not 0.0 <= wd:
+        raise ValueError(f"{where}: invalid weight_decay={wd}; it must be a number >= 0")
+    if not isinstance(h["amsgrad"], bool):
+        raise ValueError(f"{where}: invalid amsgrad={h['amsgrad']!r}; it must be True or False")
+    if not isinstance(h["decoupled_weight_decay"], bool):
+        raise ValueError(
+            f"{where}: invalid decoupled_weight_decay={h['decoupled_weight_decay']!r}; it must be True or False"
+        )
+    if not 0.0 < h["min_ratio"] < 1.0:
+        raise ValueError(f"{where}: invalid min_ratio={h['min_ratio']}; it must be in (0, 1)")
