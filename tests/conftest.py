@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # The test models are tiny: torch's intra-op worker threads only add contention on the 2-core CI
@@ -14,3 +15,12 @@ torch.set_num_threads(1)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's bundled 8x8 digits as float32 inputs in [0, 1] and integer labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)

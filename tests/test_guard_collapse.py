@@ -20,14 +20,6 @@ from lightning_gsgd import GSGD, detect_topology, init_skeleton_
 from tests.test_step_nosync import no_host_reads
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
-
-
 def _model(x: torch.Tensor) -> tuple[nn.Module, object]:
     torch.manual_seed(0)
     layers: list[nn.Module] = []

@@ -36,4 +36,4 @@ def test_pre_layout_checkpoint_resumes_as_an_uninterrupted_fit():
     for name in want:
         assert torch.equal(got[name], want[name]), name
     opt = trainer.optimizers[0]
-    assert isinstance(opt, GSGD) and opt.steps.item() == 8 and trainer.global_step == 8
+    assert isinstance(opt, GSGD) and opt.steps == 8 and trainer.global_step == 8

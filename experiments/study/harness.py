@@ -195,7 +195,7 @@ def run_one(cfg: RunConfig, accelerator: str = "auto") -> dict[str, Any]:
         "loadavg": os.getloadavg()[0],
     }
     for counter in ("guard_hits", "skipped_steps"):
-        value = getattr(opt, counter, None)
-        if isinstance(value, torch.Tensor):
-            result[counter] = int(value)
+        value = getattr(opt, counter, None)  # G-space optimizers count these; torch's do not
+        if isinstance(value, int):
+            result[counter] = value
     return result

@@ -210,9 +210,9 @@ class PathDiagnostics:
         """The relative path-space update since :meth:`before_step`, and the optimizer's counters.
 
         Args:
-            optimizer: A :class:`~lightning_gsgd.GSGD` (or anything with ``guard_hits``,
-                ``skipped_steps`` and ``steps`` tensors); other optimizers and ``None`` give no
-                counter keys.
+            optimizer: A :class:`~lightning_gsgd.GSGD` (or anything whose ``counters()`` returns the
+                ``guard_hits``, ``skipped_steps`` and ``steps`` tensors); other optimizers and ``None``
+                give no counter keys.
 
         Returns:
             ``relative_update`` (and ``chain{i}/relative_update`` if enabled), plus the
@@ -242,10 +242,12 @@ class PathDiagnostics:
                     out[f"chain{ci}/relative_update"] = torch.sqrt(d2 / self._kept_sq[ci])
             base = torch.stack(self._kept_sq).sum()
             out["relative_update"] = torch.sqrt(torch.stack(diff_sq).sum() / base)
-        if optimizer is not None and all(hasattr(optimizer, k) for k in COUNTER_KEYS):
+        counters = getattr(optimizer, "counters", None)
+        if counters is not None:
             device = out["relative_update"].device
+            tensors = counters()
             for k in COUNTER_KEYS:
-                out[k] = getattr(optimizer, k).to(device=device, dtype=torch.float32)
+                out[k] = tensors[k].to(device=device, dtype=torch.float32)
         return out
 
     def _from_step(self, optimizer: Any) -> dict[str, Tensor]:

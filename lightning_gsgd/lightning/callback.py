@@ -15,8 +15,9 @@ from typing_extensions import override
 
 from lightning_gsgd.lightning.checks import check_automatic_optimization, check_single_optimizer, check_strategy
 from lightning_gsgd.lightning.example_input import example_input
-from lightning_gsgd.lightning.logger import DiagnosticsLogger
+from lightning_gsgd.lightning.logger import DiagnosticsLogger, is_logging_step
 from lightning_gsgd.lightning.optimizer_swap import Overrides, install_optimizer, schedulers_of, to_gsgd
+from lightning_gsgd.lightning.skip_monitor import SkipMonitor
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.topology.detect import detect_topology
 from lightning_gsgd.topology.skeleton import init_skeleton_
@@ -92,6 +93,11 @@ class GSGDCallback(Callback):
         compiled: Run G-SGD's step as one ``torch.compile`` graph (see :class:`~lightning_gsgd.GSGD`'s
             ``compiled``; compiles on the first step, then faster than the eager step); ``None`` keeps
             a configured ``GSGD``'s setting (``False`` for a converted SGD).
+        skip_warning_fraction: Warn (rank zero) at the first step G-SGD skips, saying why and what to
+            do, and again whenever more than this share of the last ``skip_warning_window`` steps were
+            skipped; ``None`` switches the warnings off. Read after every step on the CPU, on logging
+            steps and at the end of the fit on accelerators.
+        skip_warning_window: The number of recent steps that share is taken over.
     """
 
     def __init__(
@@ -111,6 +117,8 @@ class GSGDCallback(Callback):
         per_chain: bool = False,
         invariance_check: bool = False,
         compiled: bool | None = None,
+        skip_warning_fraction: float | None = 0.1,
+        skip_warning_window: int = 50,
     ) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if value is not None and value < 0:
@@ -123,6 +131,12 @@ class GSGDCallback(Callback):
             raise ValueError(f"GSGDCallback: bn_mode={bn_mode!r} must be 'sgd' or 'authors_heuristic'")
         if compiled is not None and not isinstance(compiled, bool):
             raise TypeError(f"GSGDCallback: compiled={compiled!r} must be True, False or None")
+        if skip_warning_fraction is not None and not 0.0 <= skip_warning_fraction < 1.0:
+            raise ValueError(
+                f"GSGDCallback: skip_warning_fraction={skip_warning_fraction} must be in [0, 1) (or None: no warnings)"
+            )
+        if skip_warning_window < 1:
+            raise ValueError(f"GSGDCallback: skip_warning_window={skip_warning_window} must be >= 1")
         self.overrides = Overrides(
             lr=lr, momentum=momentum, weight_decay=weight_decay, min_ratio=min_ratio, compiled=compiled
         )
@@ -144,6 +158,7 @@ class GSGDCallback(Callback):
         self.diagnostics = DiagnosticsLogger(diagnostics, per_chain, invariance_check)
         """Logs the ``gsgd/`` diagnostics (see the class docstring)."""
         self._example: Any = None
+        self._skips = None if skip_warning_fraction is None else SkipMonitor(skip_warning_fraction, skip_warning_window)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -193,6 +208,8 @@ class GSGDCallback(Callback):
         """Remember the step count the fit starts from (restored by now when resuming); log the fit-start numbers."""
         self._last_step = trainer.global_step
         self.diagnostics.log_summary(trainer)
+        if self._skips is not None and self.optimizer is not None:
+            self._skips.start(self.optimizer)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -217,6 +234,17 @@ class GSGDCallback(Callback):
         diagnostics of the step.
         """
         self.diagnostics.after_step(trainer, pl_module, self.optimizer)
+        if self._skips is not None and self.optimizer is not None:
+            # reading the counters waits for an accelerator: there only on the steps Lightning logs
+            on_cpu = all(p.device.type == "cpu" for p in self.optimizer.counters().values())
+            if on_cpu or is_logging_step(trainer):
+                self._skips.check(self.optimizer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report the skipped steps not reported yet (one read of the counters)."""
+        if self._skips is not None and self.optimizer is not None:
+            self._skips.check(self.optimizer)
 
     @override
     def on_load_checkpoint(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,16 +13,22 @@ from lightning_gsgd.topology.types import Topology, TopologyError
 
 
 def check_hyper(h: dict[str, Any], where: str) -> None:
-    """Raise a ValueError naming the first out-of-range SGD hyper-parameter of ``h``."""
-    lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
+    """Raise a ValueError naming the first out-of-range SGD hyper-parameter of ``h`` and its valid range.
+
+    Stricter than ``torch.optim.SGD`` where a value can only diverge: momentum must be below 1 (at 1 or
+    above the path-space momentum buffer grows without bound and every later step is skipped).
+    """
+    lr, momentum, dampening, wd = h["lr"], h["momentum"], h["dampening"], h["weight_decay"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"{where}: a tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
-    if lr < 0.0:
+    if not lr >= 0.0:  # also refuses NaN
         raise ValueError(f"{where}: invalid learning rate lr={lr}; it must be >= 0")
-    if momentum < 0.0:
-        raise ValueError(f"{where}: invalid momentum={momentum}; it must be >= 0")
-    if h["weight_decay"] < 0.0:
-        raise ValueError(f"{where}: invalid weight_decay={h['weight_decay']}; it must be >= 0")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{where}: invalid momentum={momentum}; it must be in [0, 1)")
+    if not wd >= 0.0:
+        raise ValueError(f"{where}: invalid weight_decay={wd}; it must be >= 0")
+    if not math.isfinite(wd):
+        raise ValueError(f"{where}: invalid weight_decay={wd}; it must be finite")
     if not 0.0 <= dampening <= 1.0:
         raise ValueError(f"{where}: invalid dampening={dampening}; it must be in [0, 1]")
     if h["nesterov"] and (momentum <= 0 or dampening != 0):

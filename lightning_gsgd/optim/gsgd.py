@@ -254,19 +254,33 @@ class GSGD(Optimizer):
 
     # ------------------------------------------------------------------ counters and state
     @property
-    def guard_hits(self) -> Tensor:
-        """Total number of tau path values the guard clamped (a 0-d int64 tensor)."""
-        return self._counters.read("guard_hits")
+    def guard_hits(self) -> int:
+        """Total number of free tau path values the guard clamped."""
+        return int(self._counters.read("guard_hits"))
 
     @property
-    def skipped_steps(self) -> Tensor:
-        """Steps skipped because a gradient or a per-unit factor was not finite (a 0-d int64 tensor)."""
-        return self._counters.read("skipped_steps")
+    def skipped_steps(self) -> int:
+        """Steps skipped as a whole because a gradient, a per-unit sum or a per-unit factor was not finite."""
+        return int(self._counters.read("skipped_steps"))
 
     @property
-    def steps(self) -> Tensor:
-        """Number of steps taken, skipped ones excluded (a 0-d int64 tensor)."""
-        return self._counters.read("steps")
+    def collapsed_steps(self) -> int:
+        """Skipped steps whose loss gradient was finite but whose per-unit sums or factors were not: path
+        values the guard drove towards zero have collapsed (docs/math.md, "Skipped steps and the guard")."""
+        return int(self._counters.read("collapsed_steps"))
+
+    @property
+    def steps(self) -> int:
+        """Number of steps taken, skipped ones excluded."""
+        return int(self._counters.read("steps"))
+
+    def counters(self) -> dict[str, Tensor]:
+        """The counters as 0-d int64 tensors on the parameters' device, updated in place by every step.
+
+        Reading one as a number waits for the device (the properties above do); logging the tensors does
+        not. Keys: ``steps``, ``skipped_steps``, ``guard_hits``, ``collapsed_steps``.
+        """
+        return self._counters.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus G-SGD counters and the topology fingerprint."""

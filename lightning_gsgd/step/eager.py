@@ -33,21 +33,25 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
     """
     device, want, state = args.device, args.readings, args.state
     prepared: list[Prepared] = []
-    checks: list[Tensor] = []
+    inputs: list[Tensor] = []  # the gradients checked directly (a NaN loss reaches every gradient)
+    factors: list[Tensor] = []  # the per-row sums and the O(H) factors
     chain_of: list[int] = []
     for ci, chain in enumerate(args.chains):
         prep = _prepare(args, ci, chain)
         if prep is not None:
             prepared.append(prep)
             chain_of.append(ci)
-            checks.extend(prep.checks())
-    checks.extend(minmax(p.grad) for p, _ in args.plain)
-    checks.extend(minmax(layer.weight.grad) for layer in args.bn_layers)
-    flags = torch.cat([c if c.device == device else c.to(device) for c in checks])
-    ok = torch.isfinite(flags).all()
+            inputs.extend(prep.input_checks())
+            factors.extend(prep.factor_check_values())
+    inputs.extend(minmax(p.grad) for p, _ in args.plain)
+    inputs.extend(minmax(layer.weight.grad) for layer in args.bn_layers)
+    inputs_ok = _all_finite(inputs, device)
+    ok = inputs_ok & _all_finite(factors, device)
     skipped = args.counters.get("skipped_steps", device)
+    collapsed = args.counters.get("collapsed_steps", device)  # skipped with finite gradients: a collapse
     if args.host_reads and not bool(ok):
         skipped += 1
+        collapsed += inputs_ok.long()
         return collect_readings(prepared, chain_of, None, None) if want else None
     where_ok = None if args.host_reads else ok
     hits = args.counters.get("guard_hits", device)
@@ -76,7 +80,15 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
     args.counters.get("steps", device).add_(1 if where_ok is None else where_ok.long())
     if where_ok is not None:
         skipped += (~where_ok).long()
+        collapsed += (inputs_ok & ~where_ok).long()
     return collect_readings(prepared, chain_of, updates, where_ok) if want else None
+
+
+def _all_finite(values: list[Tensor], device: torch.device) -> Tensor:
+    """A 0-d bool tensor on ``device``: whether every entry of every tensor is finite."""
+    if not values:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.cat([v if v.device == device else v.to(device) for v in values])).all()
 
 
 def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:

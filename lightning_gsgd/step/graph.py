@@ -65,19 +65,22 @@ def _prepare(
     bgs: list[list[Tensor | None]],
     hps: list[Tensor],
     extra: list[Tensor],
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Phase one over every chain: returns ``(ok, hits, vecs)``.
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Phase one over every chain: returns ``(ok, inputs_ok, hits, vecs)``.
 
-    Per chain ``c``: ``ws[c][l]``, ``gs[c][l]``, ``bufs[c][l]`` are layer ``l``'s weight, gradient
-    and momentum buffer (``None``: no momentum), ``bws``/``bgs`` the hidden biases and their
-    gradients (``None``: no bias, or one without gradient, and always for the last layer), ``hps[c]``
-    the ``[2L, 7]`` hyper-parameter table (weights, then biases). ``extra`` are the gradients of the
-    parameters outside chains: ``ok`` needs them finite too. ``vecs[c]`` is ``[F, 1 / F, 1 / rho]``
-    over the chain's rows, then ``B``, ``1 / B``, the new tau weight and the new tau buffer entry of
-    the input node of every entry ``k`` of the layers after the first. ``hits`` counts clamped
-    free tau values (0 when the step is not ``ok``).
+    Per chain ``c``: ``ws[c][l]``, ``gs[c][l]``, ``bufs[c][l]`` are layer ``l``'s weight, gradient and
+    momentum buffer (``None``: no momentum), ``bws``/``bgs`` the hidden biases and their gradients
+    (``None``: no bias, or one without gradient, and always for the last layer), ``hps[c]`` the ``[2L,
+    7]`` hyper-parameter table (weights, then biases). ``extra`` are the gradients of the parameters
+    outside chains: ``ok`` needs them finite too. ``inputs_ok`` says whether the gradients checked
+    directly (those outside chains, each chain's last layer) were finite: a step that is not ``ok``
+    although they were is counted as a collapse. ``vecs[c]``
+    is ``[F, 1 / F, 1 / rho]`` over the chain's rows, then ``B``, ``1 / B``, the new tau weight and the
+    new tau buffer entry of the input node of every entry ``k`` of the layers after the first. ``hits``
+    counts clamped free tau values (0 when the step is not ``ok``).
     """
-    checks = [torch.stack(torch.aminmax(g)).reshape(2).to(ws[0][0].dtype) for g in extra]
+    inputs = [torch.stack(torch.aminmax(g)).reshape(2).to(ws[0][0].dtype) for g in extra]
+    checks: list[Tensor] = []
     hits = []
     vecs = []
     for c, ch in enumerate(chains):
@@ -134,14 +137,16 @@ def _prepare(
         # the eager step's check (chain_step.prepare_chain): every per-row factor, the new
         # skeleton block and buffer entries, the floor 1 / F'^2, the row sums and the last gradient
         checks += [B, F_rows, rhoinv, r_rows, q, r_rows * q, sw.index_copy(0, free_pos, w_tau_new[free_nodes])]
-        checks += [q[:H].square(), base_h, torch.stack(torch.aminmax(g2[-1]))]
+        checks += [q[:H].square(), base_h]
+        inputs.append(torch.stack(torch.aminmax(g2[-1])))
         if momentum:
             checks.append(sb.index_copy(0, free_pos, buf_tau[free_nodes]))
         hits.append(hit.sum())
         per_node = torch.stack([B, torch.reciprocal(B), w_tau_new, buf_tau])
         vecs.append(torch.cat([F_rows, r_rows, rhoinv, per_node[:, col_node].reshape(-1)]))
-    ok = torch.isfinite(torch.cat(checks)).all()
-    return ok, torch.stack(hits).sum() * ok, vecs
+    inputs_ok = torch.isfinite(torch.cat(inputs)).all()
+    ok = inputs_ok & torch.isfinite(torch.cat(checks)).all()
+    return ok, inputs_ok, torch.stack(hits).sum() * ok, vecs
 
 
 def _update(
@@ -245,10 +250,10 @@ def _step(
 
     ``plain = (params, grads, buffers, table)`` holds the parameters outside chains, with one
     table row each (torch's SGD rule: ``d = g + wd p``, the buffer and direction as above,
-    ``p' = p - lr dir``). ``counters = [steps, skipped_steps, guard_hits]`` are added to.
+    ``p' = p - lr dir``). ``counters = [steps, skipped_steps, guard_hits, collapsed_steps]`` are added to.
     """
     ps, pgs, pbufs, ptab = plain
-    ok, hits, vecs = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs)
+    ok, inputs_ok, hits, vecs = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs)
     _update(chains, ws, gs, bufs, bws, bgs, bbufs, hps, vecs, ok)
     for i, (p, g, buf) in enumerate(zip(ps, pgs, pbufs)):
         # torch's SGD rule is the path-space rule with s = f = 1 and no rescale
@@ -256,10 +261,11 @@ def _step(
         if nb is not None and buf is not None:
             buf.copy_(torch.where(ok, nb, buf))
         p.copy_(torch.where(ok, new_p, p))
-    steps, skipped, guard = counters
+    steps, skipped, guard, collapsed = counters
     steps.add_(ok.long())
     skipped.add_(torch.logical_not(ok).long())
     guard.add_(hits)
+    collapsed.add_((inputs_ok & torch.logical_not(ok)).long())
     return ok, vecs  # vecs is returned so that Inductor stores it (see the module docstring)
 
 

@@ -19,7 +19,7 @@ from lightning_gsgd.step.work import ChainWork
 from lightning_gsgd.topology.types import Chain, ChainLayer, Topology, TopologyError
 
 #: The step counters, in the order the compiled step takes them.
-COUNTERS = ("steps", "skipped_steps", "guard_hits")
+COUNTERS = ("steps", "skipped_steps", "guard_hits", "collapsed_steps")
 
 
 class StepCounters:
@@ -42,6 +42,11 @@ class StepCounters:
     def read(self, name: str) -> Tensor:
         """The counter ``name`` as it stands (a 0 on the CPU before the first step)."""
         return self.tensors.get(name, torch.zeros((), dtype=torch.int64))
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Every counter of :data:`COUNTERS`, those not made yet as zeros beside the others."""
+        device = next((t.device for t in self.tensors.values()), torch.device("cpu"))
+        return {name: self.tensors.get(name, torch.zeros((), dtype=torch.int64, device=device)) for name in COUNTERS}
 
     def all_on(self, device: torch.device) -> list[Tensor]:
         """Every counter on ``device``, in the order of :data:`COUNTERS`."""

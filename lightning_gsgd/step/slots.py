@@ -99,6 +99,12 @@ class Prepared:
         """Every weight and bias slot."""
         return [*self.weights, *(b for b in self.biases if b is not None)]
 
-    def checks(self) -> list[Tensor]:
-        """Values that are all finite exactly when the step can be written (see :func:`prepare_chain`)."""
-        return [self.work.base_h, self.last_check, self.factor_check]
+    def input_checks(self) -> list[Tensor]:
+        """The gradient values checked directly: ``[min, max]`` of the last layer's gradient (a NaN or inf
+        loss reaches every gradient, that one included)."""
+        return [self.last_check]
+
+    def factor_check_values(self) -> list[Tensor]:
+        """Values that are all finite exactly when the per-row sums ``sum(w * g)`` (which also check the
+        hidden layers' gradients) and the step's O(H) factors are (see :func:`prepare_chain`)."""
+        return [self.work.base_h, self.factor_check]
