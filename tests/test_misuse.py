@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_gsgd import GSGD, GSGDCallback, PathSGD, detect_topology
+from lightning_gsgd import GSGD, GAdam, GSGDCallback, PathSGD, TopologyError, detect_topology
 from lightning_gsgd.lightning.skip_monitor import SkipMonitor
 from lightning_gsgd.step.graph import ChainGraphs
 from tests.lightning_models import MLPModule, cpu_trainer, make_dataset, make_loader
@@ -47,9 +47,10 @@ def test_each_out_of_range_argument_is_refused_with_its_name_and_range(cls, kwar
         cls(model.parameters(), **{"lr": 0.1, **kwargs}, topology=topo)
 
 
-def test_counters_are_plain_python_numbers():
+@pytest.mark.parametrize("cls", [GSGD, GAdam])
+def test_counters_are_plain_python_numbers(cls):
     model, topo = _model()
-    opt = GSGD(model.parameters(), lr=0.1, topology=topo)
+    opt = cls(model.parameters(), lr=0.1, topology=topo)
     assert (opt.steps, opt.skipped_steps, opt.guard_hits, opt.collapsed_steps) == (0, 0, 0, 0)
     model(torch.randn(4, 5, dtype=torch.float64)).sum().backward()
     opt.step()
@@ -182,3 +183,18 @@ def test_a_collapse_is_counted_as_a_collapse(digits, compiled):
         opt.step()
     assert opt.skipped_steps > 0, "no step was skipped: the collapse was not reached"
     assert opt.collapsed_steps == opt.skipped_steps
+
+
+def test_gsgd_refuses_the_state_of_gadam_and_gadam_that_of_gsgd():
+    model, topo = _model()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    saved = {}
+    for cls in (GSGD, GAdam):
+        opt = cls(model.parameters(), lr=1e-3, topology=topo, **({"momentum": 0.9} if cls is GSGD else {}))
+        model(x).sum().backward()
+        opt.step()
+        saved[cls] = opt.state_dict()
+    with pytest.raises(TopologyError, match="GSGD: this optimizer state was saved by GAdam/GAdamW"):
+        GSGD(model.parameters(), lr=0.1, momentum=0.9, topology=topo).load_state_dict(saved[GAdam])
+    with pytest.raises(TopologyError, match="GAdam: this optimizer state was saved by GSGD"):
+        GAdam(model.parameters(), lr=0.1, topology=topo).load_state_dict(saved[GSGD])

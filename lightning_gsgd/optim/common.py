@@ -65,6 +65,19 @@ def check_chain_params(topology: Topology, param_groups: list[dict[str, Any]], n
     return owned
 
 
+def chain_owned_ids(topology: Topology) -> set[int]:
+    """Ids of the parameters a chain step owns: every chain weight and every hidden bias (a chain's output
+    bias is no path value and takes the plain rule, like every parameter outside chains), and the
+    weights of BN-heuristic layers."""
+    owned = {id(layer.weight) for layer in topology.bn_layers}
+    for chain in topology.chains:
+        for l, layer in enumerate(chain.layers):
+            owned.add(id(layer.weight))
+            if layer.bias is not None and l < len(chain.layers) - 1:
+                owned.add(id(layer.bias))
+    return owned
+
+
 def begin_step(closure: Callable[[], Any] | None, topology: Topology | None, unbound: str) -> Any:
     """Run the closure (under ``torch.enable_grad``) and refuse an optimizer without a topology.
 

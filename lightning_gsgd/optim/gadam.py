@@ -14,14 +14,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd.optim.common import begin_step, check_chain_params
+from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params
 from lightning_gsgd.optim.state import (
+    COLLAPSED_STEPS,
+    GUARD_HITS,
+    SKIPPED_STEPS,
     STATE_KEY,
-    refuse_foreign_state,
+    STEPS,
+    SavedState,
     restore_counters,
-    saved_extra,
-    saved_fingerprint,
-    split_extra,
 )
 from lightning_gsgd.step.adam import AdamHyper, AdamPlans, AdamStepArgs, adam_hyper, adam_step
 from lightning_gsgd.step.inputs import StepCounters, check_contiguous
@@ -117,7 +118,7 @@ class GAdam(Optimizer):
         #: Whether :meth:`step` may read a device flag on the host: ``None`` (default) only on the CPU;
         #: ``False`` never (the accelerator path, which tests run on the CPU with it); ``True`` always.
         self.host_reads: bool | None = None
-        self._pending_fingerprint: list[Any] | None = None
+        self._saved = SavedState(self._name, STATE_KIND, own_moments_only=True)
         #: Always ``False``: GAdam has no compiled step yet.
         self.compiled = False
         if topology is not None:
@@ -149,18 +150,10 @@ class GAdam(Optimizer):
                 f"{self._name}: the BN heuristic (bn_mode='authors_heuristic', layer '{topology.bn_layers[0].name}') "
                 "is an SGD rule; detect the topology with bn_mode='sgd' to train those layers with plain Adam"
             )
-        if self._pending_fingerprint is not None:
-            refuse_foreign_state(self._pending_fingerprint, topology)
-        self._pending_fingerprint = None
+        self._saved.check_bind(topology)
         self.topology = topology
         self._plans.reset(topology)
-        owned: set[int] = set()
-        for chain in topology.chains:
-            for l, layer in enumerate(chain.layers):
-                owned.add(id(layer.weight))
-                if layer.bias is not None and l < len(chain.layers) - 1:
-                    owned.add(id(layer.bias))
-        self._in_chain = owned
+        self._in_chain = chain_owned_ids(topology)
         return self
 
     @property
@@ -222,28 +215,23 @@ class GAdam(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ counters and state
-    @property
-    def guard_hits(self) -> Tensor:
-        """Total number of tau path values the guard clamped (a 0-d int64 tensor)."""
-        return self._counters.read("guard_hits")
+    guard_hits = GUARD_HITS
+    skipped_steps = SKIPPED_STEPS
+    collapsed_steps = COLLAPSED_STEPS
+    steps = STEPS
 
-    @property
-    def skipped_steps(self) -> Tensor:
-        """Steps skipped because a gradient or a per-unit factor was not finite (a 0-d int64 tensor)."""
-        return self._counters.read("skipped_steps")
+    def counters(self) -> dict[str, Tensor]:
+        """The counters as 0-d int64 tensors on the parameters' device, updated in place by every step.
 
-    @property
-    def steps(self) -> Tensor:
-        """Number of steps taken, skipped ones excluded (a 0-d int64 tensor)."""
-        return self._counters.read("steps")
+        Reading one as a number waits for the device (the properties above do); logging the tensors does
+        not. Keys: ``steps``, ``skipped_steps``, ``guard_hits``, ``collapsed_steps``.
+        """
+        return self._counters.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's Adam state plus the step counters, the topology fingerprint and a kind marker."""
+        """torch's optimizer state plus the counters, the topology fingerprint and the optimizer kind."""
         sd = super().state_dict()
-        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
-        extra = saved_extra(fp, self._counters)
-        extra["kind"] = STATE_KIND
-        sd[STATE_KEY] = extra
+        sd[STATE_KEY] = self._saved.extra(self.topology, self._counters)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -254,22 +242,9 @@ class GAdam(Optimizer):
                 holds moments that GAdam did not save (torch's Adam keeps them in weight coordinates,
                 GSGD has momentum buffers).
         """
-        state_dict, extra = split_extra(state_dict)
-        if any(state_dict.get("state", {}).values()) and (extra is None or extra.get("kind") != STATE_KIND):
-            saved_by = "torch.optim.Adam/AdamW or another optimizer" if extra is None else "GSGD"
-            raise TopologyError(
-                f"{self._name}: this optimizer state was saved by {saved_by}, not by GAdam/GAdamW; its moments "
-                "are not in path coordinates. Start the optimizer afresh (load only the model weights)."
-            )
-        saved_fp = None if extra is None else saved_fingerprint(extra)
-        if saved_fp is not None:
-            if self.topology is not None:
-                refuse_foreign_state(saved_fp, self.topology)
-            else:
-                self._pending_fingerprint = saved_fp
+        state_dict, extra = self._saved.accept(state_dict, self.topology)
         super().load_state_dict(state_dict)
-        if extra is not None:
-            restore_counters(self._counters, extra)
+        restore_counters(self._counters, extra)
 
 
 class GAdamW(GAdam):

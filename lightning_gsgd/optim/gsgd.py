@@ -13,14 +13,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd.optim.common import begin_step, check_chain_params, check_hyper
+from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params, check_hyper
 from lightning_gsgd.optim.state import (
+    COLLAPSED_STEPS,
+    GUARD_HITS,
+    SKIPPED_STEPS,
     STATE_KEY,
-    refuse_foreign_state,
+    STEPS,
+    SavedState,
     restore_counters,
-    saved_extra,
-    saved_fingerprint,
-    split_extra,
 )
 from lightning_gsgd.step.compiled import CompiledStep
 from lightning_gsgd.step.eager import eager_step
@@ -125,8 +126,7 @@ class GSGD(Optimizer):
         #: where it is free; ``False`` never, the synchronization-free path that accelerators take (the
         #: hook with which tests run that path on the CPU); ``True`` always.
         self.host_reads: bool | None = None
-        # A fingerprint loaded before bind(), checked against the topology bind() receives.
-        self._pending_fingerprint: list[Any] | None = None
+        self._saved = SavedState("GSGD", "sgd", own_moments_only=False)
         #: Whether the step runs as one ``torch.compile`` graph (see the class docstring).
         self.compiled = compiled
         # Diagnostics by-products (PathDiagnostics on logging steps, see step/readings.py): a request
@@ -166,21 +166,11 @@ class GSGD(Optimizer):
                     f"GSGD: the weight of BN-heuristic layer '{layer.name}' is not a trainable parameter "
                     "of this optimizer"
                 )
-        if self._pending_fingerprint is not None:
-            refuse_foreign_state(self._pending_fingerprint, topology)
-        self._pending_fingerprint = None
+        self._saved.check_bind(topology)
         self.topology = topology
         self._caches.reset(topology)
         self._compiled_step.reset()
-        # Parameters the chain step owns; the output bias of a chain is no path value and takes the
-        # plain SGD path like every other parameter outside chains.
-        owned_by_chains = {id(layer.weight) for layer in topology.bn_layers}
-        for chain in topology.chains:
-            for l, layer in enumerate(chain.layers):
-                owned_by_chains.add(id(layer.weight))
-                if layer.bias is not None and l < len(chain.layers) - 1:
-                    owned_by_chains.add(id(layer.bias))
-        self._in_chain = owned_by_chains
+        self._in_chain = chain_owned_ids(topology)
         return self
 
     @property
@@ -253,26 +243,10 @@ class GSGD(Optimizer):
         return self._compiled_step.last
 
     # ------------------------------------------------------------------ counters and state
-    @property
-    def guard_hits(self) -> int:
-        """Total number of free tau path values the guard clamped."""
-        return int(self._counters.read("guard_hits"))
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped as a whole because a gradient, a per-unit sum or a per-unit factor was not finite."""
-        return int(self._counters.read("skipped_steps"))
-
-    @property
-    def collapsed_steps(self) -> int:
-        """Skipped steps whose loss gradient was finite but whose per-unit sums or factors were not: path
-        values the guard drove towards zero have collapsed (docs/math.md, "Skipped steps and the guard")."""
-        return int(self._counters.read("collapsed_steps"))
-
-    @property
-    def steps(self) -> int:
-        """Number of steps taken, skipped ones excluded."""
-        return int(self._counters.read("steps"))
+    guard_hits = GUARD_HITS
+    skipped_steps = SKIPPED_STEPS
+    collapsed_steps = COLLAPSED_STEPS
+    steps = STEPS
 
     def counters(self) -> dict[str, Tensor]:
         """The counters as 0-d int64 tensors on the parameters' device, updated in place by every step.
@@ -283,28 +257,21 @@ class GSGD(Optimizer):
         return self._counters.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus G-SGD counters and the topology fingerprint."""
+        """torch's optimizer state plus the counters, the topology fingerprint and the optimizer kind."""
         sd = super().state_dict()
-        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
-        sd[STATE_KEY] = saved_extra(fp, self._counters)
+        sd[STATE_KEY] = self._saved.extra(self.topology, self._counters)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state saved by :meth:`state_dict`; refuses state saved for another topology.
+        """Load state saved by :meth:`state_dict`; refuses state saved for another topology or by GAdam.
 
         Raises:
-            TopologyError: The saved fingerprint (chain layer names and shapes) differs.
+            TopologyError: The saved fingerprint (chain layer names and shapes) differs, or GAdam/GAdamW
+                saved the state (its moments are no momentum buffers).
         """
-        state_dict, extra = split_extra(state_dict)
-        saved_fp = None if extra is None else saved_fingerprint(extra)
-        if saved_fp is not None:
-            if self.topology is not None:
-                refuse_foreign_state(saved_fp, self.topology)
-            else:
-                self._pending_fingerprint = saved_fp
+        state_dict, extra = self._saved.accept(state_dict, self.topology)
         super().load_state_dict(state_dict)
-        if extra is not None:
-            restore_counters(self._counters, extra)
+        restore_counters(self._counters, extra)
 
     # ------------------------------------------------------------------ diagnostics by-products
     def request_readings(self) -> bool:

@@ -47,7 +47,7 @@ from lightning_gsgd.step.adam_chain import (
 )
 from lightning_gsgd.step.adam_rule import AdamHyper, adam_hyper, plain_adam_step
 from lightning_gsgd.step.inputs import StepCounters
-from lightning_gsgd.step.single import minmax
+from lightning_gsgd.step.single import all_finite, minmax
 from lightning_gsgd.topology.types import Chain
 
 __all__ = ["AdamHyper", "AdamPlans", "AdamStepArgs", "adam_hyper", "adam_step"]
@@ -75,6 +75,7 @@ def adam_step(args: AdamStepArgs) -> None:
     """
     device, state, host_reads = args.device, args.state, args.host_reads
     prepared: list[PreparedAdam] = []
+    inputs: list[Tensor] = []  # the gradients checked directly: a NaN or inf loss reaches each of them
     for ci, chain in enumerate(args.chains):
         layers = chain.layers
         if all(layer.weight.grad is None for layer in layers):
@@ -93,14 +94,19 @@ def adam_step(args: AdamStepArgs) -> None:
         min_ratio = args.hp_of[id(layers[0].weight)][1]["min_ratio"]
         prep = prepare_adam_chain(args.plans.plan(ci, chain), weights, biases, state, min_ratio, host_reads=host_reads)
         prepared.append(prep)
-    checks = [adam_chain_checks(p) for p in prepared] + [minmax(p.grad) for p, _ in args.plain]
+        if layers[-1].weight.grad is not None:
+            inputs.append(minmax(layers[-1].weight.grad))
+    inputs += [minmax(p.grad) for p, _ in args.plain]
+    checks = [adam_chain_checks(p) for p in prepared] + inputs
     skipped = args.counters.get("skipped_steps", device)
+    collapsed = args.counters.get("collapsed_steps", device)  # skipped with finite gradients: a collapse
     ok: Tensor | None = None
     if checks:
-        flags = torch.cat([c if c.device == device else c.to(device) for c in checks])
-        ok = torch.isfinite(flags).all()
+        ok = all_finite(checks, device)
+        inputs_ok = all_finite(inputs, device)
         if host_reads and not bool(ok):
             skipped += 1
+            collapsed += inputs_ok.long()
             return
     where_ok = None if host_reads or ok is None else ok
     hits = args.counters.get("guard_hits", device)
@@ -112,3 +118,4 @@ def adam_step(args: AdamStepArgs) -> None:
     args.counters.get("steps", device).add_(1 if where_ok is None else where_ok.long())
     if where_ok is not None:
         skipped += (~where_ok).long()
+        collapsed += (inputs_ok & ~where_ok).long()

@@ -16,7 +16,7 @@ from lightning_gsgd.step.chain_step import apply_chain, prepare_chain
 from lightning_gsgd.step.inputs import StepArgs
 from lightning_gsgd.step.readings import collect_readings, update_after
 from lightning_gsgd.step.readings import supported as readings_supported
-from lightning_gsgd.step.single import bn_heuristic_layer_step, keep, minmax, plain_sgd_step, write
+from lightning_gsgd.step.single import all_finite, bn_heuristic_layer_step, keep, minmax, plain_sgd_step, write
 from lightning_gsgd.step.slots import ChainReading, Prepared, Slot
 from lightning_gsgd.topology.types import Chain
 
@@ -45,8 +45,8 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
             factors.extend(prep.factor_check_values())
     inputs.extend(minmax(p.grad) for p, _ in args.plain)
     inputs.extend(minmax(layer.weight.grad) for layer in args.bn_layers)
-    inputs_ok = _all_finite(inputs, device)
-    ok = inputs_ok & _all_finite(factors, device)
+    inputs_ok = all_finite(inputs, device)
+    ok = inputs_ok & all_finite(factors, device)
     skipped = args.counters.get("skipped_steps", device)
     collapsed = args.counters.get("collapsed_steps", device)  # skipped with finite gradients: a collapse
     if args.host_reads and not bool(ok):
@@ -82,13 +82,6 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
         skipped += (~where_ok).long()
         collapsed += (inputs_ok & ~where_ok).long()
     return collect_readings(prepared, chain_of, updates, where_ok) if want else None
-
-
-def _all_finite(values: list[Tensor], device: torch.device) -> Tensor:
-    """A 0-d bool tensor on ``device``: whether every entry of every tensor is finite."""
-    if not values:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.isfinite(torch.cat([v if v.device == device else v.to(device) for v in values])).all()
 
 
 def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:

@@ -96,6 +96,13 @@ def minmax(t: Tensor) -> Tensor:
     return torch.stack([lo, hi]).flatten()
 
 
+def all_finite(values: list[Tensor], device: torch.device) -> Tensor:
+    """A 0-d bool tensor on ``device``: whether every entry of every tensor is finite."""
+    if not values:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.cat([v if v.device == device else v.to(device) for v in values])).all()
+
+
 def write(dst: Tensor, new: Tensor, ok: Tensor | None) -> None:
     """Copy ``new`` into ``dst`` (viewed as ``dst``); only where ``ok`` holds when ``ok`` is given."""
     if ok is None:
