@@ -92,7 +92,9 @@ class GSGDCallback(Callback):
             weights per logging step, and a host synchronization.
         compiled: Run G-SGD's step as one ``torch.compile`` graph (see :class:`~lightning_gsgd.GSGD`'s
             ``compiled``; compiles on the first step, then faster than the eager step); ``None`` keeps
-            a configured ``GSGD``'s setting (``False`` for a converted SGD).
+            a configured ``GSGD``'s setting, and lets a converted SGD decide by itself (``GSGD``'s
+            default ``compiled=None``: compiled for chains of at least 100,000 parameters when a
+            compiler is there).
         skip_warning_fraction: Warn (rank zero) at the first step G-SGD skips, saying why and what to
             do, and again whenever more than this share of the last ``skip_warning_window`` steps were
             skipped; ``None`` switches the warnings off. Read after every step on the CPU, on logging

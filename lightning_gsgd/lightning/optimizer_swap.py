@@ -128,7 +128,7 @@ def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> G
             defaults[key] = getattr(overrides, key)
     if overrides.min_ratio is not None:
         defaults["min_ratio"] = overrides.min_ratio
-    return GSGD(groups, **defaults, topology=topology, compiled=bool(overrides.compiled))
+    return GSGD(groups, **defaults, topology=topology, compiled=overrides.compiled)
 
 
 def _check_adam_overrides(overrides: Overrides) -> None:

@@ -6,6 +6,7 @@ dispatches once to the eager or the compiled form of :mod:`lightning_gsgd.step`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,14 +24,17 @@ from lightning_gsgd.optim.state import (
     SavedState,
     restore_counters,
 )
+from lightning_gsgd.step.auto_compile import auto_compile
 from lightning_gsgd.step.compiled import CompiledStep
 from lightning_gsgd.step.eager import eager_step
 from lightning_gsgd.step.graph import ChainGraphs
 from lightning_gsgd.step.hyper import hyper
-from lightning_gsgd.step.inputs import ChainCaches, StepCounters, collect_step_args
+from lightning_gsgd.step.inputs import ChainCaches, StepArgs, StepCounters, collect_step_args
 from lightning_gsgd.step.readings import supported as readings_supported
 from lightning_gsgd.step.slots import ChainReading
 from lightning_gsgd.topology.types import Topology, TopologyError
+
+log = logging.getLogger(__name__)
 
 _UNBOUND = (
     "GSGD is not bound to a model: pass topology=detect_topology(model, example_input) to GSGD(...) "
@@ -78,13 +82,17 @@ class GSGD(Optimizer):
             ``(0, 1)``.
         compiled: Run the whole step (every chain, and the parameters outside chains) as one graph
             compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor.
-            The first step compiles it (a C++ compiler on the CPU, Triton on CUDA), and a new
-            variant when which tensors have gradients or buffers changes; hyper-parameters enter as
-            a tensor, so LR schedulers do not recompile. The step never reads a flag on the host,
-            on any device. Steps that log path diagnostics and models with a BN-heuristic layer take
-            the eager step. Results agree with the eager step to rounding, not bit for bit (also for
-            parameters outside chains, which the eager step updates exactly like
-            ``torch.optim.SGD``). Default ``False``.
+            ``None`` (default) decides at :meth:`bind`: compiled when the chains hold at least 100,000
+            parameters and a compiler is there (a C++ compiler on the CPU, Triton on CUDA), eager
+            otherwise, with the reason in the log (:mod:`lightning_gsgd.step.auto_compile`); if
+            compiling then fails, the eager step runs instead, with a warning. ``True`` / ``False``
+            force one form. The first compiled step compiles the graph (seconds; logged), and a new
+            variant when which tensors have gradients or buffers changes; hyper-parameters enter as a
+            tensor, so LR schedulers do not recompile. The compiled step never reads a flag on the
+            host, on any device. Steps that log path diagnostics and models with a BN-heuristic layer
+            take the eager step. Results agree with the eager step to rounding, not bit for bit (also
+            for parameters outside chains, which the eager step updates exactly like
+            ``torch.optim.SGD``).
 
     Example:
         >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
@@ -103,10 +111,10 @@ class GSGD(Optimizer):
         *,
         topology: Topology | None = None,
         min_ratio: float = 0.01,
-        compiled: bool = False,
+        compiled: bool | None = None,
     ) -> None:
-        if not isinstance(compiled, bool):
-            raise TypeError(f"GSGD: compiled must be True or False, got {compiled!r}")
+        if compiled is not None and not isinstance(compiled, bool):
+            raise TypeError(f"GSGD: compiled must be True or False (or None: decided at bind), got {compiled!r}")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -127,8 +135,8 @@ class GSGD(Optimizer):
         #: hook with which tests run that path on the CPU); ``True`` always.
         self.host_reads: bool | None = None
         self._saved = SavedState("GSGD", "sgd", own_moments_only=False)
-        #: Whether the step runs as one ``torch.compile`` graph (see the class docstring).
-        self.compiled = compiled
+        self._compiled = bool(compiled)
+        self._auto = compiled is None
         # Diagnostics by-products (PathDiagnostics on logging steps, see step/readings.py): a request
         # for the next step only, and that step's readings per chain index.
         self._readings_request = False
@@ -170,8 +178,23 @@ class GSGD(Optimizer):
         self.topology = topology
         self._caches.reset(topology)
         self._compiled_step.reset()
+        if self._auto:
+            self._compiled, why = auto_compile(topology)
+            log.info("GSGD: %s step (compiled=None): %s", "compiled" if self._compiled else "eager", why)
         self._in_chain = chain_owned_ids(topology)
         return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs as one ``torch.compile`` graph (see the class docstring); with
+        ``compiled=None`` decided at :meth:`bind`. Setting it chooses the form from the next step on."""
+        return self._compiled
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"GSGD: compiled must be True or False, got {value!r}")
+        self._compiled, self._auto = value, False
 
     @property
     def is_bound(self) -> bool:
@@ -220,9 +243,24 @@ class GSGD(Optimizer):
         if args is None:
             return loss
         # The compiled graph neither reads diagnostics nor steps BN-heuristic layers.
-        form = self._compiled_step if self.compiled and not want and not args.bn_layers else eager_step
-        self._readings = form(args)
+        if self.compiled and not want and not args.bn_layers:
+            self._readings = self._compiled_or_eager(args)
+        else:
+            self._readings = eager_step(args)
         return loss
+
+    def _compiled_or_eager(self, args: StepArgs) -> Any:
+        """The compiled step; with ``compiled=None``, the eager one from now on if compiling fails here."""
+        if not self._auto:
+            return self._compiled_step(args)
+        try:
+            return self._compiled_step(args)
+        except TopologyError:  # a weight the step cannot take (named): the eager step refuses it too
+            raise
+        except Exception as exc:  # torch.compile could not build the step (a compiler error, a missing tool)
+            self._compiled = False
+            log.warning("GSGD: compiling the step failed (%s: %s); running the eager step", type(exc).__name__, exc)
+            return eager_step(args)
 
     def _graph_replay(self) -> bool:
         """Replay the last compiled step with the new gradients if its arguments still hold."""
