@@ -103,3 +103,28 @@ def test_fully_shard_equals_unsharded(tmp_path, unsharded, world):
     assert got["bytes_wide"] == got["bytes_narrow"] > 0
     H, n_sel_max, elsize = 7 + 5, (7 + 5) * 2 + 3, 4
     assert got["mlp"]["bytes"] <= world * (3 * n_sel_max + H + 2) * elsize
+
+
+def test_lightning_model_parallel_fit_and_resume(tmp_path):
+    """ModelParallelStrategy (FSDP2 in configure_model) on 2 CPU processes: the callback fits, and a fit resumed
+    from a distributed checkpoint equals the straight one bit for bit."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fsdp_lightning_script.py"), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    params = [k for k in full if k not in ("steps", "bytes")]
+    for k in params:
+        assert torch.equal(full[k], resumed[k]), k
+    assert int(full["steps"]) == 8 and 0 < int(full["bytes"]) < 1000
+    # Not yet held: equality with one process on the global batches (train_by_hand); the weights differed
+    # by up to 0.1 when tried, unexplained so far (the step alone is held by test_fully_shard_equals_unsharded).
