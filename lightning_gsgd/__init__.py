@@ -16,6 +16,7 @@ from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.optim.path_sgd import PathSGD
 from lightning_gsgd.topology.detect import detect_topology
 from lightning_gsgd.topology.selfcheck import check_invariance, invariance_error
+from lightning_gsgd.topology.shard import shard_topology
 from lightning_gsgd.topology.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
 
@@ -45,6 +46,7 @@ __all__ = [
     "invariance_error",
     "random_unit_factors",
     "rescale_hidden_units_",
+    "shard_topology",
     "skeleton_sgd",
 ]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from lightning.pytorch.strategies import (
@@ -30,9 +32,8 @@ def _bare(cls: type) -> Strategy:
 @pytest.mark.parametrize(
     ("cls", "fix"),
     [
-        (FSDPStrategy, "strategy='ddp'"),
-        (DeepSpeedStrategy, "strategy='ddp'"),  # a DDPStrategy subclass: the deny-list comes first
-        (ModelParallelStrategy, "strategy='ddp'"),
+        (FSDPStrategy, "use ModelParallelStrategy"),
+        (DeepSpeedStrategy, "use ModelParallelStrategy"),  # a DDPStrategy subclass: the deny-list comes first
         (XLAStrategy, "accelerator='cpu'"),  # also a DDPStrategy subclass
         (SingleDeviceXLAStrategy, "accelerator='cpu'"),  # a SingleDeviceStrategy subclass
     ],
@@ -56,10 +57,29 @@ def test_unknown_strategies_are_refused_and_ddp_is_accepted():
         pass
 
     Custom.__abstractmethods__ = frozenset()
-    with pytest.raises(MisconfigurationException, match="single-device and DDP strategies only.*strategy='ddp'"):
+    with pytest.raises(MisconfigurationException, match="single-device, DDP and ModelParallelStrategy.*strategy='ddp'"):
         check_strategy(Custom())
     check_strategy(DDPStrategy())
     check_strategy(SingleDeviceStrategy(device=torch.device("cpu")))
+
+
+class _Mesh:
+    def __init__(self, tp: int) -> None:
+        self.tp = tp
+
+    def __getitem__(self, name: str) -> Any:
+        return type("Sub", (), {"size": lambda _self: self.tp if name == "tensor_parallel" else 2})()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_model_parallel_is_accepted_with_fsdp2_only(tp):
+    strategy = _bare(ModelParallelStrategy)
+    strategy._device_mesh = _Mesh(tp)
+    if tp == 1:
+        check_strategy(strategy)
+    else:
+        with pytest.raises(MisconfigurationException, match="FSDP2 only.*tensor_parallel_size=1"):
+            check_strategy(strategy)
 
 
 def _fit(model, callback=None, loader=None, **kw):

@@ -8,18 +8,25 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_gsgd.lightning.checks import check_automatic_optimization, check_single_optimizer, check_strategy
+from lightning_gsgd.lightning.checks import (
+    check_automatic_optimization,
+    check_single_optimizer,
+    check_strategy,
+    shards_weights,
+)
 from lightning_gsgd.lightning.example_input import example_input
 from lightning_gsgd.lightning.logger import DiagnosticsLogger, is_logging_step
 from lightning_gsgd.lightning.optimizer_swap import Overrides, install_optimizer, schedulers_of, to_gsgd
 from lightning_gsgd.lightning.skip_monitor import SkipMonitor
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.topology.detect import detect_topology
+from lightning_gsgd.topology.shard import shard_topology
 from lightning_gsgd.topology.skeleton import init_skeleton_
 from lightning_gsgd.topology.types import Topology, TopologyError
 
@@ -161,6 +168,8 @@ class GSGDCallback(Callback):
         """Logs the ``gsgd/`` diagnostics (see the class docstring)."""
         self._example: Any = None
         self._skips = None if skip_warning_fraction is None else SkipMonitor(skip_warning_fraction, skip_warning_window)
+        # ModelParallelStrategy: the topology of the module as built, detected before configure_model shards it
+        self._unsharded: Topology | None = None
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -171,6 +180,9 @@ class GSGDCallback(Callback):
         check_strategy(trainer.strategy)
         check_automatic_optimization(pl_module)
         self._run_before_tuners(trainer)
+        self._unsharded = None
+        if shards_weights(trainer.strategy):
+            self._detect_before_sharding(trainer, pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -186,6 +198,8 @@ class GSGDCallback(Callback):
         if isinstance(configured, GSGD) and configured.is_bound:
             topology = configured.topology
             assert topology is not None
+        elif self._unsharded is not None:  # configure_model has sharded the module since setup
+            topology = shard_topology(self._unsharded, pl_module)
         else:
             topology = self._detect(trainer, pl_module)
         self._check_fingerprint(topology)
@@ -202,7 +216,8 @@ class GSGDCallback(Callback):
             self._skeleton_done = True
             if topology.chains:
                 rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
-        self.diagnostics.setup(trainer, topology, lambda: self._example_input(trainer, pl_module))
+        if optimizer.comm_bytes_per_step == 0 and self._unsharded is None:  # sharded: no path diagnostics yet
+            self.diagnostics.setup(trainer, topology, lambda: self._example_input(trainer, pl_module))
         self._example = None  # the diagnostics keep their own reference if they need it
 
     @override
@@ -304,6 +319,23 @@ class GSGDCallback(Callback):
                 + topology.summary()
             )
         return topology
+
+    def _detect_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """ModelParallelStrategy: detect on the module as built (whole weights, before ``configure_model``
+        shards it with ``fully_shard``) and set the skeleton there; ``on_fit_start`` re-points the topology
+        at the sharded parameters. When resuming, the checkpoint's weights replace the skeleton later."""
+        device = next((p.device for p in pl_module.parameters()), None)
+        x = self._example_input(trainer, pl_module)
+        if device is not None:
+            x = move_data_to_device(x, device)  # the module is not on the strategy's device yet
+        self._example = x
+        self._unsharded = self._detect(trainer, pl_module)
+        if self.skeleton_init and not self._skeleton_done:
+            init_skeleton_(self._unsharded)  # constant values: identical on every rank
+            self._skeleton_done = True
+            if self._unsharded.chains:
+                rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
+        self._example = None
 
     def _check_fingerprint(self, topology: Topology) -> None:
         if self._loaded_fingerprint is not None and self._loaded_fingerprint != topology.fingerprint():

@@ -25,18 +25,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 _DENIED: tuple[tuple[type, str], ...] = (
     (
         FSDPStrategy,
-        "GSGDCallback does not support FSDPStrategy: FSDP shards the weights and G-SGD needs whole weight "
-        "rows and columns on every rank; use strategy='ddp' (or a single device) instead.",
+        "GSGDCallback does not support FSDPStrategy: FSDP1 flattens the weights into flat parameters and G-SGD "
+        "needs each layer's rows; use ModelParallelStrategy (FSDP2: fully_shard in configure_model), or "
+        "strategy='ddp', instead.",
     ),
     (
         DeepSpeedStrategy,
         "GSGDCallback does not support DeepSpeedStrategy: DeepSpeed shards parameters and optimizer state and "
-        "steps its own optimizer, which breaks G-SGD's per-unit structure; use strategy='ddp' instead.",
-    ),
-    (
-        ModelParallelStrategy,
-        "GSGDCallback does not support ModelParallelStrategy: tensor parallelism and FSDP2 split the weights "
-        "G-SGD needs whole; use strategy='ddp' instead.",
+        "steps its own optimizer, which breaks G-SGD's per-unit structure; use ModelParallelStrategy (FSDP2: "
+        "fully_shard in configure_model), or strategy='ddp', instead.",
     ),
     (
         XLAStrategy,
@@ -54,16 +51,25 @@ _DENIED: tuple[tuple[type, str], ...] = (
 def check_strategy(strategy: Strategy) -> None:
     """Raise if G-SGD cannot run under ``strategy``.
 
-    Supported: single-device strategies and :class:`DDPStrategy` (``ddp``, ``ddp_spawn``,
-    ``ddp_fork``, ``ddp_notebook``) without post-local SGD.
+    Supported: single-device strategies, :class:`DDPStrategy` (``ddp``, ``ddp_spawn``,
+    ``ddp_fork``, ``ddp_notebook``) without post-local SGD, and :class:`ModelParallelStrategy` with
+    ``tensor_parallel_size=1`` (FSDP2: ``fully_shard`` over the data-parallel mesh).
 
     Raises:
-        MisconfigurationException: The strategy shards weights, is an XLA strategy, averages
-            weights (post-local SGD), or is not a single-device or DDP strategy.
+        MisconfigurationException: The strategy is FSDP1 or DeepSpeed, uses tensor parallelism, is an
+            XLA strategy, averages weights (post-local SGD), or is not one of the above.
     """
     for cls, message in _DENIED:
         if isinstance(strategy, cls):
             raise MisconfigurationException(message)
+    if isinstance(strategy, ModelParallelStrategy):
+        mesh = strategy.device_mesh  # set up before the setup hook runs
+        if mesh["tensor_parallel"].size() > 1:
+            raise MisconfigurationException(
+                "GSGDCallback supports ModelParallelStrategy with FSDP2 only (tensor_parallel_size=1): tensor "
+                "parallelism splits weights by columns too; use ModelParallelStrategy(tensor_parallel_size=1)."
+            )
+        return
     if isinstance(strategy, DDPStrategy):
         if _uses_post_local_sgd(strategy):
             raise MisconfigurationException(
@@ -75,9 +81,15 @@ def check_strategy(strategy: Strategy) -> None:
     if isinstance(strategy, SingleDeviceStrategy):
         return
     raise MisconfigurationException(
-        f"GSGDCallback supports single-device and DDP strategies only, not {type(strategy).__name__}; use "
-        "strategy='auto' on one device, or strategy='ddp' (or 'ddp_spawn' / 'ddp_fork') on several."
+        f"GSGDCallback supports single-device, DDP and ModelParallelStrategy (FSDP2) strategies only, not "
+        f"{type(strategy).__name__}; use strategy='auto' on one device, strategy='ddp' on several, or "
+        "ModelParallelStrategy to shard."
     )
+
+
+def shards_weights(strategy: Strategy) -> bool:
+    """Whether ``strategy`` shards the weights with FSDP2 in ``configure_model`` (``ModelParallelStrategy``)."""
+    return isinstance(strategy, ModelParallelStrategy)
 
 
 def _uses_post_local_sgd(strategy: DDPStrategy) -> bool:

@@ -54,8 +54,9 @@ def check_chain_params(topology: Topology, param_groups: list[dict[str, Any]], n
                 if id(p) not in owned:
                     raise TopologyError(
                         f"{name}: the {kind} of layer '{layer.name}' is not among this optimizer's "
-                        "parameters: was the topology built for a different model, or were "
-                        "parameters left out of the optimizer?"
+                        "parameters: was the topology built for a different model, were "
+                        "parameters left out of the optimizer, or was the model sharded by fully_shard after "
+                        "detection (then pass lightning_gsgd.shard_topology(topology, model))?"
                     )
                 if not p.requires_grad:
                     raise TopologyError(

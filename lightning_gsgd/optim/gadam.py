@@ -26,6 +26,7 @@ from lightning_gsgd.optim.state import (
 )
 from lightning_gsgd.step.adam import AdamHyper, AdamPlans, AdamStepArgs, adam_hyper, adam_step
 from lightning_gsgd.step.inputs import StepCounters, check_contiguous
+from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Topology, TopologyError
 
 #: The value of ``state_dict()["gsgd"]["kind"]`` that marks state saved by GAdam/GAdamW.
@@ -142,13 +143,18 @@ class GAdam(Optimizer):
 
         Raises:
             TopologyError: A chain parameter is not in this optimizer, is frozen, the topology has
-                BN-heuristic layers (SGD only), or saved state does not fit the topology.
+                BN-heuristic layers (SGD only) or sharded weights, or saved state does not fit the topology.
         """
         check_chain_params(topology, self.param_groups, self._name)
         if topology.bn_layers:
             raise TopologyError(
                 f"{self._name}: the BN heuristic (bn_mode='authors_heuristic', layer '{topology.bn_layers[0].name}') "
                 "is an SGD rule; detect the topology with bn_mode='sgd' to train those layers with plain Adam"
+            )
+        if is_sharded(topology):
+            raise TopologyError(
+                f"{self._name} does not support sharded (fully_shard) weights yet; use lightning_gsgd.GSGD, which "
+                "steps row-sharded chains, or train unsharded (DDP)"
             )
         self._saved.check_bind(topology)
         self.topology = topology

@@ -31,7 +31,9 @@ from lightning_gsgd.step.graph import ChainGraphs
 from lightning_gsgd.step.hyper import hyper
 from lightning_gsgd.step.inputs import ChainCaches, StepArgs, StepCounters, collect_step_args
 from lightning_gsgd.step.readings import supported as readings_supported
+from lightning_gsgd.step.sharded import ShardedStep
 from lightning_gsgd.step.slots import ChainReading
+from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Topology, TopologyError
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ _UNBOUND = (
     "or call optimizer.bind(topology); in Lightning, add lightning_gsgd.GSGDCallback() to "
     "Trainer(callbacks=[...]) (CLI: --trainer.callbacks+=lightning_gsgd.GSGDCallback) or list "
     "lightning_gsgd.GSGDMixin first among your LightningModule's base classes"
+)
+
+_COMPILED_SHARDED = (
+    "GSGD(compiled=True) does not support sharded (fully_shard) weights; use compiled=False, which steps "
+    "each rank's rows eagerly with one small all-gather per step"
 )
 
 
@@ -129,6 +136,7 @@ class GSGD(Optimizer):
         self._caches = ChainCaches()
         self._counters = StepCounters()
         self._compiled_step = CompiledStep(self._caches)
+        self._sharded: ShardedStep | None = None
         self._in_chain: set[int] = set()
         #: Whether :meth:`step` may read a device flag on the host: ``None`` (default) only on the CPU,
         #: where it is free; ``False`` never, the synchronization-free path that accelerators take (the
@@ -175,12 +183,16 @@ class GSGD(Optimizer):
                     "of this optimizer"
                 )
         self._saved.check_bind(topology)
+        sharded = is_sharded(topology)
+        if self._auto:
+            self._compiled, why = (False, "the chain weights are sharded") if sharded else auto_compile(topology)
+            log.info("GSGD: %s step (compiled=None): %s", "compiled" if self._compiled else "eager", why)
+        elif sharded and self._compiled:
+            raise TopologyError(_COMPILED_SHARDED)
         self.topology = topology
         self._caches.reset(topology)
         self._compiled_step.reset()
-        if self._auto:
-            self._compiled, why = auto_compile(topology)
-            log.info("GSGD: %s step (compiled=None): %s", "compiled" if self._compiled else "eager", why)
+        self._sharded = ShardedStep(topology, self._caches) if sharded else None
         self._in_chain = chain_owned_ids(topology)
         return self
 
@@ -228,6 +240,8 @@ class GSGD(Optimizer):
         loss = begin_step(closure, self.topology, _UNBOUND)
         assert self.topology is not None
         want, self._readings_request, self._readings = self._readings_request, False, None
+        if self._sharded is not None and self.compiled:
+            raise TopologyError(_COMPILED_SHARDED)
         if self.compiled and not want and self._graph_replay():
             return loss
         args = collect_step_args(
@@ -241,6 +255,9 @@ class GSGD(Optimizer):
             readings=want,
         )
         if args is None:
+            return loss
+        if self._sharded is not None:  # row-sharded DTensors (FSDP2): step/sharded.py
+            self._sharded(args)
             return loss
         # The compiled graph neither reads diagnostics nor steps BN-heuristic layers.
         if self.compiled and not want and not args.bn_layers:
@@ -294,6 +311,18 @@ class GSGD(Optimizer):
         """
         return self._counters.snapshot()
 
+    @property
+    def comm_bytes_per_step(self) -> int:
+        """Bytes the last step exchanged between ranks (its one all-gather, as each rank receives it; 0
+        unless the chain weights are sharded by ``fully_shard``). O(H) per chain: see docs/math.md,
+        "Sharded steps"."""
+        return 0 if self._sharded is None else self._sharded.bytes_per_step
+
+    @property
+    def comm_bytes_total(self) -> int:
+        """Bytes exchanged by every step since :meth:`bind` (see :attr:`comm_bytes_per_step`)."""
+        return 0 if self._sharded is None else self._sharded.bytes_total
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus the counters, the topology fingerprint and the optimizer kind."""
         sd = super().state_dict()
@@ -326,7 +355,7 @@ class GSGD(Optimizer):
         """
         self._readings = None
         self._readings_request = False
-        if self.topology is None:
+        if self.topology is None or self._sharded is not None:  # sharded: no readings yet
             return False
         hp_of = {id(p): hyper(g) for g in self.param_groups for p in g["params"]}
         for chain in self.topology.chains:

@@ -88,16 +88,51 @@ def prepare_chain(
         b = biases[l]
         if b is not None:
             work.base_rows[l].addcmul_(b.param, b.grad)
+    lo, hi = torch.aminmax(weights[-1].grad)
+    return solve_gathered(
+        work, weights, biases, momentum, torch.stack([lo, hi]), min_ratio, unit_b=unit_b, bias_params=bias_params
+    )
+
+
+def solve_gathered(
+    work: ChainWork,
+    weights: list[Slot],
+    biases: list[Slot | None],
+    momentum: bool,
+    last_check: Tensor,
+    min_ratio: float,
+    *,
+    unit_b: bool | None,
+    bias_params: list[Tensor | None] | None = None,
+) -> Prepared:
+    """The rest of phase one once the work area holds the skeleton block and the per-row sums.
+
+    :func:`prepare_chain` fills the work area from whole weights; the sharded step
+    (:mod:`lightning_gsgd.step.sharded`) fills it from every rank's rows. Either way this computes
+    every O(H) quantity from the same numbers.
+
+    Args:
+        work: Work area holding the skeleton block ``[S, 1, G, M]`` and ``sum(w * g)`` per hidden row
+            (hidden biases' ``b * grad`` added).
+        weights: Per layer, the weight slot.
+        biases: Per layer, the bias slot or ``None``.
+        momentum: Whether any weight has momentum.
+        last_check: Values that are finite exactly when the last layer's gradient is.
+        min_ratio: Guard of free tau path values.
+        unit_b: As for :func:`prepare_chain`.
+        bias_params: As for :func:`prepare_chain`.
+    """
+    plan = work.plan
     w_sig, g_sig = work.skel.take(plan.sig_take).unbind(0)
     work.base_h.addcmul_(w_sig, g_sig, value=-1)
-    lo, hi = torch.aminmax(weights[-1].grad)
     # unit_b, hits, factor_check and tau_buf are placeholders that _solve sets
+    lo = last_check[0]
     prep = Prepared(
         work,
         list(weights),
         list(biases),
         momentum,
-        torch.stack([lo, hi]),
+        last_check,
         unit_b=False,
         hits=lo,
         factor_check=lo,

@@ -39,6 +39,7 @@ from lightning_gsgd.topology.rules import (
     transition,
     weight_layer_problem,
 )
+from lightning_gsgd.topology.shard import refuse_sharded
 from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
 
 log = logging.getLogger(__name__)
@@ -334,8 +335,11 @@ def detect_topology(
 
     Raises:
         TopologyError: No chain was found (unless ``allow_empty``), coverage is below
-            ``min_coverage``, an include/exclude pattern matches no layer, or the self-check failed.
+            ``min_coverage``, an include/exclude pattern matches no layer, or the self-check failed;
+            or the model's parameters are already sharded DTensors (detect before ``fully_shard``,
+            then :func:`lightning_gsgd.shard_topology`).
     """
+    refuse_sharded(model)
     graph = build_graph(model, example_input, method)
     topo = find_chains(model, graph, include=include, exclude=exclude, bn_mode=bn_mode)
     if not topo.chains and not topo.bn_layers and not allow_empty and min_coverage <= 0:

@@ -1,0 +1,65 @@
+"""``ModelParallelStrategy`` (FSDP2 in ``configure_model``) with ``GSGDCallback`` on 2 CPU processes.
+
+Run by tests/test_fsdp.py in a subprocess; Lightning starts rank 1 by running this script again.
+Writes ``OUT/full.pt`` (2 epochs straight), ``OUT/resumed.pt`` (1 epoch, a distributed checkpoint,
+then resumed to 2 epochs): the gathered parameters and G-SGD's step counter, from rank 0.
+Usage: ``PYTHONPATH=<repo root> python tests/fsdp_lightning_script.py OUT``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from lightning_gsgd import GSGDCallback
+from tests.lightning_models import MLPModule, cpu_trainer, make_dataset, make_loader
+
+PER_RANK_BATCH, SEED = 4, 0
+
+
+class ShardedMLP(MLPModule):
+    """The test MLP with 7 hidden units (rows that do not divide by 2), each layer its own FSDP unit."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None) -> dict:
+    torch.manual_seed(SEED)
+    model = ShardedMLP(lr=0.05, momentum=0.9, weight_decay=1e-3, hidden=7)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    callback = GSGDCallback()
+    trainer = cpu_trainer(strategy=strategy, devices=2, max_epochs=epochs, callbacks=[callback])
+    trainer.fit(model, make_loader(make_dataset(), PER_RANK_BATCH), ckpt_path=ckpt_in)
+    if ckpt_out is not None:
+        trainer.save_checkpoint(ckpt_out)
+    with torch.no_grad():
+        out = {k: v.full_tensor().clone() for k, v in model.named_parameters()}
+    assert callback.optimizer is not None
+    out["steps"] = torch.tensor(callback.optimizer.steps)
+    out["bytes"] = torch.tensor(callback.optimizer.comm_bytes_per_step)
+    return out
+
+
+def main(out: str) -> None:
+    full = fit(2)
+    ckpt = os.path.join(out, "ckpt")
+    fit(1, ckpt_out=ckpt)
+    resumed = fit(2, ckpt_in=ckpt)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        torch.save(full, os.path.join(out, "full.pt"))
+        torch.save(resumed, os.path.join(out, "resumed.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
