@@ -324,7 +324,10 @@ ZOO: dict[str, ZooModel] = {
     ),
     "tied": ZooModel(TiedNet, lambda: _t(3, 4), [], {"tied.weight": "shared weight"}),
     "permuted_flatten": ZooModel(
-        PermutedFlattenNet, lambda: _t(2, 2, 4, 4), [], {"conv.weight": "permute is not positively homogeneous"}
+        PermutedFlattenNet,
+        lambda: _t(2, 2, 4, 4),
+        [],
+        {"conv.weight": "permute reorders the entries (not supported yet)"},
     ),
 }
 

@@ -22,8 +22,9 @@ from lightning_gsgd.lightning.checks import (
 )
 from lightning_gsgd.lightning.example_input import example_input
 from lightning_gsgd.lightning.logger import DiagnosticsLogger, is_logging_step
-from lightning_gsgd.lightning.optimizer_swap import Overrides, install_optimizer, schedulers_of, to_gsgd
+from lightning_gsgd.lightning.optimizer_swap import Overrides, bound_topology, install_optimizer, schedulers_of, to_gsgd
 from lightning_gsgd.lightning.skip_monitor import SkipMonitor
+from lightning_gsgd.optim.gadam import GAdam
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.topology.detect import detect_topology
 from lightning_gsgd.topology.shard import shard_topology
@@ -36,13 +37,14 @@ _STATE_VERSION = 1
 class GSGDCallback(Callback):
     r"""Train the model's ReLU chains with G-SGD instead of SGD (Meng et al., ICLR 2019).
 
-    Add it to the Trainer and return an ordinary ``torch.optim.SGD`` from ``configure_optimizers``:
-    at the start of ``fit`` the callback finds the model's ReLU chains, replaces the SGD by a
-    :class:`~lightning_gsgd.GSGD` with the same parameter groups and hyper-parameters (LR schedulers
-    stay attached), and, on a fresh fit, sets the chains' skeleton weights to 1. A ``GSGD``
-    returned from ``configure_optimizers`` (or built by the Lightning CLI's
-    ``--optimizer lightning_gsgd.GSGD``) is bound to the model instead. Parameters outside the chains
-    get plain SGD with the same hyper-parameters.
+    Add it to the Trainer and return an ordinary ``torch.optim.SGD``, ``Adam`` or ``AdamW`` from
+    ``configure_optimizers``: at the start of ``fit`` the callback finds the model's ReLU chains,
+    replaces the optimizer by its G-space version (:class:`~lightning_gsgd.GSGD`,
+    :class:`~lightning_gsgd.GAdam`, :class:`~lightning_gsgd.GAdamW`) with the same parameter groups
+    and hyper-parameters (LR schedulers stay attached), and, on a fresh fit, sets the chains' skeleton
+    weights to 1. A G-space optimizer returned from ``configure_optimizers`` (or built by the
+    Lightning CLI's ``--optimizer lightning_gsgd.GSGD``) is bound to the model instead. Parameters
+    outside the chains get the configured optimizer's own rule with the same hyper-parameters.
 
     Example::
 
@@ -162,8 +164,9 @@ class GSGDCallback(Callback):
         self._skeleton_done = False
         self._loaded_fingerprint: list[tuple[str, tuple[int, ...]]] | None = None
         self._last_step = 0
-        self.optimizer: GSGD | None = None
-        """The ``GSGD`` this callback installed or bound in the current fit (``None`` before ``on_fit_start``)."""
+        self.optimizer: GSGD | GAdam | None = None
+        """The G-space optimizer (``GSGD``, ``GAdam`` or ``GAdamW``) this callback installed or bound in the
+        current fit (``None`` before ``on_fit_start``)."""
         self.diagnostics = DiagnosticsLogger(diagnostics, per_chain, invariance_check)
         """Logs the ``gsgd/`` diagnostics (see the class docstring)."""
         self._example: Any = None
@@ -195,12 +198,10 @@ class GSGDCallback(Callback):
                 "(the scheduler keeps its own base learning rate); set lr where the optimizer is built "
                 "(configure_optimizers or --optimizer.lr) and leave GSGDCallback's lr at None."
             )
-        if isinstance(configured, GSGD) and configured.is_bound:
-            topology = configured.topology
-            assert topology is not None
-        elif self._unsharded is not None:  # configure_model has sharded the module since setup
+        topology = bound_topology(configured)
+        if topology is None and self._unsharded is not None:  # configure_model has sharded the module since setup
             topology = shard_topology(self._unsharded, pl_module)
-        else:
+        if topology is None:
             topology = self._detect(trainer, pl_module)
         self._check_fingerprint(topology)
         optimizer = to_gsgd(configured, topology, self.overrides)
@@ -271,8 +272,8 @@ class GSGDCallback(Callback):
         states = checkpoint.get("optimizer_states") or []
         if states and "gsgd" not in states[0] and any(states[0].get("state", {}).values()):
             raise MisconfigurationException(
-                "GSGDCallback cannot resume from this checkpoint: its optimizer state was not saved by GSGD, and "
-                "G-SGD cannot reuse another optimizer's momentum buffers; load only the weights "
+                "GSGDCallback cannot resume from this checkpoint: its optimizer state was not saved by GSGD, GAdam "
+                "or GAdamW, whose buffers and moments are in path coordinates; load only the weights "
                 "(Model.load_from_checkpoint(path)) and start a new fit with GSGDCallback(skeleton_init=False)."
             )
 
@@ -298,26 +299,33 @@ class GSGDCallback(Callback):
         return self._example
 
     def _detect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Topology:
+        from lightning_gsgd.topology.report import refusal  # short refusals: counts, grouped reasons, the fix
+
         # Outside the precision plugin's autocast: the self-check compares outputs at full precision.
         x = self._example_input(trainer, pl_module)
         topology = detect_topology(pl_module, x, allow_empty=True, **self.detect_options)
         if not topology.chains and not topology.bn_layers:
             if not self.allow_empty:
-                raise TopologyError(
-                    f"GSGDCallback found no ReLU chain in {type(pl_module).__name__}, so G-SGD would be plain SGD; "
-                    "remove GSGDCallback to train it with SGD, or pass GSGDCallback(allow_empty=True) to run anyway.\n"
-                    + topology.summary()
+                head = (
+                    f"GSGDCallback found no ReLU chain in {type(pl_module).__name__}, so G-SGD would be plain SGD "
+                    "(GSGDCallback(allow_empty=True) runs it anyway; all fixes at the end)."
                 )
+                fix = [
+                    "GSGDCallback(allow_empty=True) to train every parameter with plain SGD",
+                    "remove GSGDCallback to train the model with plain SGD",
+                ]
+                raise TopologyError(refusal(head, topology, fix), topology=topology)
             rank_zero_warn(
                 f"GSGDCallback found no ReLU chain in {type(pl_module).__name__}: every parameter gets plain SGD "
                 "(allow_empty=True)."
             )
         elif topology.coverage < self.min_coverage:
-            raise TopologyError(
+            head = (
                 f"GSGDCallback: only {100 * topology.coverage:.1f}% of the parameters lie in ReLU chains, below "
-                f"min_coverage={self.min_coverage}; lower min_coverage or change the layers listed below.\n"
-                + topology.summary()
+                f"min_coverage={self.min_coverage}; lower min_coverage or change the layers listed below."
             )
+            fix = [f"GSGDCallback(min_coverage={int(1000 * topology.coverage) / 1000}) or lower"]
+            raise TopologyError(refusal(head, topology, fix), topology=topology)
         return topology
 
     def _detect_before_sharding(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -339,9 +347,13 @@ class GSGDCallback(Callback):
 
     def _check_fingerprint(self, topology: Topology) -> None:
         if self._loaded_fingerprint is not None and self._loaded_fingerprint != topology.fingerprint():
+            saved, now = self._loaded_fingerprint, topology.fingerprint()
+            first = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+            was, got = (f"{fp[first][0]} {fp[first][1]}" if first < len(fp) else "nothing" for fp in (saved, now))
             raise TopologyError(
                 "GSGDCallback: the checkpoint was saved for a model with other ReLU chains "
-                f"(saved {self._loaded_fingerprint}, now {topology.fingerprint()}); resume with the same model."
+                f"(saved {len(saved)} chain parameters, now {len(now)}; the first difference, entry {first}: "
+                f"saved {was}, now {got}); resume with the same model."
             )
 
     def _run_before_tuners(self, trainer: pl.Trainer) -> None:

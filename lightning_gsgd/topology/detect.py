@@ -23,14 +23,14 @@ from typing import Any
 
 from torch import nn
 
+from lightning_gsgd.topology.exclusions import param_reasons
 from lightning_gsgd.topology.graph import Op, OpGraph
 from lightning_gsgd.topology.graph_fx import trace_fx
 from lightning_gsgd.topology.graph_record import record_forward
 from lightning_gsgd.topology.prove import chain_layer, prove_topology
+from lightning_gsgd.topology.reasons import Why, combines, group_of
+from lightning_gsgd.topology.report import refusal
 from lightning_gsgd.topology.rules import (
-    ELEMENTWISE,
-    RESHAPE,
-    SPATIAL,
     Layout,
     accepts,
     is_batchnorm,
@@ -85,7 +85,7 @@ class _Link:
 
 @dataclass
 class _End:
-    reason: str  # why no next layer
+    reason: Why  # why no next layer
     norm: Op | None = None  # the BatchNorm that normalizes the layer's units per channel, if any
 
 
@@ -93,14 +93,14 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Sequence[str]) -> dict[int, str | None]:
+def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Sequence[str]) -> dict[int, Why | None]:
     """For every weight-layer op: why it cannot be a chain layer (``None`` if it can)."""
     uses: Counter[int] = Counter()
     for op in graph:
         for p in {id(p): p for p in op.params}.values():
             uses[id(p)] += 1
     calls = Counter(id(op.module) for op in graph if op.kind == "module")
-    problems: dict[int, str | None] = {}
+    problems: dict[int, Why | None] = {}
     for op in graph:
         if not is_weight_layer(op):
             continue
@@ -110,60 +110,52 @@ def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Seq
         # read mod.weight only on a plain layer: a parametrization (spectral_norm) updates state on access
         own = [p for p in (mod.weight, getattr(mod, "bias", None)) if p is not None] if problem is None else []
         if problem is None and calls[id(mod)] > 1:
-            problem = f"shared weight: module '{op.qualname}' is called {calls[id(mod)]} times"
+            problem = Why(
+                f"shared weight: module '{op.qualname}' is called {calls[id(mod)]} times",
+                "shared weight: the module is called more than once",
+            )
         elif problem is None and any(uses[id(p)] > 1 for p in own):
-            problem = "shared weight: its parameters are also used by another op"
+            problem = Why("shared weight: its parameters are also used by another op")
         elif problem is None and any(not p.requires_grad for p in own):
-            problem = "frozen (requires_grad=False)"
+            problem = Why("frozen (requires_grad=False)")
         elif problem is None and include is not None and not _matches(op.qualname, include):
-            problem = "not named in include="
+            problem = Why("not named in include=")
         elif problem is None and _matches(op.qualname, exclude):
-            problem = "excluded by exclude="
+            problem = Why("excluded by exclude=")
         problems[op.index] = problem
     return problems
 
 
-def _follow(graph: OpGraph, a: Op, layout: Layout, problems: dict[int, str | None]) -> _Link | _End:
+def _follow(graph: OpGraph, a: Op, layout: Layout, problems: dict[int, Why | None]) -> _Link | _End:
     """Walk from weight layer ``a``'s output to the next weight layer, or say why the chain ends."""
     ops = graph.ops
     cur = a
     while True:
         if len(cur.users) != 1:
             what = "its output" if cur is a else f"the output of {cur.describe()}"
-            return _End(f"{what} has {len(cur.users)} consumers" if cur.users else f"{what} is not used")
+            if not cur.users:
+                return _End(Why(f"{what} is not used", "its output is not used"))
+            return _End(
+                Why(f"{what} has {len(cur.users)} consumers", "its output has several consumers (a branch or shortcut)")
+            )
         u = ops[cur.users[0]]
         others = [s for s in u.inputs if s != cur.index and s >= 0 and ops[s].shape is not None]
         if others or u.data_input != cur.index:
-            return _End(f"{u.describe()} combines it with another tensor")
+            return _End(combines(u))
         assert cur.shape is not None
         if is_weight_layer(u):
-            if problems.get(u.index):
-                return _End(f"next layer '{u.qualname}' is excluded ({problems[u.index]})")
+            problem = problems.get(u.index)
+            if problem:
+                return _End(Why(f"next layer '{u.qualname}' is excluded ({problem})", "the next layer is excluded"))
             how = accepts(u, layout, cur.shape)
-            if isinstance(how, str):
+            if not isinstance(how, tuple):
                 return _End(how)
             return _Link(u.index, *how)
         nxt = transition(u, layout, cur.shape)
-        if isinstance(nxt, str):
+        if not isinstance(nxt, Layout):
             per_channel = layout.dim == 1 and layout.inner == 1 and len(cur.shape) >= 2
             return _End(nxt, u if is_batchnorm(u) and per_channel else None)
         layout, cur = nxt, u
-
-
-def _before(graph: OpGraph, op: Op) -> str:
-    """What feeds a weight layer, skipping homogeneous ops (for exclusion messages)."""
-    ops = graph.ops
-    src = op.data_input
-    while src >= 0 and ops[src].name in ELEMENTWISE | SPATIAL | RESHAPE:
-        src = ops[src].data_input
-    if src < 0:
-        return "a constant"
-    s = ops[src]
-    if s.kind == "input":
-        return "the model input"
-    if is_weight_layer(s):
-        return f"'{s.qualname}'"
-    return s.describe()
 
 
 def _make_layer(op: Op, n_in: int | None, taps: int | None) -> ChainLayer:
@@ -199,9 +191,10 @@ def find_chains(
     for kind, patterns in (("include", include or ()), ("exclude", exclude)):
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no Linear/Conv layer ({names})")
+                shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+                raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no Linear/Conv layer ({shown})")
     links: dict[int, _Link] = {}
-    ends: dict[int, str] = {}
+    ends: dict[int, Why] = {}
     normalized: dict[int, Op] = {}
     for op in ops:
         if not is_weight_layer(op) or problems[op.index] is not None:
@@ -209,7 +202,7 @@ def find_chains(
         in_shape = ops[op.data_input].shape if op.data_input >= 0 else None
         layout = output_layout(op, in_shape)
         if layout is None:
-            ends[op.index] = "its output units cannot be located (unbatched input?)"
+            ends[op.index] = Why("its output units cannot be located (unbatched input?)")
             continue
         res = _follow(graph, op, layout, problems)
         if isinstance(res, _End):
@@ -232,7 +225,7 @@ def find_chains(
             cur = link.target
         chains.append(Chain(tuple(layers)))
         covered.update(id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None)
-    reasons = _reasons(model, graph, problems, ends)
+    reasons = param_reasons(graph, problems, ends)
     bn_layers: list[ChainLayer] = []
     if bn_mode == "authors_heuristic":
         in_chain = set(links) | has_pred
@@ -243,53 +236,38 @@ def find_chains(
             bn_layers.append(layer)
             covered.add(id(layer.weight))
             if layer.bias is not None:
-                reasons[id(layer.bias)] = (
+                reasons[id(layer.bias)] = Why(
                     f"bias of '{layer.name}', whose outputs {norm.describe()} normalizes "
-                    "(the BN heuristic updates only the weight)"
+                    "(the BN heuristic updates only the weight)",
+                    "bias of a layer under the BatchNorm heuristic (it updates only the weight)",
                 )
+    unused = Why("not used on example_input")
     excluded = tuple(
-        Excluded(name, p.numel(), reasons.get(id(p), "not used on example_input"))
+        Excluded(name, p.numel(), str(why), group_of(why))
         for name, p in model.named_parameters()
         if id(p) not in covered
+        for why in [reasons.get(id(p), unused)]
     )
     return Topology(tuple(chains), excluded, tuple(bn_layers), graph.method)
 
 
-def _reasons(model: nn.Module, graph: OpGraph, problems: dict[int, str | None], ends: dict[int, str]) -> dict[int, str]:
-    reasons: dict[int, str] = {}
-    for op in graph:
-        if op.kind == "module" and op.module is not None and is_weight_layer(op):
-            problem = problems[op.index]
-            if problem is not None:
-                why = f"'{op.qualname}': {problem}"
-            else:
-                after, before = ends.get(op.index), _before(graph, op)
-                why = f"'{op.qualname}' is in no ReLU chain (after it: {after}; before it: {before})"
-            for p in op.params:
-                reasons.setdefault(id(p), why)
-        elif op.kind == "module":
-            for p in op.params:
-                reasons.setdefault(id(p), f"parameter of {op.describe()} (not a Linear/Conv layer)")
-        else:
-            for p in op.params:
-                reasons.setdefault(
-                    id(p), f"read by a '{op.name}' call (only nn.Linear/nn.ConvNd modules are chain layers)"
-                )
-    return reasons
+_EMPTY_FIX = "allow_empty=True to accept a model without chains (every parameter then gets plain SGD)"
 
 
-def _refuse_empty(topo: Topology) -> None:
-    detail = "; ".join(f"{e.name}: {e.reason}" for e in topo.excluded) or "the model has no parameters"
-    raise TopologyError(f"detect_topology: no ReLU chain found ({detail})")
+def _refuse_empty(model: nn.Module, topo: Topology) -> None:
+    if not topo.excluded:
+        raise TopologyError("detect_topology: no ReLU chain found (the model has no parameters)", topology=topo)
+    head = f"detect_topology: no ReLU chain found in {type(model).__name__}."
+    raise TopologyError(refusal(head, topo, [_EMPTY_FIX]), topology=topo)
 
 
 def _check_coverage(topo: Topology, min_coverage: float) -> None:
     if topo.coverage < min_coverage:
-        detail = "\n".join(f"  {e.name} ({e.numel}): {e.reason}" for e in topo.excluded)
-        raise TopologyError(
+        head = (
             f"detect_topology: coverage {100 * topo.coverage:.1f}% is below min_coverage="
-            f"{100 * min_coverage:.1f}%; parameters left to plain SGD:\n{detail}"
+            f"{100 * min_coverage:.1f}% (parameters left to plain SGD are listed below)."
         )
+        raise TopologyError(refusal(head, topo, ["a lower min_coverage"]), topology=topo)
 
 
 def detect_topology(
@@ -343,7 +321,7 @@ def detect_topology(
     graph = build_graph(model, example_input, method)
     topo = find_chains(model, graph, include=include, exclude=exclude, bn_mode=bn_mode)
     if not topo.chains and not topo.bn_layers and not allow_empty and min_coverage <= 0:
-        _refuse_empty(topo)
+        _refuse_empty(model, topo)
     _check_coverage(topo, min_coverage)
     if self_check and topo.chains:
         modules = {op.qualname: op.module for op in graph if is_weight_layer(op) and op.module is not None}
@@ -353,7 +331,8 @@ def detect_topology(
             if not topo.chains and not topo.bn_layers and not allow_empty:
                 raise TopologyError(
                     f"{failure}\nNo chain passes the self-check, so the whole model would get plain SGD "
-                    "(pass allow_empty=True to accept that)."
+                    "(pass allow_empty=True to accept that).",
+                    topology=topo,
                 )
             _check_coverage(topo, min_coverage)
     return topo

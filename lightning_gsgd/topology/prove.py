@@ -137,22 +137,32 @@ def prove_topology(
                     for p in (layer.weight, layer.bias):
                         if p is not None:
                             param_reason[id(p)] = f"'{layer.name}': {gone[layer.name]}"
-        old = {e.name: e.reason for e in topo.excluded}
+        old = {e.name: e for e in topo.excluded}
+        group = "the self-check found that rescaling its units changed the output"
         covered = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
         covered |= {id(layer.weight) for layer in topo.bn_layers}
-        excluded = tuple(
-            Excluded(name, p.numel(), old.get(name) or param_reason.get(id(p), "not used on example_input"))
-            for name, p in model.named_parameters()
-            if id(p) not in covered
-        )
+        left = []
+        for name, p in model.named_parameters():
+            if id(p) in covered:
+                continue
+            if name in old:
+                left.append(old[name])
+            elif id(p) in param_reason:
+                left.append(Excluded(name, p.numel(), param_reason[id(p)], group))
+            else:
+                left.append(Excluded(name, p.numel(), "not used on example_input"))
+        excluded = tuple(left)
     proved = Topology(tuple(chains), excluded, topo.bn_layers, topo.method)
     silent = untested_layers(model, proved, example_input, tolerance=tol or None, reference=reference)
     if silent:
         proved.untested = tuple(proved.chains[ci].layers[li].name for ci, li in silent)
+        names = ", ".join(f"'{n}'" for n in proved.untested[:3]) + (", ..." if len(proved.untested) > 3 else "")
         log.warning(
-            "detect_topology: the self-check cannot test the hidden units of %s: scaling them does not change the "
-            "output on example_input (a zero gain or dead units?); they are claimed only because they are plain "
-            "Linear/Conv layers joined by positively homogeneous ops",
-            ", ".join(f"'{n}'" for n in proved.untested),
+            "detect_topology: the self-check cannot test the hidden units of %d layer(s) (%s; all in "
+            "Topology.untested): scaling them does not change the output on example_input (a zero gain or dead "
+            "units?); they are claimed only because they are plain Linear/Conv layers joined by positively "
+            "homogeneous ops",
+            len(proved.untested),
+            names,
         )
     return proved, first

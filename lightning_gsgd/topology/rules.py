@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_gsgd.topology.graph import Op
+from lightning_gsgd.topology.reasons import Why, known_stop, op_stops
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -123,7 +124,7 @@ def _hook_name(hook: object) -> str:
     return _KNOWN_NAMES.get(type(hook).__name__, name)
 
 
-def computation_problem(module: nn.Module) -> str | None:
+def computation_problem(module: nn.Module) -> Why | None:
     """Why ``module`` may not compute the plain ``nn.Linear`` / ``nn.ConvNd`` map of its own Parameters.
 
     A layer is plain when its class is ``nn.Linear`` / ``nn.ConvNd``, or a subclass that overrides
@@ -142,34 +143,40 @@ def computation_problem(module: nn.Module) -> str | None:
     cls = type(module)
     base = _plain_base(module)
     if base is None:
-        return f"{cls.__name__} is not a Linear or Conv layer"
+        return Why(f"{cls.__name__} is not a Linear or Conv layer")
     if parametrize.is_parametrized(module):
         kinds = []
         for tensor_name, plist in module.parametrizations.items():  # type: ignore[union-attr]
             for p in plist:
                 kinds.append(f"{_KNOWN_NAMES.get(type(p).__name__, type(p).__name__)} on '{tensor_name}'")
         base_name = cls.__mro__[1].__name__ if cls.__name__.startswith("Parametrized") else cls.__name__
-        return f"{base_name} has a parametrization ({', '.join(kinds)}): its weight is computed, not the Parameter"
+        return Why(
+            f"{base_name} has a parametrization ({', '.join(kinds)}): its weight is computed, not the Parameter",
+            f"{base_name} has a parametrization: its weight is computed, not the Parameter",
+        )
     over = [m for m in _COMPUTE_METHODS if getattr(cls, m, None) is not getattr(base, m, None)]
     if over:
         name = cls.__name__ if cls.__name__ != base.__name__ else f"{cls.__module__}.{cls.__qualname__}"
-        return f"{name} overrides {'/'.join(over)} (a subclass of nn.{base.__name__} whose computation may differ)"
+        return Why(f"{name} overrides {'/'.join(over)} (a subclass of nn.{base.__name__} whose computation may differ)")
     for what, own, glob in (
         ("forward pre-hook", module._forward_pre_hooks, module_mod._global_forward_pre_hooks),
         ("forward hook", module._forward_hooks, module_mod._global_forward_hooks),
     ):
         if own:
             names = ", ".join(_hook_name(h) for h in own.values())
-            return f"{cls.__name__} has a {what} ({names}) that may change its computation"
+            return Why(
+                f"{cls.__name__} has a {what} ({names}) that may change its computation",
+                f"{cls.__name__} has a {what} that may change its computation",
+            )
         if glob:
             names = ", ".join(_hook_name(h) for h in glob.values())
-            return f"a global module {what} is registered ({names}) that may change every layer's computation"
+            return Why(f"a global module {what} is registered ({names}) that may change every layer's computation")
     if not isinstance(module.weight, nn.Parameter):
-        return f"{cls.__name__}'s weight is a {type(module.weight).__name__}, not an nn.Parameter"
+        return Why(f"{cls.__name__}'s weight is a {type(module.weight).__name__}, not an nn.Parameter")
     return None
 
 
-def weight_layer_problem(module: nn.Module) -> str | None:
+def weight_layer_problem(module: nn.Module) -> Why | None:
     """Why a module cannot be a chain layer, or ``None`` if it can.
 
     It can when :func:`computation_problem` finds it plain and, for a convolution, ``groups == 1``.
@@ -179,7 +186,10 @@ def weight_layer_problem(module: nn.Module) -> str | None:
         return problem
     if isinstance(module, CONVS) and module.groups != 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
-        return f"{kind} convolution (groups={module.groups})"
+        return Why(
+            f"{kind} convolution (groups={module.groups}): not supported yet, a chain layer needs groups=1",
+            f"{kind} convolution (groups > 1): not supported yet",
+        )
     return None
 
 
@@ -210,21 +220,30 @@ def output_layout(op: Op, in_shape: tuple[int, ...] | None) -> Layout | None:
     return Layout(len(op.shape) - 1, mod.out_features)
 
 
-def accepts(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> tuple[int, int] | str:
+def accepts(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> tuple[int, int] | Why:
     """How weight layer ``op`` reads units in ``layout``: ``(n_in, taps)``, or why it cannot."""
     mod = op.module
     if isinstance(mod, CONVS):
         nd = len(mod.kernel_size)
         if layout.dim != 1 or layout.inner != 1 or len(in_shape) != nd + 2:
-            return f"'{op.qualname}' does not read the units as channels"
+            return Why(f"'{op.qualname}' does not read the units as channels", "the next layer does not read its units")
         if mod.in_channels != layout.units:
-            return f"'{op.qualname}' reads {mod.in_channels} channels, not the {layout.units} units"
+            return Why(
+                f"'{op.qualname}' reads {mod.in_channels} channels, not the {layout.units} units",
+                "the next layer reads another number of channels",
+            )
         return layout.units, math.prod(mod.kernel_size)
     assert isinstance(mod, nn.Linear)
     if layout.dim != len(in_shape) - 1:
-        return f"'{op.qualname}' reads the last dim, but the units are on dim {layout.dim}"
+        return Why(
+            f"'{op.qualname}' reads the last dim, but the units are on dim {layout.dim}",
+            "the next Linear does not read the units' dim",
+        )
     if mod.in_features != layout.units * layout.inner:
-        return f"'{op.qualname}' reads {mod.in_features} features, not {layout.units} x {layout.inner}"
+        return Why(
+            f"'{op.qualname}' reads {mod.in_features} features, not {layout.units} x {layout.inner}",
+            "the next Linear reads another number of features",
+        )
     return layout.units, layout.inner
 
 
@@ -249,31 +268,37 @@ def _reshape(layout: Layout, src: tuple[int, ...], dst: tuple[int, ...]) -> Layo
     return Layout(1, layout.units, block // rest)
 
 
-def transition(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> Layout | str:
+def transition(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> Layout | Why:
     """The layout after ``op`` (which reads the units' tensor as its only data input), or why not.
 
     Returns:
-        The new :class:`Layout`, or a short reason naming the op.
+        The new :class:`Layout`, or the reason (:class:`~lightning_gsgd.topology.reasons.Why`) naming the op.
     """
     out = op.shape
-    name = op.name
+    name, desc = op.name, op.describe()
     if op.kind == "output":
-        return "model output"
-    if out is None:
-        return f"{op.describe()} (output is not a single tensor)"
+        return Why("model output", "the model's output layer")
+    if out is None:  # e.g. a tuple; attention modules return one too
+        known = known_stop(op)
+        return known or Why(f"{desc} (output is not a single tensor)", f"{name} does not return a single tensor")
     if is_batchnorm(op):
-        return f"{op.describe()} normalizes its outputs (see bn_mode)"
+        return Why(f"{desc} normalizes its outputs (see bn_mode)", f"{name} normalizes its outputs (see bn_mode)")
     if name in ELEMENTWISE:
         if out != in_shape:
-            return f"{op.describe()} changes the shape"
+            return Why(f"{desc} changes the shape", f"{name} changes the shape")
         return layout
     if name in SPATIAL:
         if layout.dim == 1 and layout.inner == 1 and len(in_shape) == len(out) >= 3 and in_shape[:2] == out[:2]:
             return layout
-        return f"{op.describe()} does not act per channel here"
+        return Why(f"{desc} does not act per channel here", f"{name} does not act per channel here")
     if name in RESHAPE:
         new = _reshape(layout, in_shape, out)
-        return new if new is not None else f"{op.describe()} {in_shape} -> {out} mixes units"
+        if new is not None:
+            return new
+        return Why(
+            f"{desc} {in_shape} -> {out} does not keep the units on one dim with each unit's entries consecutive",
+            f"{name} does not keep the units on one dim",
+        )
     if name in REDUCE:
         dims = _dims(op)
         if dims is not None and layout.inner == 1:
@@ -282,7 +307,13 @@ def transition(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> Layout | st
             dim = layout.dim if keepdim else layout.dim - sum(d < layout.dim for d in norm)
             if norm and layout.dim not in norm and 0 <= dim < len(out) and out[dim] == layout.units:
                 return Layout(dim, layout.units)  # a sum/mean/max over other dims, unit by unit
-        return f"{op.describe()} over dims {dims} mixes units"
+        over = "all dims" if dims is None else f"dims {dims}"
+        if dims is None or layout.dim in {d % len(in_shape) for d in dims}:
+            return Why(f"{desc} over {over} reduces across the units, mixing them", f"{name} mixes units")
+        return Why(
+            f"{desc} over {over} is not supported here (the units cannot be followed through it)",
+            f"{name} is not supported here",
+        )
     if name == "clamp" or name == "clamp_min":
         lo = op.kwargs.get("min", op.args[1] if len(op.args) > 1 else None)
         hi = op.kwargs.get("max", op.args[2] if len(op.args) > 2 else None)
@@ -290,4 +321,4 @@ def transition(op: Op, layout: Layout, in_shape: tuple[int, ...]) -> Layout | st
             hi = None
         if lo == 0 and hi is None and out == in_shape:
             return layout  # clamp(x, min=0) is ReLU
-    return f"{op.describe()} is not positively homogeneous per unit"
+    return op_stops(op)

@@ -16,9 +16,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_gsgd.topology.report import group_lines
+
 
 class TopologyError(ValueError):
-    """A model, topology or optimizer does not fit together (names the layer at fault)."""
+    """A model, topology or optimizer does not fit together (names the layer at fault).
+
+    Attributes:
+        topology: For a refusal after detection (no chain, coverage too low), the detected
+            :class:`Topology` with every excluded parameter and its reason (the message is short:
+            grouped reasons and examples); ``None`` otherwise.
+    """
+
+    def __init__(self, *args: object, topology: Topology | None = None) -> None:
+        super().__init__(*args)
+        self.topology = topology
+
+    @property
+    def excluded(self) -> tuple[Excluded, ...]:
+        """Every parameter left to plain SGD, with its reason (empty without a topology)."""
+        return () if self.topology is None else self.topology.excluded
+
+
+_SHORT_CHAINS = 8  # chains (and BN-heuristic layers) that summary() lists by default
+_SHORT_EXCLUDED = 12  # excluded parameters that summary() lists one per line by default
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,11 +132,20 @@ class Chain:
 
 @dataclass(frozen=True)
 class Excluded:
-    """A parameter left to plain SGD, with the reason."""
+    """A parameter left to plain SGD, with the reason.
+
+    Attributes:
+        name: The parameter's name in the model.
+        numel: Its number of values.
+        reason: Why, naming the modules involved.
+        group: The same cause without names, by which short messages count the exclusions
+            (empty: the reason is its own group).
+    """
 
     name: str
     numel: int
     reason: str
+    group: str = ""
 
 
 @dataclass(eq=False)
@@ -199,15 +229,24 @@ class Topology:
             fp.append((layer.name + ".weight (bn heuristic)", tuple(layer.weight.shape)))
         return fp
 
-    def summary(self) -> str:
-        """A readable report: chains, layers, widths, units, basis paths, coverage, exclusions."""
+    def summary(self, verbose: bool = False) -> str:
+        """A readable report: chains, layers, widths, units, basis paths, coverage, exclusions.
+
+        Args:
+            verbose: List every chain, layer and excluded parameter. By default the report stays
+                short on a large model: at most 8 chains with their layers, and the excluded
+                parameters one per line only up to 12 of them, else grouped by reason with a count
+                and examples each.
+        """
         via = f" [data flow from {self.method}]" if self.method else ""
         lines = [
             f"G-SGD topology: {len(self.chains)} chain(s), {self.hidden_units} hidden units, "
             f"{self.basis_paths} basis paths, coverage {100 * self.coverage:.1f}% "
             f"({self.covered_params} of {self.total_params} parameters){via}"
         ]
-        for i, chain in enumerate(self.chains):
+        more = " (summary(verbose=True) lists them)"
+        shown = self.chains if verbose else self.chains[:_SHORT_CHAINS]
+        for i, chain in enumerate(shown):
             widths = "-".join(str(w) for w in chain.widths)
             lines.append(
                 f"  chain {i}: {chain.name}  widths {widths}  hidden units {chain.hidden_units}  "
@@ -219,10 +258,13 @@ class Topology:
                 lines.append(
                     f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
                 )
+        if len(shown) < len(self.chains):
+            lines.append(f"  ... {len(self.chains) - len(shown)} more chain(s){more}")
         if self.untested:
+            names = self.untested if verbose or len(self.untested) <= 3 else self.untested[:3] + ("...",)
             lines.append(
-                "  not tested by the self-check (their units did not affect the output on example_input; "
-                f"claimed as plain Linear/Conv layers): {', '.join(self.untested)}"
+                f"  not tested by the self-check ({len(self.untested)} layer(s): their units did not affect the "
+                f"output on example_input; claimed as plain Linear/Conv layers): {', '.join(names)}"
             )
         if self.bn_layers:
             share = 100 * self.bn_heuristic_params / self.total_params if self.total_params else 0.0
@@ -230,13 +272,22 @@ class Topology:
                 f"  BatchNorm heuristic of the G-SGD authors (not exact G-SGD): "
                 f"{len(self.bn_layers)} layer(s), {self.bn_heuristic_params} parameters ({share:.1f}%)"
             )
-            for layer in self.bn_layers:
+            bn_shown = self.bn_layers if verbose else self.bn_layers[:_SHORT_CHAINS]
+            for layer in bn_shown:
                 kind = "x".join(str(s) for s in layer.weight.shape)
                 lines.append(f"    {layer.name}: {kind} ({layer.n_out} <- {layer.n_in} channels x {layer.taps} taps)")
-        if self.excluded:
+            if len(bn_shown) < len(self.bn_layers):
+                lines.append(f"    ... {len(self.bn_layers) - len(bn_shown)} more{more}")
+        if self.excluded and (verbose or len(self.excluded) <= _SHORT_EXCLUDED):
             lines.append("  left to plain SGD:")
             for e in self.excluded:
                 lines.append(f"    {e.name} ({e.numel} params): {e.reason}")
+        elif self.excluded:
+            values = sum(e.numel for e in self.excluded)
+            lines.append(
+                f"  left to plain SGD: {len(self.excluded)} parameter tensors ({values} values), by reason{more}:"
+            )
+            lines += ["  " + line for line in group_lines(self.excluded, 1200)]
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -1,0 +1,132 @@
+"""Short reports of what detection left out: counts, reasons grouped with examples, and the fix.
+
+Errors and warnings stay short whatever the model's size: what was found, each reason *group* (the
+cause without module names, :class:`~lightning_gsgd.topology.reasons.Why`) once with its count and
+at most three example parameters, and the fix. The full list stays on the
+:class:`~lightning_gsgd.topology.types.Topology` (``excluded``, ``summary(verbose=True)``), which an
+error carries as ``TopologyError.topology``. This module reads ``Excluded``-like objects (``name``,
+``numel``, ``reason``, ``group``) and imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+EXAMPLES = 3
+NAME_CHARS = 40  # longer example names keep their end
+GROUP_CHARS = 110
+BUDGET = 1000  # characters of a whole refusal, as issue 14 asks
+FULL_LIST = "every parameter with its reason: the error's .topology.summary(verbose=True)"
+BN_FIX = (
+    'bn_mode="authors_heuristic" (layers before BatchNorm get the G-SGD authors\' heuristic, not exact G-SGD; '
+    'the default bn_mode="sgd" gives them plain SGD)'
+)
+_ACTIVATION = re.compile(r"(?:^|: )(\w+) is not positively homogeneous")
+
+
+@dataclass
+class Group:
+    """Excluded parameters that share one cause."""
+
+    text: str
+    tensors: int = 0
+    values: int = 0
+    examples: list[str] = field(default_factory=list)
+    modules: set[str] = field(default_factory=set)
+
+
+def count(n: int) -> str:
+    """``1234567`` -> ``"1.2M"``, ``12345`` -> ``"12.3k"``."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_name(name: str) -> str:
+    """A long parameter name keeps its last dotted parts: ``'...denselayer1.conv1.weight'``."""
+    if len(name) <= NAME_CHARS:
+        return name
+    tail = name[-(NAME_CHARS - 3) :]
+    return "..." + (tail.split(".", 1)[1] if "." in tail[1:] else tail)
+
+
+def groups(excluded: Iterable[Any]) -> list[Group]:
+    """The excluded parameters by reason group, the largest share of values first; examples are
+    parameter names of distinct modules, in model order."""
+    found: dict[str, Group] = {}
+    for e in excluded:
+        text = getattr(e, "group", "") or e.reason
+        g = found.setdefault(text, Group(text))
+        g.tensors += 1
+        g.values += e.numel
+        module = e.name.rpartition(".")[0]
+        if module not in g.modules and len(g.examples) < EXAMPLES:
+            g.examples.append(e.name)
+        g.modules.add(module)
+    return sorted(found.values(), key=lambda g: (-g.values, -g.tensors))
+
+
+def _line(g: Group, examples: int) -> str:
+    names = ", ".join(f"'{_short_name(n)}'" for n in g.examples[:examples])
+    more = ", ..." if len(g.modules) > examples else ""
+    return f"  - {_short(g.text, GROUP_CHARS)} [{g.tensors} tensors, {count(g.values)} values]: {names}{more}"
+
+
+def group_lines(excluded: Sequence[Any], budget: int) -> list[str]:
+    """One line per reason group (count, values, up to three examples: fewer where the room runs
+    short) while they fit in ``budget`` characters, then one line for the rest."""
+    all_groups = groups(excluded)
+    lines: list[str] = []
+    left = budget
+    for i, g in enumerate(all_groups):
+        reserve = 50 if i + 1 < len(all_groups) else 0  # for the "N more reason(s)" line
+        fits = [line for k in range(len(g.examples), 0, -1) if len(line := _line(g, k)) + 1 + reserve <= left]
+        if not fits and lines:
+            rest = all_groups[i:]
+            tensors, values = sum(r.tensors for r in rest), sum(r.values for r in rest)
+            lines.append(f"  - {len(rest)} more reason(s) [{tensors} tensors, {count(values)} values]")
+            break
+        line = fits[0] if fits else _line(g, 1)
+        lines.append(line)
+        left -= len(line) + 1
+    return lines
+
+
+def found_line(topo: Any) -> str:
+    """What detection found: chains, layers, coverage, and how much is left to plain SGD."""
+    excluded = topo.excluded
+    layers = sum(len(c.layers) for c in topo.chains)
+    bn = f", {len(topo.bn_layers)} layer(s) under the BatchNorm heuristic" if topo.bn_layers else ""
+    return (
+        f"Found {len(topo.chains)} ReLU chain(s) ({layers} layers){bn}, coverage {100 * topo.coverage:.1f}% of "
+        f"{count(topo.total_params)} values; {len(excluded)} parameter tensors "
+        f"({count(sum(e.numel for e in excluded))} values) are left to plain SGD, by reason:"
+    )
+
+
+def fixes(topo: Any) -> list[str]:
+    """The changes to the model or the arguments that would put more of it in chains."""
+    texts = [g.text for g in groups(topo.excluded)]
+    out = []
+    if any("see bn_mode" in t for t in texts):
+        out.append(BN_FIX)
+    acts = list(dict.fromkeys(m.group(1) for t in texts if (m := _ACTIVATION.search(t))))
+    if acts:
+        out.append(f"ReLU-family activations (ReLU, LeakyReLU, PReLU) instead of {', '.join(acts[:4])}")
+    return out
+
+
+def refusal(headline: str, topo: Any, fix: Sequence[str], budget: int = BUDGET) -> str:
+    """``headline``, what was found, the grouped reasons, where the full list is, and the fix last."""
+    tail = [f"({FULL_LIST})", "Fix: " + "; or ".join(list(fixes(topo)) + list(fix)) + "."]
+    head = [headline, found_line(topo)]
+    room = budget - sum(len(t) + 1 for t in head + tail)
+    return "\n".join(head + group_lines(topo.excluded, max(room, 200)) + tail)
