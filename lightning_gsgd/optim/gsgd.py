@@ -298,10 +298,9 @@ class GSGD(Optimizer):
         return self._counters.read("steps")
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus G-SGD counters and the topology fingerprint."""
+        """torch's optimizer state plus :meth:`extra_state` under the key ``"gsgd"``."""
         sd = super().state_dict()
-        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
-        sd[STATE_KEY] = saved_extra(fp, self._counters)
+        sd[STATE_KEY] = self.extra_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -311,14 +310,35 @@ class GSGD(Optimizer):
             TopologyError: The saved fingerprint (chain layer names and shapes) differs.
         """
         state_dict, extra = split_extra(state_dict)
-        saved_fp = None if extra is None else saved_fingerprint(extra)
+        if extra is not None:
+            self.load_extra_state(extra, counters=False)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            restore_counters(self._counters, extra)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What G-SGD adds to torch's optimizer state: the topology fingerprint and a copy of the counters.
+
+        torch's distributed optimizer state dict (``get_optimizer_state_dict``, used by Lightning's
+        ``ModelParallelStrategy``) keeps only ``state`` and ``param_groups``; ``GSGDCallback`` then saves
+        this itself.
+        """
+        fp = self.topology.fingerprint() if self.topology is not None else self._pending_fingerprint
+        return saved_extra(fp, self._counters)
+
+    def load_extra_state(self, extra: dict[str, Any], counters: bool = True) -> None:
+        """Restore what :meth:`extra_state` returned: check the fingerprint and (``counters``) restore the counters.
+
+        Raises:
+            TopologyError: The saved fingerprint (chain layer names and shapes) differs.
+        """
+        saved_fp = saved_fingerprint(extra)
         if saved_fp is not None:
             if self.topology is not None:
                 refuse_foreign_state(saved_fp, self.topology)
             else:
                 self._pending_fingerprint = saved_fp
-        super().load_state_dict(state_dict)
-        if extra is not None:
+        if counters:
             restore_counters(self._counters, extra)
 
     # ------------------------------------------------------------------ diagnostics by-products
