@@ -25,7 +25,7 @@ from lightning_gsgd.lightning.logger import DiagnosticsLogger
 from lightning_gsgd.lightning.optimizer_swap import Overrides, install_optimizer, schedulers_of, to_gsgd
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.topology.detect import detect_topology
-from lightning_gsgd.topology.shard import shard_topology
+from lightning_gsgd.topology.shard import is_sharded, shard_topology
 from lightning_gsgd.topology.skeleton import init_skeleton_
 from lightning_gsgd.topology.types import Topology, TopologyError
 
@@ -201,7 +201,7 @@ class GSGDCallback(Callback):
             self._skeleton_done = True
             if topology.chains:
                 rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
-        if optimizer.comm_bytes_per_step == 0 and self._unsharded is None:  # sharded: no path diagnostics yet
+        if self._unsharded is None and not is_sharded(topology):  # sharded: no path diagnostics yet
             self.diagnostics.setup(trainer, topology, lambda: self._example_input(trainer, pl_module))
         self._example = None  # the diagnostics keep their own reference if they need it
 
