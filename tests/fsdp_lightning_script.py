@@ -2,7 +2,8 @@
 
 Run by tests/test_fsdp.py in a subprocess; Lightning starts rank 1 by running this script again.
 Writes ``OUT/full.pt`` (2 epochs straight), ``OUT/resumed.pt`` (1 epoch, a distributed checkpoint,
-then resumed to 2 epochs): the gathered parameters and G-SGD's step counter, from rank 0.
+then resumed to 2 epochs): the gathered parameters and G-SGD's counters, from rank 0; and
+``OUT/batches{r}.pt``: the inputs rank ``r`` trained on in the straight fit, one tensor per step.
 Usage: ``PYTHONPATH=<repo root> python tests/fsdp_lightning_script.py OUT``.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
@@ -19,6 +22,7 @@ from lightning_gsgd import GSGDCallback
 from tests.lightning_models import MLPModule, cpu_trainer, make_dataset, make_loader
 
 PER_RANK_BATCH, SEED = 4, 0
+COUNTERS = ("steps", "skipped_steps", "guard_hits")
 
 
 class ShardedMLP(MLPModule):
@@ -34,20 +38,32 @@ class ShardedMLP(MLPModule):
         fully_shard(self.net, mesh=mesh)
 
 
+class RecordBatches(Callback):
+    """Keeps the inputs of every training batch this rank receives."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.inputs.append(batch[0].detach().clone())
+
+
 def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None) -> dict:
     torch.manual_seed(SEED)
     model = ShardedMLP(lr=0.05, momentum=0.9, weight_decay=1e-3, hidden=7)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    callback = GSGDCallback()
-    trainer = cpu_trainer(strategy=strategy, devices=2, max_epochs=epochs, callbacks=[callback])
+    callback, batches = GSGDCallback(), RecordBatches()
+    trainer = cpu_trainer(strategy=strategy, devices=2, max_epochs=epochs, callbacks=[callback, batches])
     trainer.fit(model, make_loader(make_dataset(), PER_RANK_BATCH), ckpt_path=ckpt_in)
     if ckpt_out is not None:
         trainer.save_checkpoint(ckpt_out)
     with torch.no_grad():
         out = {k: v.full_tensor().clone() for k, v in model.named_parameters()}
     assert callback.optimizer is not None
-    out["steps"] = torch.tensor(callback.optimizer.steps)
+    for name in COUNTERS:
+        out[name] = torch.tensor(getattr(callback.optimizer, name))
     out["bytes"] = torch.tensor(callback.optimizer.comm_bytes_per_step)
+    out["batches"] = batches.inputs
     return out
 
 
@@ -56,7 +72,10 @@ def main(out: str) -> None:
     ckpt = os.path.join(out, "ckpt")
     fit(1, ckpt_out=ckpt)
     resumed = fit(2, ckpt_in=ckpt)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.save(full.pop("batches"), os.path.join(out, f"batches{rank}.pt"))
+    resumed.pop("batches")
+    if rank == 0:
         torch.save(full, os.path.join(out, "full.pt"))
         torch.save(resumed, os.path.join(out, "resumed.pt"))
 

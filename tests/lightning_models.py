@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_gsgd import GSGD, GSGDMixin, detect_topology, init_skeleton_
 
@@ -28,6 +28,28 @@ def make_dataset(n: int = 32, seed: int = 0) -> TensorDataset:
 
 def make_loader(dataset: TensorDataset, batch_size: int = 8) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def sampler_steps(dataset: TensorDataset, world: int, per_rank: int, epochs: int, seed: int = 0) -> list[list[Tensor]]:
+    """The sample indices each rank trains on, per optimizer step, as Lightning feeds them.
+
+    Under DDP and ModelParallelStrategy, Lightning replaces the training loader's sampler by
+    ``DistributedSampler(shuffle=True, seed=PL_GLOBAL_SEED or 0, drop_last=False)`` and calls
+    ``set_epoch(epoch)`` at the start of every epoch, so each epoch has its own order.
+
+    Returns:
+        ``steps[k][r]``: the indices of rank ``r``'s batch at optimizer step ``k``.
+    """
+    steps: list[list[Tensor]] = []
+    for epoch in range(epochs):
+        orders = []
+        for r in range(world):
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=True, seed=seed)
+            sampler.set_epoch(epoch)
+            orders.append(torch.tensor(list(sampler)))
+        n_batches = -(-len(orders[0]) // per_rank)
+        steps += [[o[k * per_rank : (k + 1) * per_rank] for o in orders] for k in range(n_batches)]
+    return steps
 
 
 class MLPModule(LightningModule):

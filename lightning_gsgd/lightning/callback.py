@@ -173,6 +173,8 @@ class GSGDCallback(Callback):
         self._skips = None if skip_warning_fraction is None else SkipMonitor(skip_warning_fraction, skip_warning_window)
         # ModelParallelStrategy: the topology of the module as built, detected before configure_model shards it
         self._unsharded: Topology | None = None
+        # ModelParallelStrategy: GSGD.extra_state() (its counters) from a checkpoint, restored at on_train_start
+        self._loaded_extra: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -223,8 +225,13 @@ class GSGDCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remember the step count the fit starts from (restored by now when resuming); log the fit-start numbers."""
+        """Remember the step count the fit starts from (restored by now when resuming), restore G-SGD's counters
+        saved by :meth:`state_dict` (sharded fits), log the fit-start numbers."""
         self._last_step = trainer.global_step
+        if self._loaded_extra is not None and self.optimizer is not None:
+            # after every restore: under ModelParallelStrategy the optimizer state came without it
+            self.optimizer.load_extra_state(self._loaded_extra)
+        self._loaded_extra = None
         self.diagnostics.log_summary(trainer)
         if self._skips is not None and self.optimizer is not None:
             self._skips.start(self.optimizer)
@@ -279,14 +286,22 @@ class GSGDCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Small and ``weights_only``-safe: a version, the skeleton flag and the topology fingerprint."""
+        """Small and ``weights_only``-safe: a version, the skeleton flag and the topology fingerprint; under
+        ``ModelParallelStrategy`` also ``GSGD.extra_state()`` (the counters), which torch's distributed
+        optimizer state dict drops (it keeps only ``state`` and ``param_groups``)."""
         fingerprint = self.topology.fingerprint() if self.topology is not None else self._loaded_fingerprint
-        return {"version": _STATE_VERSION, "skeleton_done": self._skeleton_done, "fingerprint": fingerprint}
+        state = {"version": _STATE_VERSION, "skeleton_done": self._skeleton_done, "fingerprint": fingerprint}
+        if self._unsharded is not None and isinstance(self.optimizer, GSGD):
+            extra = self.optimizer.extra_state()  # identical on every rank: the counters count global decisions
+            extra["counters"] = {k: v.cpu() for k, v in extra["counters"].items()}
+            state["optimizer_extra"] = extra
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self._skeleton_done = bool(state_dict.get("skeleton_done", True))
+        self._loaded_extra = state_dict.get("optimizer_extra")
         fingerprint = state_dict.get("fingerprint")
         self._loaded_fingerprint = (
             None if fingerprint is None else [(str(name), tuple(shape)) for name, shape in fingerprint]

@@ -216,15 +216,8 @@ class GSGD(Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Perform one G-SGD step.
-
-        The step is skipped as a whole (counted in :attr:`skipped_steps`) when a gradient is not
-        finite, when a per-node sum ``sum(w * grad)`` that the step needs is not (an overflow
-        there would make the step non-finite too), or when an O(H) per-unit factor of the step is
-        not finite or a new tau product ``F'`` falls below the floor (see the class docstring). On
-        the CPU this is decided before anything is written; on other devices, where reading the
-        flag would stall the host, the step is computed on copies and applied with ``torch.where``,
-        so ``step`` never synchronizes with the device.
+        """Perform one G-SGD step, or skip it as a whole when it is not finite (see the class docstring;
+        on accelerators without reading anything on the host).
 
         Args:
             closure: Re-evaluates the model and returns the loss (run under ``torch.enable_grad``).
@@ -324,9 +317,9 @@ class GSGD(Optimizer):
         return 0 if self._sharded is None else self._sharded.bytes_total
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus the counters, the topology fingerprint and the optimizer kind."""
+        """torch's optimizer state plus :meth:`extra_state` under the key ``"gsgd"``."""
         sd = super().state_dict()
-        sd[STATE_KEY] = self._saved.extra(self.topology, self._counters)
+        sd[STATE_KEY] = self.extra_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -338,6 +331,26 @@ class GSGD(Optimizer):
         """
         state_dict, extra = self._saved.accept(state_dict, self.topology)
         super().load_state_dict(state_dict)
+        restore_counters(self._counters, extra)
+
+    def extra_state(self) -> dict[str, Any]:
+        """What G-SGD adds to torch's optimizer state: the topology fingerprint, a copy of the counters and
+        the optimizer kind.
+
+        torch's distributed optimizer state dict (``get_optimizer_state_dict``, used by Lightning's
+        ``ModelParallelStrategy``) keeps only ``state`` and ``param_groups``; ``GSGDCallback`` then saves
+        this itself.
+        """
+        return self._saved.extra(self.topology, self._counters)
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned: check the kind and the fingerprint, restore the counters.
+
+        Raises:
+            TopologyError: The saved fingerprint (chain layer names and shapes) differs, or GAdam/GAdamW
+                saved it.
+        """
+        self._saved.accept({STATE_KEY: extra}, self.topology)
         restore_counters(self._counters, extra)
 
     # ------------------------------------------------------------------ diagnostics by-products
