@@ -9,7 +9,8 @@ parameters (CUDA-synchronized timing, interleaved rounds). Part 2 runs GSGD step
 ``torch.cuda.set_sync_debug_mode("error")``, which raises on any call that makes the host wait for
 the device (``.item()``, ``bool(tensor)``, blocking copies, ``nonzero``...): plain, momentum (first
 step and later ones), Nesterov with weight decay, a tensor learning rate on the device, a gradient
-with a NaN (the step must be skipped on the device, without reading the flag), and the guard acting.
+with a NaN (the step must be skipped on the device, without reading the flag), the guard acting,
+the compiled step, the default form (``compiled=None``) and GAdam / GAdamW.
 It prints one line per case and exits non-zero if any case synchronized or misbehaved. Sized to
 finish in well under five minutes on one GPU (a few seconds of GPU work; most of the time is
 imports and CUDA start-up).
@@ -27,7 +28,7 @@ from torch import nn
 
 from benchmarks._common import MODELS, build, fixed_grads, header, interleaved, median, paired_ratio
 from benchmarks.step_bench import CONFIGS, LR, make_optimizers, validity
-from lightning_gsgd import GSGD, detect_topology
+from lightning_gsgd import GSGD, GAdam, GAdamW, detect_topology
 
 
 def ratio_table(reps: int, warmup: int) -> None:
@@ -68,7 +69,13 @@ CASES = {
     "plain, compiled": dict(lr=1e-3, compiled=True),
     "nesterov + wd, compiled": dict(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-2, compiled=True),
     "tensor lr, compiled": dict(lr="tensor", momentum=0.9, compiled=True),
+    # the default form (compiled=None): compiled for these models when Triton is there, else eager
+    "momentum, default form": dict(lr=1e-3, momentum=0.9, compiled=None),
+    # Adam in path space (eager only)
+    "GAdam": dict(opt="gadam", lr=1e-3),
+    "GAdamW amsgrad": dict(opt="gadamw", lr=1e-3, amsgrad=True),
 }
+OPTIMIZERS = {"gsgd": GSGD, "gadam": GAdam, "gadamw": GAdamW}
 
 
 def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, poison: bool = False) -> None:
@@ -88,12 +95,15 @@ def sync_check() -> bool:
             for cname, hyper in CASES.items():
                 model, _, x, y = build(mname, device="cuda", dtype=dtype)
                 hyper = dict(hyper)
+                cls = OPTIMIZERS[hyper.pop("opt", "gsgd")]
+                if cls is GSGD:
+                    hyper.setdefault("compiled", False)  # the eager cases stay eager whatever the default picks
                 if hyper["lr"] == "tensor":
                     hyper["lr"] = torch.tensor(1e-3, device="cuda")
-                opt = GSGD(model.parameters(), topology=detect_topology(model, x), **hyper)
+                opt = cls(model.parameters(), topology=detect_topology(model, x), **hyper)
                 before = copy.deepcopy(model)
                 status = "ok"
-                warm = 2 if hyper.get("compiled") else 0
+                warm = 2 if cls is GSGD and hyper["compiled"] is not False else 0
                 try:
                     for step in range(warm + 4):
                         # checked step 2 has a NaN gradient: skipped
