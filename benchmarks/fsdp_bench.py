@@ -52,7 +52,9 @@ NAMES = ("gsgd_sharded", "sgd_sharded", "gsgd_unsharded", "sgd_unsharded")
 
 def small_mlp() -> nn.Sequential:
     """MLP 784-256-256-10 (0.27M parameters)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
 
 
 BENCH = {BIG: MODELS[BIG], SMALL: (small_mlp, (128, 1, 28, 28))}
