@@ -3,7 +3,9 @@
 Run by tests/test_fsdp.py in a subprocess; Lightning starts rank 1 by running this script again.
 Writes ``OUT/full.pt`` (2 epochs straight), ``OUT/resumed.pt`` (1 epoch, a distributed checkpoint,
 then resumed to 2 epochs): the gathered parameters and G-SGD's counters, from rank 0; and
-``OUT/batches{r}.pt``: the inputs rank ``r`` trained on in the straight fit, one tensor per step.
+``OUT/batches{r}.pt``: the inputs rank ``r`` trained on in the straight fit, one tensor per step; and
+``OUT/logged{r}.pt``: the ``(step, value)`` pairs of ``gsgd/comm_bytes_per_step`` that the straight
+fit logged on rank ``r`` (a logger that records on every rank, logging every :data:`LOG_EVERY` steps).
 Usage: ``PYTHONPATH=<repo root> python tests/fsdp_lightning_script.py OUT``.
 """
 
@@ -15,13 +17,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_gsgd import GSGDCallback
 from tests.lightning_models import MLPModule, cpu_trainer, make_dataset, make_loader
 
-PER_RANK_BATCH, SEED = 4, 0
+PER_RANK_BATCH, SEED, LOG_EVERY = 4, 0, 3
 COUNTERS = ("steps", "skipped_steps", "guard_hits")
 
 
@@ -48,12 +51,41 @@ class RecordBatches(Callback):
         self.inputs.append(batch[0].detach().clone())
 
 
-def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None) -> dict:
+class EveryRankLogger(Logger):
+    """Keeps every ``log_metrics`` call on every rank (Lightning's own loggers write on rank 0 only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "every_rank"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((-1 if step is None else int(step), dict(metrics)))
+
+
+def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None, logger: Any = False) -> dict:
     torch.manual_seed(SEED)
     model = ShardedMLP(lr=0.05, momentum=0.9, weight_decay=1e-3, hidden=7)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     callback, batches = GSGDCallback(), RecordBatches()
-    trainer = cpu_trainer(strategy=strategy, devices=2, max_epochs=epochs, callbacks=[callback, batches])
+    trainer = cpu_trainer(
+        strategy=strategy,
+        devices=2,
+        max_epochs=epochs,
+        callbacks=[callback, batches],
+        logger=logger,
+        log_every_n_steps=LOG_EVERY,
+    )
     trainer.fit(model, make_loader(make_dataset(), PER_RANK_BATCH), ckpt_path=ckpt_in)
     if ckpt_out is not None:
         trainer.save_checkpoint(ckpt_out)
@@ -68,13 +100,17 @@ def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None) ->
 
 
 def main(out: str) -> None:
-    full = fit(2)
+    logger = EveryRankLogger()
+    full = fit(2, logger=logger)
     ckpt = os.path.join(out, "ckpt")
     fit(1, ckpt_out=ckpt)
     resumed = fit(2, ckpt_in=ckpt)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(full.pop("batches"), os.path.join(out, f"batches{rank}.pt"))
     resumed.pop("batches")
+    key = "gsgd/comm_bytes_per_step"
+    logged = [(step, float(m[key])) for step, m in logger.rows if key in m]
+    torch.save(logged, os.path.join(out, f"logged{rank}.pt"))
     if rank == 0:
         torch.save(full, os.path.join(out, "full.pt"))
         torch.save(resumed, os.path.join(out, "resumed.pt"))

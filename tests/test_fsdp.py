@@ -131,6 +131,10 @@ def test_lightning_model_parallel_fit_and_resume(tmp_path):
     # torch's distributed optimizer state dict drops GSGD's "gsgd" entry; GSGDCallback's state carries it
     for name in fsdp_lightning_script.COUNTERS:
         assert torch.equal(resumed[name], full[name]), (name, resumed[name], full[name])
+    # gsgd/comm_bytes_per_step on every logging step (log_every_n_steps=3: steps 3 and 6 of 8, logged at
+    # global_step 2 and 5), the same on both ranks, and the optimizer's own count
+    logged = [torch.load(tmp_path / f"logged{r}.pt", weights_only=True) for r in (0, 1)]
+    assert logged[0] == logged[1] == [(2, float(full["bytes"])), (5, float(full["bytes"]))], logged
     _check_single_process(tmp_path, full, params)
 
 

@@ -219,8 +219,10 @@ class GSGDCallback(Callback):
             self._skeleton_done = True
             if topology.chains:
                 rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
-        if not is_sharded(topology):  # the path diagnostics do not read sharded weights yet
-            self.diagnostics.setup(trainer, topology, lambda: self._example_input(trainer, pl_module))
+        # sharded: the path diagnostics do not read sharded weights yet; the step's bytes are logged instead
+        self.diagnostics.setup(
+            trainer, topology, lambda: self._example_input(trainer, pl_module), sharded=is_sharded(topology)
+        )
         self._example = None  # the diagnostics keep their own reference if they need it
 
     @override
