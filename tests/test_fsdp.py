@@ -100,10 +100,23 @@ def test_fully_shard_equals_unsharded(tmp_path, unsharded, world):
     compiled, gadam, stale = got["optimizers_refused"]
     assert "compiled=True" in compiled and "does not support sharded" in gadam and "shard_topology" in stale
     assert got["skip"] == [1, 1], "a NaN in one rank's rows must skip the step on every rank"
+    _check_diagnostics(got, unsharded, world)
     # O(H), not O(m): 100x more inputs, same bytes; and the bound from the layout
     assert got["bytes_wide"] == got["bytes_narrow"] > 0
     H, n_sel_max, elsize = 7 + 5, (7 + 5) * 2 + 3, 4
     assert got["mlp"]["bytes"] <= world * (3 * n_sel_max + H + 2) * elsize
+
+
+def _check_diagnostics(got: dict, unsharded: dict, world: int) -> None:
+    """PathDiagnostics on sharded weights: the same values on every rank, equal to one process's to 1e-6."""
+    for name, want in unsharded.items():
+        ranks = got[name]["diag_ranks"]
+        assert len(ranks) == world and all(r == ranks[0] for r in ranks), name
+        assert len(want["diag"]) == len(fsdp_script.DIAG_STEPS)
+        for step, (mine, ref) in enumerate(zip(ranks[0], want["diag"])):
+            assert sorted(mine) == sorted(ref) and "chain0/imbalance" in ref, (name, sorted(mine))
+            for key, value in ref.items():
+                assert mine[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (name, step, key, mine[key], value)
 
 
 def test_lightning_model_parallel_fit_and_resume(tmp_path):
