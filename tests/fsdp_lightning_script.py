@@ -4,8 +4,9 @@ Run by tests/test_fsdp.py in a subprocess; Lightning starts rank 1 by running th
 Writes ``OUT/full.pt`` (2 epochs straight), ``OUT/resumed.pt`` (1 epoch, a distributed checkpoint,
 then resumed to 2 epochs): the gathered parameters and G-SGD's counters, from rank 0; and
 ``OUT/batches{r}.pt``: the inputs rank ``r`` trained on in the straight fit, one tensor per step; and
-``OUT/logged{r}.pt``: the ``(step, value)`` pairs of ``gsgd/comm_bytes_per_step`` that the straight
-fit logged on rank ``r`` (a logger that records on every rank, logging every :data:`LOG_EVERY` steps).
+``OUT/logged{r}.pt``: per logging step of the straight fit on rank ``r``, ``(step, values)`` of
+``gsgd/comm_bytes_per_step`` and three path diagnostics (a logger that records on every rank,
+logging every :data:`LOG_EVERY` steps).
 Usage: ``PYTHONPATH=<repo root> python tests/fsdp_lightning_script.py OUT``.
 """
 
@@ -108,8 +109,8 @@ def main(out: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(full.pop("batches"), os.path.join(out, f"batches{rank}.pt"))
     resumed.pop("batches")
-    key = "gsgd/comm_bytes_per_step"
-    logged = [(step, float(m[key])) for step, m in logger.rows if key in m]
+    keys = ("gsgd/comm_bytes_per_step", "gsgd/path_grad_norm", "gsgd/relative_update", "gsgd/imbalance")
+    logged = [(step, {k: float(m[k]) for k in keys if k in m}) for step, m in logger.rows if keys[0] in m]
     torch.save(logged, os.path.join(out, f"logged{rank}.pt"))
     if rank == 0:
         torch.save(full, os.path.join(out, "full.pt"))

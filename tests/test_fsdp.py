@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -144,10 +145,13 @@ def test_lightning_model_parallel_fit_and_resume(tmp_path):
     # torch's distributed optimizer state dict drops GSGD's "gsgd" entry; GSGDCallback's state carries it
     for name in fsdp_lightning_script.COUNTERS:
         assert torch.equal(resumed[name], full[name]), (name, resumed[name], full[name])
-    # gsgd/comm_bytes_per_step on every logging step (log_every_n_steps=3: steps 3 and 6 of 8, logged at
-    # global_step 2 and 5), the same on both ranks, and the optimizer's own count
+    # gsgd/comm_bytes_per_step (the optimizer's own count) and the path diagnostics on every logging step
+    # (log_every_n_steps=3: steps 3 and 6 of 8, logged at global_step 2 and 5), the same on both ranks
     logged = [torch.load(tmp_path / f"logged{r}.pt", weights_only=True) for r in (0, 1)]
-    assert logged[0] == logged[1] == [(2, float(full["bytes"])), (5, float(full["bytes"]))], logged
+    assert logged[0] == logged[1] and [step for step, _ in logged[0]] == [2, 5], logged
+    for _, values in logged[0]:
+        assert values["gsgd/comm_bytes_per_step"] == float(full["bytes"]) and len(values) == 4, values
+        assert all(math.isfinite(v) and v > 0 for v in values.values()), values
     _check_single_process(tmp_path, full, params)
 
 

@@ -56,7 +56,8 @@ class GSGDCallback(Callback):
     What is supported and refused (strategies, precisions, optimizers, schedulers, checkpoints), what
     each hook does and what it costs: ``docs/lightning.md``. The ``gsgd/`` diagnostics it logs on every
     logger of the Trainer, once at the start of training and on Lightning's logging steps, identical
-    on every rank and without a collective: ``docs/diagnostics.md``.
+    on every rank and without a collective (under FSDP2 sharding, a few small ``all_reduce`` calls on
+    logging steps): ``docs/diagnostics.md``.
 
     The topology is detected on the LightningModule itself, by running its forward once (in eval
     mode, without gradients) on ``example_input_array`` or, when that is not set, on the first
@@ -219,7 +220,7 @@ class GSGDCallback(Callback):
             self._skeleton_done = True
             if topology.chains:
                 rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
-        # sharded: the path diagnostics do not read sharded weights yet; the step's bytes are logged instead
+        # sharded: the path diagnostics exchange O(H) numbers; the step's bytes are logged too
         self.diagnostics.setup(
             trainer, topology, lambda: self._example_input(trainer, pl_module), sharded=is_sharded(topology)
         )

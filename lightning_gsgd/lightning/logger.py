@@ -16,9 +16,12 @@ weights (and, for the invariance check, from an example batch that is the same o
 it is identical on every rank: it is logged on every rank with the same keys and no
 ``sync_dist`` (no collective). There are no rank-local aggregates to reduce.
 
-Sharded runs (FSDP2). The path diagnostics are not computed on sharded weights yet; on logging
-steps only ``gsgd/comm_bytes_per_step`` is logged (``GSGD.comm_bytes_per_step``: the size of the
-step's one all-gather, which every rank receives whole, so identical on every rank; no collective).
+Sharded runs (FSDP2). The path diagnostics are computed from each rank's rows plus a few small
+``all_reduce`` calls inside :class:`PathDiagnostics` (every rank calls them on the same logging
+steps; :mod:`lightning_gsgd.diagnostics.sharded`), so they are again identical on every rank and
+logged without ``sync_dist``. ``gsgd/comm_bytes_per_step`` is logged as well
+(``GSGD.comm_bytes_per_step``: the size of the step's one all-gather, which every rank receives
+whole; no collective). The invariance check is not run on sharded weights.
 """
 
 from __future__ import annotations
@@ -74,8 +77,8 @@ class DiagnosticsLogger:
         invariance_check: Also log ``gsgd/invariance_residual`` on every logging step.
         invariance_spread: Log-scale half-width of the random rescaling factors of the check.
 
-    Under sharding (``setup(..., sharded=True)``) the path diagnostics are off and the two step hooks
-    log ``gsgd/comm_bytes_per_step`` instead, on the same logging steps.
+    Under sharding (``setup(..., sharded=True)``) the two step hooks also log
+    ``gsgd/comm_bytes_per_step``, and the invariance check is off.
     """
 
     def __init__(self, enabled: bool, per_chain: bool, invariance_check: bool, invariance_spread: float = 1.0) -> None:
@@ -102,8 +105,8 @@ class DiagnosticsLogger:
             trainer: The trainer.
             topology: The model's topology.
             example: Returns an example input for the invariance check (called only if enabled).
-            sharded: The chain weights are sharded by ``fully_shard``: no path diagnostics, log
-                ``gsgd/comm_bytes_per_step`` on logging steps instead.
+            sharded: The chain weights are sharded by ``fully_shard``: also log
+                ``gsgd/comm_bytes_per_step`` on logging steps; no invariance check.
         """
         self._topology = topology
         self._pending = self._comm_pending = False
@@ -112,11 +115,9 @@ class DiagnosticsLogger:
         self._comm = False
         if not (self.enabled and trainer.loggers and trainer.log_every_n_steps > 0 and topology.chains):
             return
-        if sharded:
-            self._comm = True
-            return
+        self._comm = sharded
         self.diagnostics = PathDiagnostics(topology, per_chain=self.per_chain)
-        if self.invariance_check:
+        if self.invariance_check and not sharded:
             self._example = example()
 
     def log_summary(self, trainer: pl.Trainer) -> None:
@@ -159,7 +160,7 @@ class DiagnosticsLogger:
         self._pending = False
         assert self.diagnostics is not None
         metrics: dict[str, Tensor | float] = dict(self.diagnostics.after_step(optimizer))
-        if self.invariance_check:
+        if self.invariance_check and not self._comm:  # not on sharded weights
             assert self._topology is not None
             generator = torch.Generator().manual_seed(trainer.global_step)  # the same factors on every rank
             metrics["invariance_residual"] = invariance_error(
