@@ -2,7 +2,8 @@
 
 Run by tests/test_fsdp.py in a subprocess; Lightning starts rank 1 by running this script again.
 Writes ``OUT/full.pt`` (2 epochs straight), ``OUT/resumed.pt`` (1 epoch, a distributed checkpoint,
-then resumed to 2 epochs): the gathered parameters and G-SGD's counters, from rank 0; and
+then resumed to 2 epochs), ``OUT/resumed_full.pt`` (the same through a full, one-file checkpoint:
+``save_distributed_checkpoint=False``): the gathered parameters and G-SGD's counters, from rank 0; and
 ``OUT/batches{r}.pt``: the inputs rank ``r`` trained on in the straight fit, one tensor per step; and
 ``OUT/logged{r}.pt``: per logging step of the straight fit on rank ``r``, ``(step, values)`` of
 ``gsgd/comm_bytes_per_step`` and three path diagnostics (a logger that records on every rank,
@@ -74,10 +75,14 @@ class EveryRankLogger(Logger):
         self.rows.append((-1 if step is None else int(step), dict(metrics)))
 
 
-def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None, logger: Any = False) -> dict:
+def fit(
+    epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None, logger: Any = False, distributed: bool = True
+) -> dict:
     torch.manual_seed(SEED)
     model = ShardedMLP(lr=0.05, momentum=0.9, weight_decay=1e-3, hidden=7)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    strategy = ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed
+    )
     callback, batches = GSGDCallback(), RecordBatches()
     trainer = cpu_trainer(
         strategy=strategy,
@@ -109,12 +114,18 @@ def main(out: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(full.pop("batches"), os.path.join(out, f"batches{rank}.pt"))
     resumed.pop("batches")
+    # a full (non-distributed) checkpoint: one file with the whole state dicts
+    one_file = os.path.join(out, "full_state.ckpt")
+    fit(1, ckpt_out=one_file, distributed=False)
+    resumed_full = fit(2, ckpt_in=one_file, distributed=False)
+    resumed_full.pop("batches")
     keys = ("gsgd/comm_bytes_per_step", "gsgd/path_grad_norm", "gsgd/relative_update", "gsgd/imbalance")
     logged = [(step, {k: float(m[k]) for k in keys if k in m}) for step, m in logger.rows if keys[0] in m]
     torch.save(logged, os.path.join(out, f"logged{rank}.pt"))
     if rank == 0:
         torch.save(full, os.path.join(out, "full.pt"))
         torch.save(resumed, os.path.join(out, "resumed.pt"))
+        torch.save(resumed_full, os.path.join(out, "resumed_full.pt"))
 
 
 if __name__ == "__main__":

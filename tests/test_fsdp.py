@@ -122,8 +122,9 @@ def _check_diagnostics(got: dict, unsharded: dict, world: int) -> None:
 
 def test_lightning_model_parallel_fit_and_resume(tmp_path):
     """ModelParallelStrategy (FSDP2 in configure_model) on 2 CPU processes: the fit equals one process
-    training on the same global batches, and a fit resumed from a distributed checkpoint equals the
-    straight one bit for bit, G-SGD's counters included."""
+    training on the same global batches, and a fit resumed from a distributed checkpoint, or from a full
+    one (``save_distributed_checkpoint=False``), equals the straight one bit for bit, G-SGD's counters
+    included."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
@@ -138,13 +139,17 @@ def test_lightning_model_parallel_fit_and_resume(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    # save_distributed_checkpoint=False: one file with torch's full state dicts (no "gsgd" entry)
+    resumed_full = torch.load(tmp_path / "resumed_full.pt", weights_only=True)
     params = [k for k in full if k.startswith("net.")]
     for k in params:
         assert torch.equal(full[k], resumed[k]), k
+        assert torch.equal(full[k], resumed_full[k]), k
     assert int(full["steps"]) == 8 and 0 < int(full["bytes"]) < 1000
     # torch's distributed optimizer state dict drops GSGD's "gsgd" entry; GSGDCallback's state carries it
     for name in fsdp_lightning_script.COUNTERS:
         assert torch.equal(resumed[name], full[name]), (name, resumed[name], full[name])
+        assert torch.equal(resumed_full[name], full[name]), (name, resumed_full[name], full[name])
     # gsgd/comm_bytes_per_step (the optimizer's own count) and the path diagnostics on every logging step
     # (log_every_n_steps=3: steps 3 and 6 of 8, logged at global_step 2 and 5), the same on both ranks
     logged = [torch.load(tmp_path / f"logged{r}.pt", weights_only=True) for r in (0, 1)]

@@ -278,9 +278,15 @@ class GSGDCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Refuse optimizer state that another optimizer saved (its buffers are not in path coordinates)."""
+        """Refuse optimizer state that another optimizer saved (its buffers are not in path coordinates).
+
+        A full (non-distributed) ModelParallelStrategy checkpoint holds torch's full optimizer state dict,
+        without GSGD's ``"gsgd"`` entry; this callback's own state then carries it (``optimizer_extra``).
+        """
         states = checkpoint.get("optimizer_states") or []
-        if states and "gsgd" not in states[0] and any(states[0].get("state", {}).values()):
+        mine = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        saved_by_gsgd = "optimizer_extra" in mine or (bool(states) and "gsgd" in states[0])
+        if states and not saved_by_gsgd and any(states[0].get("state", {}).values()):
             raise MisconfigurationException(
                 "GSGDCallback cannot resume from this checkpoint: its optimizer state was not saved by GSGD, GAdam "
                 "or GAdamW, whose buffers and moments are in path coordinates; load only the weights "
