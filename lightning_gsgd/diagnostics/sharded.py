@@ -18,6 +18,8 @@ After the step, :func:`sharded_update_sq` exchanges the sigma and tau weights ag
 at the new weights) and all-reduces the local ``||v' - v||**2``. So a logging step runs four small
 collectives, ``O(H)`` numbers each at most, and no weight is gathered. The sums are reduced in
 another order than in one process: the values agree to float32 rounding (tested to 1e-6 relative).
+Unlike the unsharded reader, selecting this rank's sigma and tau entries uses boolean masks, which
+wait for the device on an accelerator (tested on CPU/gloo only).
 """
 
 from __future__ import annotations
