@@ -2,8 +2,12 @@
 
 Run by tests/test_fsdp.py in a subprocess; Lightning starts rank 1 by running this script again.
 Writes ``OUT/full.pt`` (2 epochs straight), ``OUT/resumed.pt`` (1 epoch, a distributed checkpoint,
-then resumed to 2 epochs): the gathered parameters and G-SGD's counters, from rank 0; and
-``OUT/batches{r}.pt``: the inputs rank ``r`` trained on in the straight fit, one tensor per step.
+then resumed to 2 epochs), ``OUT/resumed_full.pt`` (the same through a full, one-file checkpoint:
+``save_distributed_checkpoint=False``): the gathered parameters and G-SGD's counters, from rank 0; and
+``OUT/batches{r}.pt``: the inputs rank ``r`` trained on in the straight fit, one tensor per step; and
+``OUT/logged{r}.pt``: per logging step of the straight fit on rank ``r``, ``(step, values)`` of
+``gsgd/comm_bytes_per_step`` and three path diagnostics (a logger that records on every rank,
+logging every :data:`LOG_EVERY` steps).
 Usage: ``PYTHONPATH=<repo root> python tests/fsdp_lightning_script.py OUT``.
 """
 
@@ -15,13 +19,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_gsgd import GSGDCallback
 from tests.lightning_models import MLPModule, cpu_trainer, make_dataset, make_loader
 
-PER_RANK_BATCH, SEED = 4, 0
+PER_RANK_BATCH, SEED, LOG_EVERY = 4, 0, 3
 COUNTERS = ("steps", "skipped_steps", "guard_hits")
 
 
@@ -48,12 +53,45 @@ class RecordBatches(Callback):
         self.inputs.append(batch[0].detach().clone())
 
 
-def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None) -> dict:
+class EveryRankLogger(Logger):
+    """Keeps every ``log_metrics`` call on every rank (Lightning's own loggers write on rank 0 only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "every_rank"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((-1 if step is None else int(step), dict(metrics)))
+
+
+def fit(
+    epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None, logger: Any = False, distributed: bool = True
+) -> dict:
     torch.manual_seed(SEED)
     model = ShardedMLP(lr=0.05, momentum=0.9, weight_decay=1e-3, hidden=7)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    strategy = ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed
+    )
     callback, batches = GSGDCallback(), RecordBatches()
-    trainer = cpu_trainer(strategy=strategy, devices=2, max_epochs=epochs, callbacks=[callback, batches])
+    trainer = cpu_trainer(
+        strategy=strategy,
+        devices=2,
+        max_epochs=epochs,
+        callbacks=[callback, batches],
+        logger=logger,
+        log_every_n_steps=LOG_EVERY,
+    )
     trainer.fit(model, make_loader(make_dataset(), PER_RANK_BATCH), ckpt_path=ckpt_in)
     if ckpt_out is not None:
         trainer.save_checkpoint(ckpt_out)
@@ -68,16 +106,26 @@ def fit(epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None) ->
 
 
 def main(out: str) -> None:
-    full = fit(2)
+    logger = EveryRankLogger()
+    full = fit(2, logger=logger)
     ckpt = os.path.join(out, "ckpt")
     fit(1, ckpt_out=ckpt)
     resumed = fit(2, ckpt_in=ckpt)
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(full.pop("batches"), os.path.join(out, f"batches{rank}.pt"))
     resumed.pop("batches")
+    # a full (non-distributed) checkpoint: one file with the whole state dicts
+    one_file = os.path.join(out, "full_state.ckpt")
+    fit(1, ckpt_out=one_file, distributed=False)
+    resumed_full = fit(2, ckpt_in=one_file, distributed=False)
+    resumed_full.pop("batches")
+    keys = ("gsgd/comm_bytes_per_step", "gsgd/path_grad_norm", "gsgd/relative_update", "gsgd/imbalance")
+    logged = [(step, {k: float(m[k]) for k in keys if k in m}) for step, m in logger.rows if keys[0] in m]
+    torch.save(logged, os.path.join(out, f"logged{rank}.pt"))
     if rank == 0:
         torch.save(full, os.path.join(out, "full.pt"))
         torch.save(resumed, os.path.join(out, "resumed.pt"))
+        torch.save(resumed_full, os.path.join(out, "resumed_full.pt"))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_gsgd import GSGD, detect_topology, init_skeleton_, shard_topology
+from lightning_gsgd import GSGD, PathDiagnostics, detect_topology, init_skeleton_, shard_topology
 from lightning_gsgd.topology.types import TopologyError
 
 STEPS = 10
+#: Steps on which the path diagnostics are measured (before and after the step), per-chain keys included.
+DIAG_STEPS = (0, 4, 9)
 
 
 def mlp(n_in: int = 6) -> nn.Module:
@@ -66,11 +68,17 @@ def run_case(name: str, shard: Callable[[nn.Module], None] | None) -> dict[str, 
         shard(model)
         topo = shard_topology(topo, model)
     opt = GSGD(model.parameters(), topology=topo, **hp)
-    for x, y in batches:
+    diag = PathDiagnostics(topo, per_chain=True)
+    logged: list[dict[str, float]] = []
+    for k, (x, y) in enumerate(batches):
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
+        metrics = diag.before_step() if k in DIAG_STEPS else None
         opt.step()
-    out: dict[str, Any] = {"steps": int(opt.steps), "skipped": int(opt.skipped_steps)}
+        if metrics is not None:
+            metrics.update(diag.after_step(opt))
+            logged.append({key: float(v) for key, v in metrics.items()})
+    out: dict[str, Any] = {"steps": int(opt.steps), "skipped": int(opt.skipped_steps), "diag": logged}
     out["bytes"] = opt.comm_bytes_per_step
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -104,6 +112,9 @@ def main(out: str) -> None:
                 fully_shard(model, mesh=mesh)
 
             results[name] = run_case(name, shard)
+            every: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, results[name]["diag"])
+            results[name]["diag_ranks"] = every
         results["bytes_wide"] = _bytes(mesh, fully_shard, n_in=600)
         results["bytes_narrow"] = _bytes(mesh, fully_shard, n_in=6)
         results["refused"] = _detect_on_sharded(mesh, fully_shard)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -100,16 +101,30 @@ def test_fully_shard_equals_unsharded(tmp_path, unsharded, world):
     compiled, gadam, stale = got["optimizers_refused"]
     assert "compiled=True" in compiled and "does not support sharded" in gadam and "shard_topology" in stale
     assert got["skip"] == [1, 1], "a NaN in one rank's rows must skip the step on every rank"
+    _check_diagnostics(got, unsharded, world)
     # O(H), not O(m): 100x more inputs, same bytes; and the bound from the layout
     assert got["bytes_wide"] == got["bytes_narrow"] > 0
     H, n_sel_max, elsize = 7 + 5, (7 + 5) * 2 + 3, 4
     assert got["mlp"]["bytes"] <= world * (3 * n_sel_max + H + 2) * elsize
 
 
+def _check_diagnostics(got: dict, unsharded: dict, world: int) -> None:
+    """PathDiagnostics on sharded weights: the same values on every rank, equal to one process's to 1e-6."""
+    for name, want in unsharded.items():
+        ranks = got[name]["diag_ranks"]
+        assert len(ranks) == world and all(r == ranks[0] for r in ranks), name
+        assert len(want["diag"]) == len(fsdp_script.DIAG_STEPS)
+        for step, (mine, ref) in enumerate(zip(ranks[0], want["diag"])):
+            assert sorted(mine) == sorted(ref) and "chain0/imbalance" in ref, (name, sorted(mine))
+            for key, value in ref.items():
+                assert mine[key] == pytest.approx(value, rel=1e-6, abs=1e-12), (name, step, key, mine[key], value)
+
+
 def test_lightning_model_parallel_fit_and_resume(tmp_path):
     """ModelParallelStrategy (FSDP2 in configure_model) on 2 CPU processes: the fit equals one process
-    training on the same global batches, and a fit resumed from a distributed checkpoint equals the
-    straight one bit for bit, G-SGD's counters included."""
+    training on the same global batches, and a fit resumed from a distributed checkpoint, or from a full
+    one (``save_distributed_checkpoint=False``), equals the straight one bit for bit, G-SGD's counters
+    included."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("PL_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
@@ -124,13 +139,24 @@ def test_lightning_model_parallel_fit_and_resume(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    # save_distributed_checkpoint=False: one file with torch's full state dicts (no "gsgd" entry)
+    resumed_full = torch.load(tmp_path / "resumed_full.pt", weights_only=True)
     params = [k for k in full if k.startswith("net.")]
     for k in params:
         assert torch.equal(full[k], resumed[k]), k
+        assert torch.equal(full[k], resumed_full[k]), k
     assert int(full["steps"]) == 8 and 0 < int(full["bytes"]) < 1000
     # torch's distributed optimizer state dict drops GSGD's "gsgd" entry; GSGDCallback's state carries it
     for name in fsdp_lightning_script.COUNTERS:
         assert torch.equal(resumed[name], full[name]), (name, resumed[name], full[name])
+        assert torch.equal(resumed_full[name], full[name]), (name, resumed_full[name], full[name])
+    # gsgd/comm_bytes_per_step (the optimizer's own count) and the path diagnostics on every logging step
+    # (log_every_n_steps=3: steps 3 and 6 of 8, logged at global_step 2 and 5), the same on both ranks
+    logged = [torch.load(tmp_path / f"logged{r}.pt", weights_only=True) for r in (0, 1)]
+    assert logged[0] == logged[1] and [step for step, _ in logged[0]] == [2, 5], logged
+    for _, values in logged[0]:
+        assert values["gsgd/comm_bytes_per_step"] == float(full["bytes"]) and len(values) == 4, values
+        assert all(math.isfinite(v) and v > 0 for v in values.values()), values
     _check_single_process(tmp_path, full, params)
 
 

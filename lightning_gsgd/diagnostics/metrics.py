@@ -54,8 +54,10 @@ from lightning_gsgd.diagnostics.chain import (
     read_chain,
     update_sq,
 )
+from lightning_gsgd.diagnostics.sharded import read_chain_sharded, sharded_update_sq
 from lightning_gsgd.step.slots import ChainReading
 from lightning_gsgd.topology.index import LayerIndex
+from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Chain, Topology
 
 #: Keys of :func:`topology_summary`.
@@ -142,6 +144,8 @@ class PathDiagnostics:
     def __init__(self, topology: Topology, *, per_chain: bool = False) -> None:
         self.topology = topology
         self.per_chain = per_chain
+        # FSDP2: computed from each rank's rows plus small all_reduces (lightning_gsgd.diagnostics.sharded)
+        self._sharded = is_sharded(topology)
         self._index: dict[int, tuple[torch.device, list[LayerIndex], list[FlatIndex]]] = {}
         self._kept: list[PathValues] | None = None
         self._kept_sq: list[Tensor] = []
@@ -203,6 +207,8 @@ class PathDiagnostics:
 
     def _read(self, ci: int, chain: Chain) -> tuple[ChainReading, PathValues]:
         index, flat = self._indices(ci, chain)
+        if self._sharded:
+            return read_chain_sharded(chain, index, flat)
         return read_chain(*chain_tensors(chain), index, flat)
 
     @torch.no_grad()
@@ -235,8 +241,11 @@ class PathDiagnostics:
             diff_sq: list[Tensor] = []
             for ci, chain in enumerate(self.topology.chains):
                 index, flat = self._indices(ci, chain)
-                weights, _, biases, _ = chain_tensors(chain, grads=False)
-                d2 = update_sq(kept[ci], weights, biases, index, flat)
+                if self._sharded:
+                    d2 = sharded_update_sq(chain, kept[ci], index, flat)
+                else:
+                    weights, _, biases, _ = chain_tensors(chain, grads=False)
+                    d2 = update_sq(kept[ci], weights, biases, index, flat)
                 diff_sq.append(d2)
                 if self.per_chain:
                     out[f"chain{ci}/relative_update"] = torch.sqrt(d2 / self._kept_sq[ci])

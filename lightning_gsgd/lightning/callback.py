@@ -56,7 +56,8 @@ class GSGDCallback(Callback):
     What is supported and refused (strategies, precisions, optimizers, schedulers, checkpoints), what
     each hook does and what it costs: ``docs/lightning.md``. The ``gsgd/`` diagnostics it logs on every
     logger of the Trainer, once at the start of training and on Lightning's logging steps, identical
-    on every rank and without a collective: ``docs/diagnostics.md``.
+    on every rank and without a collective (under FSDP2 sharding, a few small ``all_reduce`` calls on
+    logging steps): ``docs/diagnostics.md``.
 
     The topology is detected on the LightningModule itself, by running its forward once (in eval
     mode, without gradients) on ``example_input_array`` or, when that is not set, on the first
@@ -219,8 +220,10 @@ class GSGDCallback(Callback):
             self._skeleton_done = True
             if topology.chains:
                 rank_zero_info("GSGDCallback: skeleton weights set to 1 (skeleton_init=True); the function changed.")
-        if not is_sharded(topology):  # the path diagnostics do not read sharded weights yet
-            self.diagnostics.setup(trainer, topology, lambda: self._example_input(trainer, pl_module))
+        # sharded: the path diagnostics exchange O(H) numbers; the step's bytes are logged too
+        self.diagnostics.setup(
+            trainer, topology, lambda: self._example_input(trainer, pl_module), sharded=is_sharded(topology)
+        )
         self._example = None  # the diagnostics keep their own reference if they need it
 
     @override
@@ -275,9 +278,15 @@ class GSGDCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Refuse optimizer state that another optimizer saved (its buffers are not in path coordinates)."""
+        """Refuse optimizer state that another optimizer saved (its buffers are not in path coordinates).
+
+        A full (non-distributed) ModelParallelStrategy checkpoint holds torch's full optimizer state dict,
+        without GSGD's ``"gsgd"`` entry; this callback's own state then carries it (``optimizer_extra``).
+        """
         states = checkpoint.get("optimizer_states") or []
-        if states and "gsgd" not in states[0] and any(states[0].get("state", {}).values()):
+        mine = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        saved_by_gsgd = "optimizer_extra" in mine or (bool(states) and "gsgd" in states[0])
+        if states and not saved_by_gsgd and any(states[0].get("state", {}).values()):
             raise MisconfigurationException(
                 "GSGDCallback cannot resume from this checkpoint: its optimizer state was not saved by GSGD, GAdam "
                 "or GAdamW, whose buffers and moments are in path coordinates; load only the weights "

@@ -15,6 +15,13 @@ Distributed runs. Every value is computed from the DDP-averaged gradients and th
 weights (and, for the invariance check, from an example batch that is the same on every rank), so
 it is identical on every rank: it is logged on every rank with the same keys and no
 ``sync_dist`` (no collective). There are no rank-local aggregates to reduce.
+
+Sharded runs (FSDP2). The path diagnostics are computed from each rank's rows plus a few small
+``all_reduce`` calls inside :class:`PathDiagnostics` (every rank calls them on the same logging
+steps; :mod:`lightning_gsgd.diagnostics.sharded`), so they are again identical on every rank and
+logged without ``sync_dist``. ``gsgd/comm_bytes_per_step`` is logged as well
+(``GSGD.comm_bytes_per_step``: the size of the step's one all-gather, which every rank receives
+whole; no collective). The invariance check is not run on sharded weights.
 """
 
 from __future__ import annotations
@@ -69,6 +76,9 @@ class DiagnosticsLogger:
         per_chain: Also log ``gsgd/chain{i}/<key>`` for every chain.
         invariance_check: Also log ``gsgd/invariance_residual`` on every logging step.
         invariance_spread: Log-scale half-width of the random rescaling factors of the check.
+
+    Under sharding (``setup(..., sharded=True)``) the two step hooks also log
+    ``gsgd/comm_bytes_per_step``, and the invariance check is off.
     """
 
     def __init__(self, enabled: bool, per_chain: bool, invariance_check: bool, invariance_spread: float = 1.0) -> None:
@@ -80,28 +90,34 @@ class DiagnosticsLogger:
         self._topology: Topology | None = None
         self._example: Any = None
         self._pending = False
+        self._comm = False  # sharded: log the bytes of the step's all-gather on logging steps
+        self._comm_pending = False
 
     @property
     def active(self) -> bool:
         """Whether per-step diagnostics run in this fit (set by :meth:`setup`)."""
         return self.diagnostics is not None
 
-    def setup(self, trainer: pl.Trainer, topology: Topology, example: Callable[[], Any]) -> None:
+    def setup(self, trainer: pl.Trainer, topology: Topology, example: Callable[[], Any], sharded: bool = False) -> None:
         """Prepare for a fit: nothing runs later unless the trainer has a logger and logs steps.
 
         Args:
             trainer: The trainer.
             topology: The model's topology.
             example: Returns an example input for the invariance check (called only if enabled).
+            sharded: The chain weights are sharded by ``fully_shard``: also log
+                ``gsgd/comm_bytes_per_step`` on logging steps; no invariance check.
         """
         self._topology = topology
-        self._pending = False
+        self._pending = self._comm_pending = False
         self.diagnostics = None
         self._example = None
+        self._comm = False
         if not (self.enabled and trainer.loggers and trainer.log_every_n_steps > 0 and topology.chains):
             return
+        self._comm = sharded
         self.diagnostics = PathDiagnostics(topology, per_chain=self.per_chain)
-        if self.invariance_check:
+        if self.invariance_check and not sharded:
             self._example = example()
 
     def log_summary(self, trainer: pl.Trainer) -> None:
@@ -125,19 +141,26 @@ class DiagnosticsLogger:
         logged by :meth:`after_step` (see :meth:`PathDiagnostics.before_step`).
         """
         self._pending = False
+        self._comm_pending = self._comm and is_logging_step(trainer)
         if self.diagnostics is None or not is_logging_step(trainer):
             return
         self._log(pl_module, self.diagnostics.before_step(optimizer))
         self._pending = True
 
     def after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """After the step that :meth:`before_step` measured: relative update, counters, invariance check."""
+        """After the step that :meth:`before_step` measured: relative update, counters, invariance check
+        (sharded: the bytes the step exchanged)."""
+        if self._comm_pending:
+            self._comm_pending = False
+            nbytes = getattr(optimizer, "comm_bytes_per_step", None)
+            if nbytes is not None:
+                self._log(pl_module, {"comm_bytes_per_step": float(nbytes)})
         if not self._pending:
             return
         self._pending = False
         assert self.diagnostics is not None
         metrics: dict[str, Tensor | float] = dict(self.diagnostics.after_step(optimizer))
-        if self.invariance_check:
+        if self.invariance_check and not self._comm:  # not on sharded weights
             assert self._topology is not None
             generator = torch.Generator().manual_seed(trainer.global_step)  # the same factors on every rank
             metrics["invariance_residual"] = invariance_error(
