@@ -24,8 +24,8 @@ from lightning_gsgd.optim.state import (
     SavedState,
     restore_counters,
 )
-from lightning_gsgd.step.adam import AdamHyper, AdamPlans, AdamStepArgs, adam_hyper, adam_step
-from lightning_gsgd.step.inputs import StepCounters, check_contiguous
+from lightning_gsgd.step.adam import AdamPlans, AdamStepArgs, adam_hyper, adam_step
+from lightning_gsgd.step.inputs import StepCounters, check_contiguous, collect_params
 from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Topology, TopologyError
 
@@ -184,24 +184,12 @@ class GAdam(Optimizer):
         """
         loss = begin_step(closure, self.topology, _unbound(self._name))
         assert self.topology is not None
-        hp_of: dict[int, tuple[AdamHyper, dict[str, Any]]] = {}
-        device = None
-        for g in self.param_groups:
-            hp = adam_hyper(g)
-            for p in g["params"]:
-                hp_of[id(p)] = (hp, g)
-                if device is None and p.grad is not None:
-                    device = p.grad.device
-        if device is None:
+        found = collect_params(self.param_groups, self._in_chain, adam_hyper)
+        if found is None:
             return loss
+        hp_of, plain, device = found
         for chain in self.topology.chains:
             check_contiguous(chain, self._name)
-        plain = [
-            (p, hp_of[id(p)][0])
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None and id(p) not in self._in_chain
-        ]
         for p, _ in plain:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{self._name} does not support sparse gradients")

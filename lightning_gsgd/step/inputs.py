@@ -7,6 +7,7 @@ diagnostics readings it was asked for (or ``None``), so the optimizer dispatches
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,6 @@ class StepCounters:
             t = t.to(device)
             self.tensors[name] = t
         return t
-
-    def read(self, name: str) -> Tensor:
-        """The counter ``name`` as it stands (a 0 on the CPU before the first step)."""
-        return self.tensors.get(name, torch.zeros((), dtype=torch.int64))
 
     def snapshot(self) -> dict[str, Tensor]:
         """Every counter of :data:`COUNTERS`, those not made yet as zeros beside the others."""
@@ -136,6 +133,37 @@ class StepArgs:
     readings: bool
 
 
+def collect_params(
+    param_groups: list[dict[str, Any]], in_chain: set[int], hyper_of: Callable[[dict[str, Any]], Any]
+) -> tuple[dict[int, tuple[Any, dict[str, Any]]], list[tuple[Tensor, Any]], torch.device] | None:
+    """What every optimizer's step reads off its parameter groups, in one pass.
+
+    Args:
+        param_groups: The optimizer's parameter groups.
+        in_chain: Ids of the parameters a chain step owns.
+        hyper_of: Maps a parameter group to its hyper-parameters (``Hyper``, ``AdamHyper``).
+
+    Returns:
+        ``(hp_of, plain, device)``: per parameter id its hyper-parameters and group; the parameters
+        outside chains that have a gradient, with their hyper-parameters; the gradients' device.
+        ``None`` when no parameter has a gradient.
+    """
+    hp_of: dict[int, tuple[Any, dict[str, Any]]] = {}
+    device = None
+    for g in param_groups:
+        hp = hyper_of(g)
+        for p in g["params"]:
+            hp_of[id(p)] = (hp, g)
+            if device is None and p.grad is not None:
+                device = p.grad.device
+    if device is None:
+        return None
+    plain = [
+        (p, hp_of[id(p)][0]) for g in param_groups for p in g["params"] if p.grad is not None and id(p) not in in_chain
+    ]
+    return hp_of, plain, device
+
+
 def collect_step_args(
     topology: Topology,
     param_groups: list[dict[str, Any]],
@@ -159,19 +187,10 @@ def collect_step_args(
         host_reads: Whether device flags may be read on the host (``None``: on the CPU only).
         readings: Whether diagnostics readings are requested.
     """
-    hp_of: dict[int, tuple[Hyper, dict[str, Any]]] = {}
-    device = None
-    for g in param_groups:
-        hp = hyper(g)
-        for p in g["params"]:
-            hp_of[id(p)] = (hp, g)
-            if device is None and p.grad is not None:
-                device = p.grad.device
-    if device is None:
+    found = collect_params(param_groups, in_chain, hyper)
+    if found is None:
         return None
-    plain = [
-        (p, hp_of[id(p)][0]) for g in param_groups for p in g["params"] if p.grad is not None and id(p) not in in_chain
-    ]
+    hp_of, plain, device = found
     return StepArgs(
         chains=topology.chains,
         bn_layers=[layer for layer in topology.bn_layers if layer.weight.grad is not None],
