@@ -90,12 +90,12 @@ def test_the_first_skip_says_why(collapse, expect):
     opt, monitor = _FakeOptimizer(), SkipMonitor(fraction=0.1, window=50)
     monitor.start(opt)
     opt.steps = 3
-    monitor.check(opt)
+    monitor.check(opt, wait=True)
     opt.skipped, opt.collapsed = 1, int(collapse)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        monitor.check(opt)
-        monitor.check(opt)  # nothing new: no second warning
+        monitor.check(opt, wait=True)
+        monitor.check(opt, wait=True)  # nothing new: no second warning
     (message,) = _messages(record)
     assert re.search(expect, message)
 
@@ -108,7 +108,7 @@ def test_a_run_that_keeps_skipping_warns_again_with_the_count_once_per_window():
         opt.skipped = step
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            monitor.check(opt)
+            monitor.check(opt, wait=True)
         got += [(step, m) for m in _messages(record)]
     assert [s for s, _ in got] == [1, 5, 9]
     assert "skipped a step" in got[0][1]

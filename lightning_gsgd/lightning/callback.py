@@ -264,15 +264,13 @@ class GSGDCallback(Callback):
         self.diagnostics.after_step(trainer, pl_module, self.optimizer)
         if self._skips is not None and self.optimizer is not None:
             # reading the counters waits for an accelerator: there only on the steps Lightning logs
-            on_cpu = all(p.device.type == "cpu" for p in self.optimizer.counters().values())
-            if on_cpu or is_logging_step(trainer):
-                self._skips.check(self.optimizer)
+            self._skips.check(self.optimizer, wait=is_logging_step(trainer))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Report the skipped steps not reported yet (one read of the counters)."""
         if self._skips is not None and self.optimizer is not None:
-            self._skips.check(self.optimizer)
+            self._skips.check(self.optimizer, wait=True)
 
     @override
     def on_load_checkpoint(

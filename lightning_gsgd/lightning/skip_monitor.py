@@ -34,23 +34,31 @@ class SkipMonitor:
     def __init__(self, fraction: float, window: int) -> None:
         self.fraction, self.window = fraction, window
         self._first_warned = False
-        self._start: tuple[int, int, int] | None = None  # (attempted, skipped, collapsed) at the window's start
-        self._last: tuple[int, int, int] | None = None
+        self._start: tuple[int, ...] | None = None  # (attempted, skipped, collapsed, guard hits) at the window's start
+        self._last: tuple[int, ...] | None = None
 
     def start(self, optimizer: Any) -> None:
         """Take the counters as they stand (a resumed fit starts from its checkpoint's) as the baseline."""
-        self._start = self._last = _read(optimizer)
+        self._start = self._last = _read(optimizer.counters())
 
-    def check(self, optimizer: Any) -> None:
-        """Read the counters and warn as the class docstring says."""
+    def check(self, optimizer: Any, *, wait: bool) -> None:
+        """Read the counters and warn as the class docstring says.
+
+        Args:
+            optimizer: The G-space optimizer.
+            wait: Read them even where that waits for an accelerator (the CPU's counters are always read).
+        """
+        counters = optimizer.counters()
+        if not wait and any(t.device.type != "cpu" for t in counters.values()):
+            return
         if self._start is None or self._last is None:
             self.start(optimizer)
             return
-        now = _read(optimizer)
-        attempted, skipped, collapsed = now
+        now = _read(counters)
+        attempted, skipped, collapsed, hits = now
         if not self._first_warned and skipped > self._last[1]:
             self._first_warned = True
-            why = _COLLAPSE.format(hits=int(optimizer.guard_hits)) if collapsed > self._last[2] else _NONFINITE
+            why = _COLLAPSE.format(hits=hits) if collapsed > self._last[2] else _NONFINITE
             rank_zero_warn(f"GSGD skipped a step: {why}. (gsgd/skipped_steps counts skipped steps.)")
             self._start = self._last = now  # the next window starts after the skip just reported
             return
@@ -66,8 +74,9 @@ class SkipMonitor:
             self._start = now
 
 
-def _read(optimizer: Any) -> tuple[int, int, int]:
-    """``(attempted, skipped, collapsed)`` steps so far, in one host read."""
-    c = optimizer.counters()
-    steps, skipped, collapsed = torch.stack([c["steps"], c["skipped_steps"], c["collapsed_steps"]]).tolist()
-    return steps + skipped, skipped, collapsed
+def _read(c: dict[str, Any]) -> tuple[int, ...]:
+    """``(attempted, skipped, collapsed, guard hits)`` so far, in one host read."""
+    steps, skipped, collapsed, hits = torch.stack(
+        [c["steps"], c["skipped_steps"], c["collapsed_steps"], c["guard_hits"]]
+    ).tolist()
+    return steps + skipped, skipped, collapsed, hits
