@@ -11,7 +11,7 @@ This module holds plain data and the human-readable summary; it imports nothing 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -86,41 +86,116 @@ class ChainLayer:
         return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
 
 
+@dataclass(frozen=True)
+class Source:
+    """A run of a chain layer's input nodes, in the order the layer reads them.
+
+    Attributes:
+        layer: Index in ``Chain.layers`` of the layer whose output nodes these are (an earlier
+            layer), or ``-1`` for nodes from outside the chain (the model input, or units that are
+            not rescalable), whose ``B`` is 1.
+        nodes: Which of that layer's output nodes, in order (a ``range``: a slice, or a strided
+            run after a channel shuffle); for ``layer == -1`` only its length counts.
+    """
+
+    layer: int
+    nodes: range
+
+
 @dataclass(frozen=True, eq=False)
 class Chain:
-    """A sequence of at least two layers joined by positively homogeneous maps."""
+    """Weight layers joined by positively homogeneous maps: a sequence, or a DAG.
+
+    Layer ``l`` reads the nodes listed by ``sources[l]`` (concatenated in order, ``n_in`` in all),
+    each from an earlier layer or from outside the chain. A layer whose nodes some later layer
+    reads is a *hidden* layer: its nodes are the chain's rescalable units, and every one of them
+    must be read somewhere in the chain (fan-out to several layers is allowed). The other layers
+    are *output* layers. Without ``sources`` the chain is a sequence: layer 0 reads the chain's
+    input and layer ``l`` reads every node of layer ``l - 1`` (docs/math.md, "DAG chains").
+    """
 
     layers: tuple[ChainLayer, ...]
+    sources: tuple[tuple[Source, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.layers) < 2:
             raise TopologyError("a chain needs at least two weight layers (one hidden layer)")
-        for prev, nxt in zip(self.layers[:-1], self.layers[1:]):
-            if prev.n_out != nxt.n_in:
-                raise TopologyError(f"layer '{nxt.name}' reads {nxt.n_in} nodes but '{prev.name}' has {prev.n_out}")
+        if not self.sources:
+            for prev, nxt in zip(self.layers[:-1], self.layers[1:]):
+                if prev.n_out != nxt.n_in:
+                    raise TopologyError(f"layer '{nxt.name}' reads {nxt.n_in} nodes but '{prev.name}' has {prev.n_out}")
+            seq = ((Source(-1, range(self.layers[0].n_in)),),)
+            seq += tuple((Source(l, range(self.layers[l].n_out)),) for l in range(len(self.layers) - 1))
+            object.__setattr__(self, "sources", seq)
+        hidden = self._check_sources()
+        object.__setattr__(self, "hidden", hidden)
+        object.__setattr__(
+            self,
+            "is_sequence",
+            all(h == (l < len(self.layers) - 1) for l, h in enumerate(hidden))
+            and all(
+                len(srcs) == 1 and srcs[0].layer == l - 1 and (l == 0 or srcs[0].nodes == range(self.layers[l - 1].n_out))
+                for l, srcs in enumerate(self.sources)
+            ),
+        )
+
+    def _check_sources(self) -> tuple[bool, ...]:
+        if len(self.sources) != len(self.layers):
+            raise TopologyError(f"chain: {len(self.sources)} source lists for {len(self.layers)} layers")
+        read: list[set[int]] = [set() for _ in self.layers]
+        for l, (layer, srcs) in enumerate(zip(self.layers, self.sources)):
+            n = 0
+            for src in srcs:
+                if src.layer >= l or src.layer < -1:
+                    raise TopologyError(f"layer '{layer.name}' reads layer {src.layer}, which does not come before it")
+                if src.layer >= 0:
+                    prod = self.layers[src.layer]
+                    if len(src.nodes) and (min(src.nodes) < 0 or max(src.nodes) >= prod.n_out):
+                        raise TopologyError(
+                            f"layer '{layer.name}' reads nodes {src.nodes} of '{prod.name}', which has {prod.n_out}"
+                        )
+                    read[src.layer].update(src.nodes)
+                n += len(src.nodes)
+            if n != layer.n_in:
+                raise TopologyError(f"layer '{layer.name}' has {layer.n_in} input nodes but its sources list {n}")
+        if not any(read):
+            raise TopologyError("a chain needs at least one hidden layer (a layer that another chain layer reads)")
+        for layer, nodes in zip(self.layers, read):
+            if nodes and len(nodes) != layer.n_out:
+                raise TopologyError(
+                    f"layer '{layer.name}': {layer.n_out - len(nodes)} of its {layer.n_out} nodes are read by no "
+                    "chain layer (a hidden layer's nodes must all be read)"
+                )
+        return tuple(bool(nodes) for nodes in read)
+
+    # Set in __post_init__ (derived from ``sources``):
+    #   hidden: per layer, whether its nodes are hidden units (some later chain layer reads them);
+    #   is_sequence: whether layer l reads exactly all of layer l - 1 and only the last is an output.
+    hidden: tuple[bool, ...] = field(init=False, default=())
+    is_sequence: bool = field(init=False, default=True)
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """Node counts from the input nodes to the output nodes."""
+        """Node counts: the first layer's inputs, then every layer's outputs in layer order."""
         return (self.layers[0].n_in,) + tuple(layer.n_out for layer in self.layers)
 
     @property
     def hidden_units(self) -> int:
         """Number of hidden nodes H (the rescalable units)."""
-        return sum(layer.n_out for layer in self.layers[:-1])
+        return sum(layer.n_out for layer, h in zip(self.layers, self.hidden) if h)
 
     @property
     def num_params(self) -> int:
-        """Parameters of the chain (weights and biases, output bias included)."""
+        """Parameters of the chain (weights and biases, output biases included)."""
         return sum(layer.num_params for layer in self.layers)
 
     @property
     def basis_paths(self) -> int:
         """Independent path values: weights plus hidden biases, minus hidden units.
 
-        The output layer's bias is not a path value (it is already invariant) and is not counted.
+        An output layer's bias is not a path value (it is already invariant) and is not counted.
         """
-        hidden_bias = sum(0 if layer.bias is None else layer.n_out for layer in self.layers[:-1])
+        hidden_bias = sum(0 if layer.bias is None else layer.n_out for layer, h in zip(self.layers, self.hidden) if h)
         weights = sum(layer.weight.numel() for layer in self.layers)
         return weights + hidden_bias - self.hidden_units
 
