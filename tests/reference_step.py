@@ -75,13 +75,15 @@ def gsgd_chain_step(
     """
     L = len(weights)
     B, F = chain_backbone(weights, index)
-    gammas = chain_gamma(weights, grads, biases, bias_grads, index)
-    F_new: Tensor = torch.ones_like(F[-1])
+    gamma = chain_gamma(weights, grads, biases, bias_grads, index)
+    R = max(idx.row_off + idx.n_out for idx in index)
+    F_new: Tensor = torch.ones(R, dtype=weights[0].dtype, device=weights[0].device)  # F' of every row
     new_w: list[Tensor] = [weights[0]] * L
     new_b: list[Tensor | None] = [None] * L
     new_wbuf: list[Tensor | None] = [None] * L
     new_bbuf: list[Tensor | None] = [None] * L
     hits = torch.zeros((), dtype=torch.int64, device=weights[0].device)
+    # from the outputs backwards: a layer's rows have their final F' once every layer after it is done
     for l in range(L - 1, -1, -1):
         w, g, idx, hp = weights[l], grads[l], index[l], weight_hp[l]
         bcol = B[l].view(1, -1, 1)
@@ -90,23 +92,22 @@ def gsgd_chain_step(
         p = g / (bcol * frow)
         if idx.tau_rows is not None:
             # Tau edges also carry every path through their source node: remove that share.
-            cols = torch.arange(idx.n_in, device=w.device)
-            v_tau = v[idx.tau_rows, cols, idx.centre]
-            p[idx.tau_rows, cols, idx.centre] -= gammas[l - 1] / v_tau
+            v_tau = v[idx.tau_rows, idx.tau_cols, idx.centre]
+            p[idx.tau_rows, idx.tau_cols, idx.centre] -= gamma[idx.tau_nodes] / v_tau
         d = p + hp.weight_decay * v if hp.weight_decay != 0 else p
         direction, new_wbuf[l] = _sgd_direction(d, weight_bufs[l], hp)
         v_new = v - hp.lr * direction
         if idx.tau_rows is not None:
             assert idx.tau_free is not None
-            cols = torch.arange(idx.n_in, device=w.device)
-            old = v[idx.tau_rows, cols, idx.centre]
-            new = v_new[idx.tau_rows, cols, idx.centre]
+            old = v[idx.tau_rows, idx.tau_cols, idx.centre]
+            new = v_new[idx.tau_rows, idx.tau_cols, idx.centre]
             hit = idx.tau_free & ~(new / old >= min_ratio)
             hits = hits + hit.sum()
-            v_new[idx.tau_rows, cols, idx.centre] = torch.where(hit, old * min_ratio, new)
+            v_new[idx.tau_rows, idx.tau_cols, idx.centre] = torch.where(hit, old * min_ratio, new)
         # w' = v' / (B F') written as (w + dv / (B F)) * (F / F'): when nothing moves (lr = 0) this
         # returns w bit for bit, where v' / (B F') would round w * B * F / (B * F).
-        w_new = (w + (v_new - v) / (bcol * frow)) * (frow / F_new.view(-1, 1, 1))
+        f_new = F_new[idx.rows]
+        w_new = (w + (v_new - v) / (bcol * frow)) * (frow / f_new.view(-1, 1, 1))
         if idx.sig_rows is not None:
             w_new[idx.sig_rows, idx.sig_cols, idx.centre] = sigma_entries(w, idx)
             buf = new_wbuf[l]
@@ -114,7 +115,7 @@ def gsgd_chain_step(
                 buf[idx.sig_rows, idx.sig_cols, idx.centre] = 0
         new_w[l] = w_new
         b, gb = biases[l], bias_grads[l]
-        if b is not None and gb is not None:
+        if b is not None and gb is not None and idx.hidden:
             bhp = bias_hp[l]
             assert bhp is not None
             vb = b * F[l]
@@ -122,7 +123,7 @@ def gsgd_chain_step(
             if bhp.weight_decay != 0:
                 db = db + bhp.weight_decay * vb
             bdir, new_bbuf[l] = _sgd_direction(db, bias_bufs[l], bhp)
-            new_b[l] = (b - bhp.lr * bdir / F[l]) * (F[l] / F_new)
-        if l > 0:
-            F_new = tau_entries(w_new, idx) * F_new[idx.tau_rows]
+            new_b[l] = (b - bhp.lr * bdir / F[l]) * (F[l] / f_new)
+        if idx.tau_rows is not None:
+            F_new[idx.tau_nodes] = tau_entries(w_new, idx) * F_new[idx.row_off + idx.tau_rows]
     return ChainStep(new_w, new_b, new_wbuf, new_bbuf, hits)

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_gsgd import GSGD, detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
 from lightning_gsgd.step.hyper import Hyper
-from lightning_gsgd.topology.index import build_layer_index
+from lightning_gsgd.topology.index import chain_index
 from tests.models import make
 from tests.reference_step import gsgd_chain_step
 
@@ -35,27 +35,16 @@ class ReferenceGSGD:
         done: set[int] = set()
         for chain in self.topo.chains:
             layers = chain.layers
-            L = len(layers)
-            index = [
-                build_layer_index(
-                    layer.n_out,
-                    layer.n_in,
-                    layer.centre,
-                    hidden_out=l < L - 1,
-                    hidden_in=l > 0,
-                    device=torch.device("cpu"),
-                )
-                for l, layer in enumerate(layers)
-            ]
+            index = chain_index(chain, torch.device("cpu"))
             ws = [layer.weight3d() for layer in layers]
             gs = [
                 layer.weight3d(layer.weight.grad if layer.weight.grad is not None else torch.zeros_like(layer.weight))
                 for layer in layers
             ]
             bs = [
-                layer.bias if layer.bias is not None and layer.bias.grad is not None else None for layer in layers[:-1]
+                layer.bias if layer.bias is not None and layer.bias.grad is not None and hidden else None
+                for layer, hidden in zip(layers, chain.hidden)
             ]
-            bs.append(None)
             gbs = [None if b is None else b.grad for b in bs]
             res = gsgd_chain_step(
                 ws,

@@ -15,29 +15,20 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.step.slots import ChainReading
-from lightning_gsgd.topology.index import LayerIndex, build_layer_index, chain_backbone, chain_gamma
+from lightning_gsgd.topology.index import LayerIndex, chain_backbone, chain_gamma, chain_index
 from lightning_gsgd.topology.types import Chain
 
 
-def chain_index(chain: Chain, device: torch.device) -> list[LayerIndex]:
-    """The sigma/tau indices of every layer of ``chain``, as the optimizer builds them."""
-    last = len(chain.layers) - 1
-    return [
-        build_layer_index(layer.n_out, layer.n_in, layer.centre, hidden_out=l < last, hidden_in=l > 0, device=device)
-        for l, layer in enumerate(chain.layers)
-    ]
-
-
 def free_tau_cols(chain: Chain, device: torch.device) -> list[Tensor | None]:
-    """Per layer, the input nodes whose tau edge is free (a skeleton path), as an int64 index.
+    """Per layer, which of the tau edges it holds are free (skeleton paths), as an int64 index into
+    the layer's tau edges (``LayerIndex.tau_nodes`` order).
 
     Computed on the CPU once (boolean selection on an accelerator would synchronize), then moved.
-    ``None`` for the first layer, which carries no tau edges.
+    ``None`` for a layer that holds no tau edges.
     """
-    out: list[Tensor | None] = [None]
-    for idx in chain_index(chain, torch.device("cpu"))[1:]:
-        assert idx.tau_free is not None
-        out.append(torch.nonzero(idx.tau_free).flatten().to(device))
+    out: list[Tensor | None] = []
+    for idx in chain_index(chain, torch.device("cpu")):
+        out.append(None if idx.tau_free is None else torch.nonzero(idx.tau_free).flatten().to(device))
     return out
 
 
@@ -71,8 +62,8 @@ class FlatIndex:
 
     Attributes:
         sig: ``(rows, flat columns)`` of the sigma entries, or ``None`` for the output layer.
-        tau: ``(rows, flat columns, input nodes)`` of the free tau entries (the skeleton paths), or
-            ``None`` for the first layer.
+        tau: ``(rows, flat columns, source nodes)`` of the free tau entries that the layer holds
+            (the skeleton paths), or ``None`` where it holds none.
     """
 
     sig: tuple[Tensor, Tensor] | None
@@ -82,15 +73,15 @@ class FlatIndex:
 def flat_index(chain: Chain, index: list[LayerIndex], tau_cols: list[Tensor | None]) -> list[FlatIndex]:
     """The :class:`FlatIndex` of every layer of ``chain`` (on the index tensors' device)."""
     out = []
-    for layer, idx, cols in zip(chain.layers, index, tau_cols):
+    for layer, idx, free in zip(chain.layers, index, tau_cols):
         sig = None
         if idx.sig_rows is not None:
             assert idx.sig_cols is not None
             sig = (idx.sig_rows, idx.sig_cols * layer.taps + idx.centre)
         tau = None
-        if cols is not None:
-            assert idx.tau_rows is not None
-            tau = (idx.tau_rows[cols], cols * layer.taps + idx.centre, cols)
+        if free is not None:
+            assert idx.tau_rows is not None and idx.tau_cols is not None and idx.tau_nodes is not None
+            tau = (idx.tau_rows[free], idx.tau_cols[free] * layer.taps + idx.centre, idx.tau_nodes[free])
         out.append(FlatIndex(sig, tau))
     return out
 
@@ -145,17 +136,18 @@ def read_chain(
         flat: Sigma and free-tau entries per layer (:func:`flat_index`).
     """
     B, F = chain_backbone(weights, index)
-    gammas = chain_gamma(weights, grads, biases, bias_grads, index)
-    last = len(weights) - 1
+    gamma = chain_gamma(weights, grads, biases, bias_grads, index)
+    H = index[0].n_hidden
     grad_sq = torch.zeros((), dtype=weights[0].dtype, device=weights[0].device)
     value_sq = torch.zeros_like(grad_sq)
     skeleton: list[Tensor] = []
-    terms: list[Tensor] = []
+    skeleton_nodes: list[Tensor] = []
     vw: list[Tensor] = []
-    incoming: Tensor | None = None
-    for l, (w3, g3, fi) in enumerate(zip(weights, grads, flat)):
+    incoming = torch.zeros(H + 1, dtype=grad_sq.dtype, device=grad_sq.device)
+    outgoing = torch.zeros_like(incoming)
+    for w3, g3, fi, idx, b, f, bias, gb in zip(weights, grads, flat, index, B, F, biases, bias_grads):
         w, g, taps = _flat(w3), _flat(g3), w3.shape[2]
-        scale = _scale(F[l], B[l], taps)
+        scale = _scale(f, b, taps)
         q = g / scale  # dL/dv of the entries that are neither sigma nor free tau
         v = scale.mul_(w)  # two layer-sized buffers per layer (fresh memory is slow to touch on the CPU)
         if fi.sig is not None:
@@ -164,27 +156,30 @@ def read_chain(
         if fi.tau is not None:
             rows, cols, nodes = fi.tau
             v_tau = v[rows, cols]
-            q[rows, cols] = q[rows, cols] - gammas[l - 1][nodes] / v_tau
+            q[rows, cols] = q[rows, cols] - gamma[nodes] / v_tau
             skeleton.append(v_tau.abs())
+            skeleton_nodes.append(nodes)
         value_sq = value_sq + _norm_sq(v)
         grad_sq = grad_sq + _norm_sq(q)
         vw.append(v)
         w2 = torch.square(w, out=q)
-        if incoming is not None:  # this layer's columns are the previous hidden units' outgoing weights
-            outgoing = w2.sum(0)
+        if idx.reads_hidden:  # columns that hold hidden units: their outgoing weights
+            col = w2.sum(0)
             if taps > 1:
-                outgoing = outgoing.view(-1, taps).sum(1)
-            terms.append(0.5 * (torch.log(incoming) - torch.log(outgoing)))
-        if l < last:
-            incoming = w2.sum(1)
-            bias, gb = biases[l], bias_grads[l]
+                col = col.view(-1, taps).sum(1)
+            outgoing.index_add_(0, idx.col_node, col)
+        if idx.hidden:
+            inc = w2.sum(1)
             if bias is not None:
-                incoming = incoming + bias.square()
-                value_sq = value_sq + _norm_sq(bias * F[l])
+                inc = inc + bias.square()
+                value_sq = value_sq + _norm_sq(bias * f)
             if gb is not None:
-                grad_sq = grad_sq + _norm_sq(gb / F[l])
-    vb = [None if b is None or l == last else b * F[l] for l, b in enumerate(biases)]
-    return ChainReading(grad_sq, value_sq, torch.cat(skeleton), torch.cat(terms)), (vw, vb)
+                grad_sq = grad_sq + _norm_sq(gb / f)
+            incoming[idx.rows] = inc
+    terms = 0.5 * (torch.log(incoming[:H]) - torch.log(outgoing[:H]))
+    order = torch.argsort(torch.cat(skeleton_nodes))  # hidden-node order, as the step's readings
+    vb = [None if bias is None or not idx.hidden else bias * f for bias, idx, f in zip(biases, index, F)]
+    return ChainReading(grad_sq, value_sq, torch.cat(skeleton)[order], terms), (vw, vb)
 
 
 def update_sq(

@@ -47,7 +47,6 @@ from torch import Tensor
 from lightning_gsgd.diagnostics.chain import (
     FlatIndex,
     PathValues,
-    chain_index,
     chain_tensors,
     flat_index,
     free_tau_cols,
@@ -56,7 +55,7 @@ from lightning_gsgd.diagnostics.chain import (
 )
 from lightning_gsgd.diagnostics.sharded import read_chain_sharded, sharded_update_sq
 from lightning_gsgd.step.slots import ChainReading
-from lightning_gsgd.topology.index import LayerIndex
+from lightning_gsgd.topology.index import LayerIndex, chain_index
 from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Chain, Topology
 

@@ -193,6 +193,7 @@ def read_chain_sharded(
             q[r, c] = 0
         if fi.tau is not None:
             rows, cols, nodes = fi.tau
+            nodes = nodes - index[l - 1].row_off  # sharded chains are sequences: the previous layer's nodes
             # every rank computes every skeleton value from the exchanged tau weights, rounded as read_chain does
             skeleton.append((F[l][rows] * B[l][nodes] * tau_w[l][nodes]).abs())
             keep = (rows >= loc.a) & (rows < loc.b)

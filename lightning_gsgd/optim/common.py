@@ -72,9 +72,9 @@ def chain_owned_ids(topology: Topology) -> set[int]:
     weights of BN-heuristic layers."""
     owned = {id(layer.weight) for layer in topology.bn_layers}
     for chain in topology.chains:
-        for l, layer in enumerate(chain.layers):
+        for layer, hidden in zip(chain.layers, chain.hidden):
             owned.add(id(layer.weight))
-            if layer.bias is not None and l < len(chain.layers) - 1:
+            if layer.bias is not None and hidden:
                 owned.add(id(layer.bias))
     return owned
 

@@ -372,9 +372,8 @@ class GSGD(Optimizer):
             return False
         hp_of = {id(p): hyper(g) for g in self.param_groups for p in g["params"]}
         for chain in self.topology.chains:
-            last = len(chain.layers) - 1
             tensors = [layer.weight for layer in chain.layers]
-            tensors += [layer.bias for l, layer in enumerate(chain.layers) if layer.bias is not None and l < last]
+            tensors += [layer.bias for layer, h in zip(chain.layers, chain.hidden) if layer.bias is not None and h]
             if not readings_supported([hp_of[id(t)] for t in tensors], tensors[0].dtype):
                 return False
         self._readings_request = True

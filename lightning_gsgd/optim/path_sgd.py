@@ -59,7 +59,7 @@ from torch.optim import Optimizer
 from lightning_gsgd.optim.common import begin_step, check_chain_params, check_hyper
 from lightning_gsgd.step.hyper import Hyper, hyper
 from lightning_gsgd.step.single import sgd_update_
-from lightning_gsgd.topology.types import Chain, ChainLayer, Topology
+from lightning_gsgd.topology.types import Chain, ChainLayer, Topology, TopologyError
 
 # ---------------------------------------------------------------------------------------------------
 # Functional core: tensors in, no optimizer state (``path_gammas`` and ``path_scales`` are pure;
@@ -241,6 +241,12 @@ class PathSGD(Optimizer):
             TopologyError: A chain parameter is not in this optimizer's parameter groups or is frozen.
         """
         check_chain_params(topology, self.param_groups, "PathSGD")
+        dags = [chain.name for chain in topology.chains if not chain.is_sequence]
+        if dags:
+            raise TopologyError(
+                f"PathSGD: {len(dags)} chain(s) with fan-out or concatenation ({', '.join(dags[:3])}); PathSGD "
+                "handles sequence chains only: use GSGD, or detect_topology(..., exclude=[...]) on those layers"
+            )
         self.topology = topology
         return self
 

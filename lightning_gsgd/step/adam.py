@@ -80,22 +80,20 @@ def adam_step(args: AdamStepArgs) -> None:
         layers = chain.layers
         if all(layer.weight.grad is None for layer in layers):
             continue
-        last = len(layers) - 1
         weights, biases = [], []
         for l, layer in enumerate(layers):
             w = layer.weight
             grad = w.grad if w.grad is not None else torch.zeros_like(w)
             weights.append(AdamSlot(layer.weight3d(), w, layer.weight3d(grad), args.hp_of[id(w)][0]))
             b = layer.bias
-            if b is None or l == last:
+            if b is None or not chain.hidden[l]:
                 biases.append(None)
             else:
                 biases.append(AdamSlot(b, b, b.grad, args.hp_of[id(b)][0]))
         min_ratio = args.hp_of[id(layers[0].weight)][1]["min_ratio"]
         prep = prepare_adam_chain(args.plans.plan(ci, chain), weights, biases, state, min_ratio, host_reads=host_reads)
         prepared.append(prep)
-        if layers[-1].weight.grad is not None:
-            inputs.append(minmax(layers[-1].weight.grad))
+        inputs += [minmax(x.weight.grad) for x, h in zip(layers, chain.hidden) if not h and x.weight.grad is not None]
     inputs += [minmax(p.grad) for p, _ in args.plain]
     checks = [adam_chain_checks(p) for p in prepared] + inputs
     skipped = args.counters.get("skipped_steps", device)

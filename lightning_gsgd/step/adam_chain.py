@@ -23,7 +23,7 @@ from lightning_gsgd.step.adam_rule import (
     tick,
 )
 from lightning_gsgd.step.single import minmax, write
-from lightning_gsgd.topology.index import LayerIndex, build_layer_index
+from lightning_gsgd.topology.index import LayerIndex, chain_index, columns
 from lightning_gsgd.topology.types import Chain, Topology
 
 
@@ -33,9 +33,10 @@ class AdamChainPlan:
 
     Attributes:
         device: Where the indices live.
-        index: Per layer, its sigma/tau index (:func:`lightning_gsgd.topology.index.build_layer_index`).
-        sig_flat: Per layer, flat positions of the sigma entries in the weight (``None`` on the last layer).
-        tau_flat: Per layer, flat positions of the tau entries, one per input node (``None`` on the first).
+        index: Per layer, its sigma/tau index (:func:`lightning_gsgd.topology.index.chain_index`).
+        sig_flat: Per layer, flat positions of the sigma entries in the weight (``None`` on output layers).
+        tau_flat: Per layer, flat positions of the tau entries it holds (``LayerIndex.tau_nodes``
+            order; ``None`` where it holds none).
     """
 
     device: torch.device
@@ -46,13 +47,10 @@ class AdamChainPlan:
 
 def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
     """The index tensors of ``chain`` on ``device``."""
-    last = len(chain.layers) - 1
-    index, sig_flat, tau_flat = [], [], []
-    for l, layer in enumerate(chain.layers):
-        idx = build_layer_index(
-            layer.n_out, layer.n_in, layer.centre, hidden_out=l < last, hidden_in=l > 0, device=device
-        )
-        index.append(idx)
+    index = chain_index(chain, device)
+    sig_flat: list[Tensor | None] = []
+    tau_flat: list[Tensor | None] = []
+    for layer, idx in zip(chain.layers, index):
         row = layer.n_in * layer.taps
         if idx.sig_rows is not None:
             assert idx.sig_cols is not None
@@ -60,8 +58,8 @@ def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
         else:
             sig_flat.append(None)
         if idx.tau_rows is not None:
-            cols = torch.arange(layer.n_in, device=device)
-            tau_flat.append(idx.tau_rows * row + cols * layer.taps + layer.centre)
+            assert idx.tau_cols is not None
+            tau_flat.append(idx.tau_rows * row + idx.tau_cols * layer.taps + layer.centre)
         else:
             tau_flat.append(None)
     return AdamChainPlan(device, index, sig_flat, tau_flat)
@@ -159,57 +157,69 @@ def prepare_adam_chain(
     ws = [s.param for s in weights]
     gs = [s.grad for s in weights]
     assert all(g is not None for g in gs)
+    idx = plan.index
     for s in [*weights, *[b for b in biases if b is not None]]:
         st = state.get(s.owner)
         s.tick = tick(s.hp, None if st is None else st.get("step"), s.param, host_reads)
+    for l, s in enumerate(weights):
         # a hidden layer's weight gradient is checked by its row sums sum(w g) below (0 * inf is NaN)
-        if s.grad is not None and (s is weights[-1] or s.param.dim() == 1):
+        if s.grad is not None and not idx[l].hidden:
             prep.checks.append(minmax(s.grad))
-    idx = plan.index
-    # B (input nodes of each layer) and F (output nodes of each layer) from the sigma / tau entries
-    one_in = torch.ones(idx[0].n_in, dtype=ws[0].dtype, device=ws[0].device)
-    B = [one_in]
-    for l in range(L - 1):
+    for b in biases:
+        if b is not None and b.grad is not None:
+            prep.checks.append(minmax(b.grad))
+    H = idx[0].n_hidden
+    R = max(i.row_off + i.n_out for i in idx)
+    dtype, device = ws[0].dtype, ws[0].device
+    # B of every hidden node (then 1 for nodes outside the chain) and F of every row, from the
+    # sigma / tau entries (docs/math.md, "The sigma/tau basis")
+    b_nodes = torch.ones(H + 1, dtype=dtype, device=device)
+    for l in range(L):
         sig = plan.sig_flat[l]
-        assert sig is not None and idx[l].sig_cols is not None
-        B.append(ws[l].reshape(-1).take(sig) * B[l][idx[l].sig_cols])
-    F = [torch.ones(idx[-1].n_out, dtype=ws[0].dtype, device=ws[0].device)]
-    for l in range(L - 1, 0, -1):
+        if sig is not None:
+            assert idx[l].sig_src is not None
+            b_nodes[idx[l].rows] = ws[l].reshape(-1).take(sig) * b_nodes[idx[l].sig_src]
+    f_rows = torch.ones(R, dtype=dtype, device=device)
+    for l in range(L - 1, -1, -1):
         tau = plan.tau_flat[l]
-        assert tau is not None and idx[l].tau_rows is not None
-        F.insert(0, ws[l].reshape(-1).take(tau) * F[0][idx[l].tau_rows])
+        if tau is not None:
+            assert idx[l].tau_rows is not None
+            f_rows[idx[l].tau_nodes] = ws[l].reshape(-1).take(tau) * f_rows[idx[l].row_off + idx[l].tau_rows]
+    B = [columns(b_nodes, i) for i in idx]
+    F = [f_rows[i.rows] for i in idx]
     # Gamma of every hidden node (docs/math.md, "The inverse chain rule")
-    gammas: list[Tensor] = []
-    for l in range(L - 1):
+    gamma = torch.zeros(H + 1, dtype=dtype, device=device)
+    for l in range(L):
         sig = plan.sig_flat[l]
-        assert sig is not None
+        if sig is None:
+            continue
         row = torch.linalg.vecdot(ws[l].flatten(1), gs[l].flatten(1))  # type: ignore[union-attr]
         b = biases[l]
         if b is not None and b.grad is not None:
             row = row + b.param * b.grad
         gam = row - ws[l].reshape(-1).take(sig) * gs[l].reshape(-1).take(sig)  # type: ignore[union-attr]
-        if l > 0:
-            ist = idx[l].sig_is_tau
-            assert ist is not None and idx[l].sig_cols is not None
-            gam = gam + torch.where(ist, gammas[l - 1][idx[l].sig_cols], 0.0)
-        gammas.append(gam)
-    prep.checks += [*B, *F, *gammas]
-    unit_b = host_reads and all(torch.equal(b, torch.ones_like(b)) for b in B)
+        ist, src = idx[l].sig_is_tau, idx[l].sig_src
+        assert ist is not None and src is not None
+        gamma[idx[l].rows] = gam + torch.where(ist, gamma[src], 0.0)
+    prep.checks += [b_nodes, f_rows, gamma]
+    unit_b = host_reads and torch.equal(b_nodes, torch.ones_like(b_nodes))
     # tau entries: Adam on the Gamma-corrected path gradient, then the guard
-    ratios: list[Tensor | None] = [None] * L
+    ratio_of: list[Tensor | None] = [None] * L
     prep.tau_new = [None] * L
-    hits = torch.zeros((), dtype=torch.int64, device=ws[0].device)
-    for l in range(1, L):
+    hits = torch.zeros((), dtype=torch.int64, device=device)
+    for l in range(L):
         tau = plan.tau_flat[l]
-        rows = idx[l].tau_rows
-        assert tau is not None and rows is not None and idx[l].tau_free is not None
+        if tau is None:
+            continue
+        rows, nodes, free = idx[l].tau_rows, idx[l].tau_nodes, idx[l].tau_free
+        assert rows is not None and nodes is not None and free is not None
         slot = weights[l]
         hp, t = slot.hp, slot.tick
         assert t is not None
         w_tau = ws[l].reshape(-1).take(tau)
         g_tau = gs[l].reshape(-1).take(tau)  # type: ignore[union-attr]
-        v = w_tau * B[l] * F[l][rows]
-        d = torch.addcmul(gammas[l - 1], g_tau, w_tau, value=-1).div_(v).neg_()
+        v = w_tau * b_nodes[nodes] * f_rows[idx[l].row_off + rows]
+        d = torch.addcmul(gamma[nodes], g_tau, w_tau, value=-1).div_(v).neg_()
         if hp.weight_decay != 0 and not hp.decoupled:
             d.add_(v, alpha=hp.weight_decay)
         m = _gathered(state, slot.owner, "exp_avg", tau, w_tau)
@@ -219,36 +229,40 @@ def prepare_adam_chain(
         v_new = v * decay_factor(hp, t) if hp.weight_decay != 0 and hp.decoupled else v.clone()
         add_step(v_new, m.clone(), denom, t)
         ratio = v_new / v
-        hit = torch.ge(ratio, min_ratio).logical_not_().logical_and_(idx[l].tau_free)
+        hit = torch.ge(ratio, min_ratio).logical_not_().logical_and_(free)
         ratio.masked_fill_(hit, min_ratio)
         # a non-free tau entry is a sigma entry, no coordinate: it does not move (ratio 1)
-        ratio = torch.where(idx[l].tau_free, ratio, 1.0)
+        ratio = torch.where(free, ratio, 1.0)
         hits = hits + hit.sum()
-        ratios[l] = ratio
+        ratio_of[l] = ratio
         prep.tau_new[l] = (w_tau, m, q, qmax)  # the weight entries are finished below, with rho
         prep.checks += [m, q, ratio] + ([] if qmax is None else [qmax])
     prep.hits = hits
-    # rho = F'/F of every layer's output nodes: the ratio of the first free tau edge downstream
-    rho: list[Tensor] = [torch.ones_like(F[-1])] * L
-    for l in range(L - 2, -1, -1):
-        nxt = idx[l + 1]
-        ratio = ratios[l + 1]
-        assert ratio is not None and nxt.tau_free is not None and nxt.tau_rows is not None
-        rho[l] = torch.where(nxt.tau_free, ratio, rho[l + 1][nxt.tau_rows])
-    prep.rhoinv = [None if l == L - 1 else rho[l].reciprocal() for l in range(L)]
-    for l in range(1, L):
+    # rho = F'/F of every row: the ratio of the first free tau edge downstream (1 on output rows)
+    rho_rows = torch.ones(R, dtype=dtype, device=device)
+    for l in range(L - 1, -1, -1):
+        ratio = ratio_of[l]
+        if ratio is None:
+            continue
+        i = idx[l]
+        assert i.tau_free is not None and i.tau_rows is not None
+        rho_rows[i.tau_nodes] = torch.where(i.tau_free, ratio, rho_rows[i.row_off + i.tau_rows])
+    prep.rhoinv = [rho_rows[i.rows].reciprocal() if i.hidden else None for i in idx]
+    for l in range(L):
         entry = prep.tau_new[l]
-        ratio = ratios[l]
-        assert entry is not None and ratio is not None and idx[l].tau_rows is not None
+        ratio = ratio_of[l]
+        if entry is None:
+            continue
+        assert ratio is not None and idx[l].tau_rows is not None
         w_tau, m, q, qmax = entry
-        w_new = w_tau * ratio / rho[l][idx[l].tau_rows]
+        w_new = w_tau * ratio / rho_rows[idx[l].row_off + idx[l].tau_rows]
         prep.tau_new[l] = (w_new, m, q, qmax)
         prep.checks.append(w_new)
     # per-layer factors: s = 1 / (B F), 1 / F of the biases; the floor 1 / F'^2 of the next step
     for l in range(L):
         r = F[l].reciprocal()
         prep.s_bias.append(r)
-        if unit_b or l == 0:
+        if unit_b or not idx[l].reads_hidden:
             prep.s.append(r.view(-1, 1, 1))
         else:
             prep.s.append(torch.outer(r, B[l].reciprocal()).unsqueeze(-1))
@@ -272,7 +286,7 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
         0-d int64 tensor: the number of free tau path values the guard clamped.
     """
     plan = prep.plan
-    L = len(prep.weights)
+    len(prep.weights)
     for l, slot in enumerate(prep.weights):
         _apply_tensor(
             slot,
@@ -285,7 +299,7 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
             sig=None if plan.sig_flat[l] is None else (plan.sig_flat[l], prep.sig_w[l]),
         )
         b = prep.biases[l]
-        if b is not None and l < L - 1:
+        if b is not None and plan.index[l].hidden:
             rinv = prep.rhoinv[l]
             assert rinv is not None
             if b.grad is None:  # no gradient: keep its path value, follow the row's rescale

@@ -63,7 +63,7 @@ def prepare_chain(
     Args:
         work: Work area of the chain.
         weights: Per layer, the weight slot (``[n_out, n_in, taps]`` views).
-        biases: Per layer, the bias slot or ``None`` (no bias, a bias without gradient, the last layer).
+        biases: Per layer, the bias slot or ``None`` (no bias, a bias without gradient, an output layer).
         min_ratio: Guard of free tau path values (see :class:`lightning_gsgd.GSGD`).
         unit_b: Whether every ``B`` is known to be 1 (row-only scaling). ``None``: find out by
             reading the values (a host read: CPU only); ``False``: use the general form.
@@ -82,16 +82,15 @@ def prepare_chain(
                 torch.take(s.buf, sel, out=work.sbuf_l[l])
             else:
                 work.sbuf_l[l].zero_()
-        if l < L - 1:
+        if plan.is_hidden[l]:
             work.row_sums_(l, s.param, s.grad)
-    for l in range(L - 1):
+    for l in range(L):
         b = biases[l]
-        if b is not None:
+        if b is not None and plan.is_hidden[l]:
             work.base_rows[l].addcmul_(b.param, b.grad)
-    lo, hi = torch.aminmax(weights[-1].grad)
-    return solve_gathered(
-        work, weights, biases, momentum, torch.stack([lo, hi]), min_ratio, unit_b=unit_b, bias_params=bias_params
-    )
+    # the output layers' gradients are checked directly (the row sums check the hidden layers')
+    last = torch.cat([torch.stack(torch.aminmax(s.grad)) for s, h in zip(weights, plan.is_hidden) if not h])
+    return solve_gathered(work, weights, biases, momentum, last, min_ratio, unit_b=unit_b, bias_params=bias_params)
 
 
 def solve_gathered(
@@ -117,7 +116,7 @@ def solve_gathered(
         weights: Per layer, the weight slot.
         biases: Per layer, the bias slot or ``None``.
         momentum: Whether any weight has momentum.
-        last_check: Values that are finite exactly when the last layer's gradient is.
+        last_check: Values that are finite exactly when the output layers' gradients are.
         min_ratio: Guard of free tau path values.
         unit_b: As for :func:`prepare_chain`.
         bias_params: As for :func:`prepare_chain`.
@@ -153,7 +152,7 @@ def _tau_row(s: Slot) -> tuple:
 
 def _tau_coefficients(prep: Prepared) -> tuple:
     """Per-tau-entry coefficients (:func:`_tau_row`): scalars if all tau layers agree, else ``[H]`` vectors."""
-    slots = prep.weights[1:]
+    slots = [prep.weights[l] for l in prep.work.plan.tau_layers]
     first = slots[0]
     if all(
         (s.hp is first.hp and (s.buf is None) == (first.buf is None)) or slot_key(s) == slot_key(first) for s in slots
@@ -162,7 +161,7 @@ def _tau_coefficients(prep: Prepared) -> tuple:
     work = prep.work
     plan = work.plan
     table = torch.zeros((plan.n_layers, 6), dtype=work.dtype, device=work.device)
-    for l, s in enumerate(slots, start=1):
+    for l, s in zip(plan.tau_layers, slots):
         for k, val in enumerate(_tau_row(s)):
             if isinstance(val, Tensor):
                 table[l, k].copy_(val)
@@ -237,7 +236,7 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
         aux["tau_fix"] = dv - step.index_select(0, free).square().sum()
         prep.tau_aux = aux
 
-    # ---- per-row vectors (the last layer's rows stay 1): q = 1 / F', q2 = 1 / (F F')
+    # ---- per-row vectors (the output layers' rows stay 1): q = 1 / F', q2 = 1 / (F F')
     torch.reciprocal(rho, out=work.rhoinv_h)
     torch.reciprocal(work.F, out=work.r)
     torch.mul(work.r, work.rhoinv, out=work.q)
@@ -274,7 +273,7 @@ def apply_chain(prep: Prepared) -> Tensor:
     """
     work = prep.work
     plan = work.plan
-    bulk(_items(prep, None if prep.unit_b else work.B))
+    bulk(_items(prep, None if prep.unit_b else work.B_ext))
     # index_copy_ on flat views, not put_: put_ has no deterministic mode (use_deterministic_algorithms)
     for l, s in enumerate(prep.weights):
         sel = plan.sel[l]
@@ -293,10 +292,10 @@ def _items(prep: Prepared, B: Tensor | None) -> list[Item]:
     row3, row1 = work.row3, work.row1
     items: list[Item] = []
     for l in range(L):
-        rhoinv = row3["rhoinv"][l] if l < L - 1 else None
-        if B is not None and l > 0:
+        rhoinv = row3["rhoinv"][l] if plan.is_hidden[l] else None
+        if B is not None and plan.reads_hidden[l]:
             # general form: s = 1 / (F B), an [n_out, n_in, 1] outer product of r and 1 / B
-            b = B[plan.hoff[l - 1] : plan.hoff[l - 1] + plan.n_out[l - 1]].view(1, -1, 1)
+            b = plan.cols(B, l).view(1, -1, 1)
             items.append(Item(prep.weights[l], row3["r"][l], row3["F"][l], rhoinv, b=b))
         else:
             items.append(Item(prep.weights[l], row3["r"][l], row3["F"][l], rhoinv, q=row3["q"][l], q2=row3["q2"][l]))

@@ -151,7 +151,6 @@ class CompiledStep:
             if all(layer.weight.grad is None for layer in layers):
                 continue
             graph_chains.append(self._graph_chain(ci, chain))
-            last = len(layers) - 1
             min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
             cw: list[Tensor] = []
             cg: list[Tensor] = []
@@ -170,7 +169,7 @@ class CompiledStep:
                 cb.append(buf)
                 rows.append(_hp_row(hp, had, min_ratio))
                 b = layer.bias
-                if b is None or b.grad is None or l == last:
+                if b is None or b.grad is None or not chain.hidden[l]:
                     cbw.append(None)
                     cbg.append(None)
                     cbb.append(None)

@@ -92,7 +92,6 @@ def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:
     state, hp_of = args.state, args.hp_of
     weights: list[Slot] = []
     biases: list[Slot | None] = []
-    last = len(layers) - 1
     for l, layer in enumerate(layers):
         w = layer.weight
         grad = w.grad if w.grad is not None else torch.zeros_like(w)
@@ -103,7 +102,7 @@ def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:
             buf = buf.view_as(w3)
         weights.append(Slot(w3, layer.weight3d(grad), hp_of[id(w)][0], buf, w3, owner=w))
         b = layer.bias
-        if b is None or b.grad is None or l == last:
+        if b is None or b.grad is None or not chain.hidden[l]:
             biases.append(None)
         else:
             st = state.get(b)

@@ -70,13 +70,13 @@ def _prepare(
 
     Per chain ``c``: ``ws[c][l]``, ``gs[c][l]``, ``bufs[c][l]`` are layer ``l``'s weight, gradient and
     momentum buffer (``None``: no momentum), ``bws``/``bgs`` the hidden biases and their gradients
-    (``None``: no bias, or one without gradient, and always for the last layer), ``hps[c]`` the ``[2L,
+    (``None``: no bias, or one without gradient, and always for output layers), ``hps[c]`` the ``[2L,
     7]`` hyper-parameter table (weights, then biases). ``extra`` are the gradients of the parameters
     outside chains: ``ok`` needs them finite too. ``inputs_ok`` says whether the gradients checked
-    directly (those outside chains, each chain's last layer) were finite: a step that is not ``ok``
+    directly (those outside chains, each chain's output layers) were finite: a step that is not ``ok``
     although they were is counted as a collapse. ``vecs[c]``
     is ``[F, 1 / F, 1 / rho]`` over the chain's rows, then ``B``, ``1 / B``, the new tau weight and the
-    new tau buffer entry of the input node of every entry ``k`` of the layers after the first. ``hits``
+    new tau buffer entry of the input node of every entry ``k`` of the layers that read hidden nodes. ``hits``
     counts clamped free tau values (0 when the step is not ``ok``).
     """
     inputs = [torch.stack(torch.aminmax(g)).reshape(2).to(ws[0][0].dtype) for g in extra]
@@ -98,18 +98,20 @@ def _prepare(
         sb = torch.cat([sw.new_zeros(s.shape[0]) if b is None else b.reshape(-1)[s] for b, s in zip(bufs[c], sel)])
         skel = torch.cat([sw, one, sg, sb])
         rows = []
-        for l in range(L - 1):
+        for l in range(L):
+            if not ch.is_hidden[l]:
+                continue
             r = (w2[l] * g2[l]).sum(1)
             bw, bg = bws[c][l], bgs[c][l]
             if bw is not None and bg is not None:
                 r = r + bw * bg
             rows.append(r)
-        n_last = ch.shape2[-1][0]
+        n_last = ch.n_rows - H  # the output layers' rows
         w_sig, g_sig = skel[sig_take].unbind(0)
         base_h = torch.cat(rows) - w_sig * g_sig
         base = torch.cat([base_h, sw.new_zeros(n_last + 1)])
         bf = skel[walk_bf].prod(1)
-        B, F = bf[:H], bf[H:]
+        B, F = bf[:H], bf[H + 1 :]
         gamma = base[walk_g_rows].sum(1)
         tab = hp[tau_layer]  # a node's tau edge lies in layer tau_layer: that weight's row
         w_tau, g_tau, m_tau = skel[tau_take].unbind(0)
@@ -138,11 +140,13 @@ def _prepare(
         # skeleton block and buffer entries, the floor 1 / F'^2, the row sums and the last gradient
         checks += [B, F_rows, rhoinv, r_rows, q, r_rows * q, sw.index_copy(0, free_pos, w_tau_new[free_nodes])]
         checks += [q[:H].square(), base_h]
-        inputs.append(torch.stack(torch.aminmax(g2[-1])))
+        inputs += [torch.stack(torch.aminmax(g)) for g, h in zip(g2, ch.is_hidden) if not h]
         if momentum:
             checks.append(sb.index_copy(0, free_pos, buf_tau[free_nodes]))
         hits.append(hit.sum())
+        # per node, then a column for inputs from outside the chain (B = 1, no tau edge)
         per_node = torch.stack([B, torch.reciprocal(B), w_tau_new, buf_tau])
+        per_node = torch.cat([per_node, torch.stack([one, one, one * 0, one * 0])], 1)
         vecs.append(torch.cat([F_rows, r_rows, rhoinv, per_node[:, col_node].reshape(-1)]))
     inputs_ok = torch.isfinite(torch.cat(inputs)).all()
     ok = inputs_ok & torch.isfinite(torch.cat(checks)).all()
@@ -170,18 +174,16 @@ def _update(
     the new tau weight and buffer entry from ``vecs``.
     """
     for c, ch in enumerate(chains):
-        L, H = ch.n_layers, ch.hidden
+        L, _H = ch.n_layers, ch.hidden
         hp = hps[c].to(_math_dtype(ws[c][0].dtype))
-        R = H + ch.shape2[-1][0]
+        R = ch.n_rows
         vec = vecs[c]
         F_rows, r_rows, rhoinv = vec[:R], vec[R : 2 * R], vec[2 * R : 3 * R]
         Kt = (vec.shape[0] - 3 * R) // 4
         B, Binv, w_tau_new, buf_tau = (vec[3 * R + j * Kt : 3 * R + (j + 1) * Kt] for j in range(4))
-        row = 0
         for l in range(L):
             n_out, K = ch.shape2[l]
-            rs = slice(row, row + n_out)
-            row += n_out
+            rs = slice(ch.row_off[l], ch.row_off[l] + n_out)
             # in the tensor's own shape, the per-row and per-entry vectors broadcast against it (a
             # reshape of the result before its in-place copy would make Inductor write a temporary)
             w, g, buf = ws[c][l], gs[c][l], bufs[c][l]
@@ -190,9 +192,9 @@ def _update(
             r, f, h = r_rows[rs].view(row_shape), F_rows[rs].view(row_shape), rhoinv[rs].view(row_shape)
             ks = slice(ch.koff[l], ch.koff[l] + K)
             s = r
-            if l > 0:
+            if ch.reads_hidden[l]:
                 s, f = r * Binv[ks].view(ent_shape), f * B[ks].view(ent_shape)
-            new, nb = _new_values(w, g, buf, s, f, h if l < L - 1 else None, hp[l])
+            new, nb = _new_values(w, g, buf, s, f, h if ch.is_hidden[l] else None, hp[l])
             # the skeleton entries: sigma (entry sig_k[b] of row b), free tau (row tau_k[k] of entry
             # k); compared as floats, which vectorize better than int64 indices
             sig_at, tau_at = ch.fspec[l]
@@ -209,7 +211,7 @@ def _update(
             w.copy_(torch.where(ok, new, w))
             if nb is not None and buf is not None:
                 buf.copy_(torch.where(ok, nb, buf))
-            if l < L - 1:
+            if ch.is_hidden[l]:
                 bw, bg, bb = bws[c][l], bgs[c][l], bbufs[c][l]
                 if bw is not None and bg is not None:
                     new_b, nb_b = _new_values(bw, bg, bb, r_rows[rs], F_rows[rs], rhoinv[rs], hp[L + l])

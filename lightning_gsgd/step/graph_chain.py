@@ -41,19 +41,28 @@ class GraphChain:
     Attributes:
         n_layers: Number of layers L.
         hidden: Hidden nodes H.
+        n_rows: Rows R (hidden nodes, then the output layers' nodes).
+        is_hidden: Per layer, whether its nodes are hidden nodes.
+        row_off: Per layer, the offset of its nodes in the row numbering.
+        reads_hidden: Per layer, whether some input column holds a hidden node (then its entries
+            have per-entry values: ``B`` of their column, and the tau values).
         shape2: ``(n_out, K)`` per layer.
         koff: Per layer, the offset of its ``K`` entries among the per-entry values of the layers
-            after the first (0 for the first layer, which has none).
+            that read hidden nodes (0 for the others, which have none).
         ispec: ``(offset, shape)`` in ``ints`` of ``sel[0 .. L-1]`` then of the ``INDEX_NAMES`` tensors.
         fspec: Per layer ``(sig_k, tau_k)`` offsets in ``floats`` (-1 where there is none): the entry
-            ``k`` of row ``b``'s sigma weight (``[n_out]``, layers before the last), and the row
-            whose free tau weight is entry ``k``, else -1 (``[K]``, layers after the first).
+            ``k`` of row ``b``'s sigma weight (``[n_out]``, hidden layers), and the row whose free
+            tau weight is entry ``k``, else -1 (``[K]``, layers that hold free tau edges).
         ints: The int64 index tensors, flattened and concatenated.
         floats: float32: ``0, 1, 2, ...`` (``max K, n_out`` entries), then the ``fspec`` vectors.
     """
 
     n_layers: int
     hidden: int
+    n_rows: int
+    is_hidden: tuple[bool, ...]
+    row_off: tuple[int, ...]
+    reads_hidden: tuple[bool, ...]
     shape2: tuple[tuple[int, int], ...]
     koff: tuple[int, ...]
     ispec: tuple[tuple[int, tuple[int, ...]], ...]
@@ -67,8 +76,10 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
 
     Args:
         plan: The chain's index plan.
-        centre: Per layer, the centre tap (``ChainLayer.centre``).
+        centre: Per layer, the centre tap (``ChainLayer.centre``); the plan's ``sel`` already holds
+            it, kept for the callers' signature.
     """
+    del centre  # the skeleton positions in plan.sel include the centre tap
     L = plan.n_layers
     col_node: list[Tensor] = []
     koff = [0] * L
@@ -83,25 +94,28 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
     f_at = width
     fspec: list[tuple[int, int]] = []
     for l, (n_out, n_in, taps) in enumerate(plan.shape3):
-        # the pattern of build_chain_plan: sigma entry (b, b % n_in), tau entry (c % n_out, c), both
-        # at the centre tap; a tau entry of a hidden layer is free unless it is that row's sigma entry
+        # plan.sel[l]: the sigma entries (b, sigma column) row by row, then the free tau entries
+        K = n_in * taps
+        sel = plan.sel[l].cpu()
+        n_sig = plan.n_sig[l]
         sig = tau = -1
-        if l < L - 1:
-            floats.append(((torch.arange(n_out) % n_in) * taps + centre[l]).float())
+        if n_sig:
+            floats.append((sel[:n_sig] % K).float())
             sig, f_at = f_at, f_at + n_out
-        if l > 0:
-            cols = torch.arange(n_in)
-            r = cols % n_out
-            free = torch.ones(n_in, dtype=torch.bool) if l == L - 1 else cols != r % n_in
-            k_row = torch.full((n_in, taps), -1.0)
-            k_row[:, centre[l]] = torch.where(free, r, -1).float()
-            floats.append(k_row.reshape(-1))
-            tau, f_at = f_at, f_at + n_in * taps
-            col_node.append((plan.hoff[l - 1] + cols).repeat_interleave(taps))
+        taus = sel[n_sig:]
+        if taus.numel():
+            k_row = torch.full((K,), -1.0)
+            k_row[taus % K] = (taus // K).float()
+            floats.append(k_row)
+            tau, f_at = f_at, f_at + K
+        if plan.reads_hidden[l]:
+            col_node.append(plan.col_node[l].cpu().repeat_interleave(taps))
             koff[l] = k_total
-            k_total += n_in * taps
+            k_total += K
         fspec.append((sig, tau))
-    parts = [*plan.sel] + [getattr(plan, name) for name in INDEX_NAMES[:-1]] + [torch.cat(col_node).to(plan.device)]
+    empty = torch.zeros(0, dtype=torch.long)
+    parts = [*plan.sel] + [getattr(plan, name) for name in INDEX_NAMES[:-1]]
+    parts.append((torch.cat(col_node) if col_node else empty).to(plan.device))
     ispec = []
     i_at = 0
     for t in parts:
@@ -110,5 +124,16 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
     ints = torch.cat([t.reshape(-1).long() for t in parts])
     shape2 = tuple((n_out, n_in * taps) for n_out, n_in, taps in plan.shape3)
     return GraphChain(
-        L, plan.hidden, shape2, tuple(koff), tuple(ispec), tuple(fspec), ints, torch.cat(floats).to(plan.device)
+        L,
+        plan.hidden,
+        plan.n_rows,
+        plan.is_hidden,
+        plan.row_off,
+        plan.reads_hidden,
+        shape2,
+        tuple(koff),
+        tuple(ispec),
+        tuple(fspec),
+        ints,
+        torch.cat(floats).to(plan.device),
     )

@@ -62,7 +62,7 @@ def _sq_rows_cols(work: ChainWork, l: int, w3: Tensor) -> tuple[Tensor, Tensor]:
     n, n_in, taps = w3.shape
     k = n_in * taps
     w = w3.reshape(n, k)
-    hidden = l < len(work.chunk_rows)
+    hidden = work.chunk_rows[l] > 0
     step = work.chunk_rows[l] if hidden else n
     rows = w.new_empty(n)
     cols = w.new_zeros(k)
@@ -79,21 +79,19 @@ def read_before(prep: Prepared, tau: dict[str, Tensor]) -> ChainReading:
     """The before-step readings of a chain whose O(H) solve just ran (``tau``: its intermediates)."""
     work: ChainWork = prep.work
     plan = work.plan
-    L = plan.n_layers
     general = not prep.unit_b
-    B = work.B
     grad_rows = work.vec.new_zeros(())
     value_rows = work.vec.new_zeros(())
-    incoming: list[Tensor] = []
-    outgoing: list[Tensor] = []
+    incoming = work.vec.new_empty(plan.hidden)
+    outgoing = work.vec.new_zeros(plan.hidden + 1)  # + a slot for columns from outside the chain
     row_g2, row_w2 = [], []
     for l, s in enumerate(prep.weights):
         w, g = s.param, s.grad
-        bcol = B[plan.hoff[l - 1] : plan.hoff[l - 1] + plan.n_out[l - 1]] if l > 0 else None
+        bcol = plan.cols(work.B_ext, l) if plan.reads_hidden[l] else None
         g2 = _row_sq(g, bcol.reciprocal() if (general and bcol is not None) else None)
-        if l > 0:
+        if plan.reads_hidden[l]:
             w2raw, col = _sq_rows_cols(work, l, w)
-            outgoing.append(col)
+            outgoing.index_add_(0, plan.col_node[l], col)
         else:
             w2raw = torch.linalg.vector_norm(w, dim=(1, 2)).square()
         w2 = _row_sq(w, bcol) if (general and bcol is not None) else w2raw
@@ -101,11 +99,11 @@ def read_before(prep: Prepared, tau: dict[str, Tensor]) -> ChainReading:
         row_w2.append(w2)
         grad_rows = grad_rows + torch.dot(work.row1["r"][l].square(), g2)
         value_rows = value_rows + torch.dot(work.row1["F"][l].square(), w2)
-        if l < L - 1:
+        if plan.is_hidden[l]:
             b = prep.biases[l]
             bias = prep.bias_params[l]
             inc = w2raw if bias is None else w2raw + bias.square()
-            incoming.append(inc)
+            incoming[plan.row_off[l] : plan.row_off[l] + plan.n_out[l]] = inc
             if bias is not None:
                 Fl = work.row1["F"][l]
                 value_rows = value_rows + torch.dot(bias.square(), Fl.square())
@@ -117,7 +115,8 @@ def read_before(prep: Prepared, tau: dict[str, Tensor]) -> ChainReading:
     grad_sq = grad_sq + d0.index_select(0, free).square().sum()
     value_sq = value_rows - v.square().sum()
     skeleton_abs = v.index_select(0, free).abs()
-    terms = 0.5 * (torch.log(torch.cat(incoming)) - torch.log(torch.cat(outgoing)))
+    H = plan.hidden
+    terms = 0.5 * (torch.log(incoming) - torch.log(outgoing[:H]))
     prep.row_sq = (row_g2, row_w2)
     reading = ChainReading(grad_sq, value_sq, skeleton_abs, terms)
     hp = prep.weights[0].hp
@@ -152,18 +151,19 @@ def update_plain(prep: Prepared, tau: dict[str, Tensor], lr: float | Tensor, wd:
         if wd != 0:
             acc = acc + wd * wd * torch.dot(work.row1["F"][l].square(), row_w2[l])
     if wd != 0:
-        # sum w g over every weight entry: the hidden rows' sums (bias and sigma terms undone), the last layer
+        # sum w g over every weight entry: the hidden rows' sums (bias and sigma terms undone), the output layers
         wg = work.base_h.sum() + tau["sig_wg"].sum() - tau["bias_wg"]
-        last = prep.weights[-1]
-        wg = wg + torch.vdot(last.param.reshape(-1), last.grad.reshape(-1))
+        for out, hidden in zip(prep.weights, plan.is_hidden):
+            if not hidden:
+                wg = wg + torch.vdot(out.param.reshape(-1), out.grad.reshape(-1))
         acc = acc + 2 * wd * wg
     v = tau["v"]
     free = plan.free_nodes
     acc = acc - (tau["sig_sg"] + wd * v).square().sum()
     acc = acc - (tau["tau_sg"] + wd * v).index_select(0, free).square().sum()
-    for l in range(L - 1):
+    for l in range(L):
         b = prep.biases[l]
-        if b is not None:
+        if b is not None and plan.is_hidden[l]:
             acc = acc + (b.grad * work.row1["r"][l] + wd * b.param * work.row1["F"][l]).square().sum()
     return acc * (lr * lr) + tau["tau_dv"]
 

@@ -164,7 +164,7 @@ class ShardedStep:
             pos.append(start + j)
             start += sel.numel()
             if l < plan.n_layers - 1:
-                rows.append(plan.hoff[l] + torch.arange(a, b))
+                rows.append(plan.row_off[l] + torch.arange(a, b))
         return torch.cat(pos), torch.cat(rows), sel_r, j_r, ranges
 
     def _check_local(self, chain: Chain) -> None:
@@ -314,16 +314,16 @@ class ShardedStep:
                 s.buf_target = None if s.buf is None else s.buf.clone()
             else:
                 s.buf_target = s.buf
-        B = None if prep.unit_b else work.B
+        B = None if prep.unit_b else work.B_ext
         items: list[Item] = []
         L = plan.n_layers
         for l in range(L):
             a, b = shard.rows[l]
             row3 = {k: v[l][a:b] for k, v in work.row3.items()}
             row1 = {k: v[l][a:b] for k, v in work.row1.items()}
-            rhoinv = row3["rhoinv"] if l < L - 1 else None
-            if B is not None and l > 0:
-                cols = B[plan.hoff[l - 1] : plan.hoff[l - 1] + plan.n_out[l - 1]].view(1, -1, 1)
+            rhoinv = row3["rhoinv"] if plan.is_hidden[l] else None
+            if B is not None and plan.reads_hidden[l]:
+                cols = plan.cols(B, l).view(1, -1, 1)
                 items.append(Item(prep.weights[l], row3["r"], row3["F"], rhoinv, b=cols))
             else:
                 items.append(Item(prep.weights[l], row3["r"], row3["F"], rhoinv, q=row3["q"], q2=row3["q2"]))

@@ -23,10 +23,11 @@ class ChainWork:
     One flat tensor holds:
 
     * the skeleton block ``[S, 1, G, M]`` (see :class:`lightning_gsgd.step.plan.ChainPlan`);
-    * ``B`` (hidden nodes) followed by ``F`` over all rows (hidden nodes, then the last layer's
-      outputs, where ``F = 1``), so that one product fills both;
-    * per-row ``1 / rho = F / F'``, ``r = 1 / F``, ``q = r / rho`` and ``q2 = r q`` (1 on the last
-      layer's rows);
+    * ``B`` (hidden nodes), a 1 (``B`` of columns from outside the chain), then ``F`` over all
+      rows (hidden nodes, then the output layers' nodes, where ``F = 1``), so that one product
+      fills them;
+    * per-row ``1 / rho = F / F'``, ``r = 1 / F``, ``q = r / rho`` and ``q2 = r q`` (1 on the output
+      layers' rows);
     * ``ratio`` (``v' / v`` at free tau edges) and ``rho`` over hidden nodes, each followed by a 1;
     * the per-row sums ``sum(w * g)`` followed by a 0.
 
@@ -39,8 +40,8 @@ class ChainWork:
     def __init__(self, plan: ChainPlan, dtype: torch.dtype, device: torch.device) -> None:
         self.plan, self.dtype, self.device = plan, dtype, device
         H, n_sel, L = plan.hidden, plan.n_sel, plan.n_layers
-        R = H + plan.n_out[-1]
-        sizes = [3 * n_sel + 1, H + 5 * R, 2 * (H + 1), R + 1]
+        R = plan.n_rows
+        sizes = [3 * n_sel + 1, H + 1 + 5 * R, 2 * (H + 1), R + 1]
         self.vec = torch.zeros(sum(sizes), dtype=dtype, device=device)
         skel, rowblk, ratios, base = torch.split(self.vec, sizes)
         skel[n_sel] = 1
@@ -49,9 +50,11 @@ class ChainWork:
         self.sg = skel[n_sel + 1 : 2 * n_sel + 1]
         self.sbuf = skel[2 * n_sel + 1 :]
         self.rowblk = rowblk
-        self.bf = rowblk[: 2 * H]
+        self.bf = rowblk[: 2 * H + 1]
         self.B = rowblk[:H]
-        F, rhoinv, r, q, q2 = (rowblk[H + k * R : H + (k + 1) * R] for k in range(5))
+        self.B_ext = rowblk[: H + 1]
+        rowblk[H] = 1
+        F, rhoinv, r, q, q2 = (rowblk[H + 1 + k * R : H + 1 + (k + 1) * R] for k in range(5))
         for v in (F, rhoinv, r, q, q2):
             v[H:] = 1
         self.F, self.rhoinv, self.r, self.q, self.q2 = F, rhoinv, r, q, q2
@@ -61,8 +64,7 @@ class ChainWork:
         self.base = base  # base[R] stays 0: padding of walk_g_rows
         self.ones_h = torch.ones(H, dtype=dtype, device=device)
 
-        starts = [plan.hoff[l] if l < L - 1 else H for l in range(L)]
-        rows = [slice(a, a + plan.n_out[l]) for l, a in enumerate(starts)]
+        rows = [slice(a, a + plan.n_out[l]) for l, a in enumerate(plan.row_off)]
         offs = [0]
         for s in plan.sel:
             offs.append(offs[-1] + s.numel())
@@ -75,16 +77,19 @@ class ChainWork:
         self.sw_l = [self.sw[sl] for sl in sel]
         self.sg_l = [self.sg[sl] for sl in sel]
         self.sbuf_l = [self.sbuf[sl] for sl in sel]
-        # rows per chunk of every hidden layer's [n_out, K] view, for the row sums
-        self.chunk_rows = [max(1, CHUNK // plan.row_size[l]) for l in range(L - 1)]
-        width = max((min(plan.n_out[l], self.chunk_rows[l]) * plan.row_size[l] for l in range(L - 1)), default=0)
+        # rows per chunk of every hidden layer's [n_out, K] view, for the row sums (0: not hidden)
+        hidden = plan.is_hidden
+        self.chunk_rows = [max(1, CHUNK // plan.row_size[l]) if hidden[l] else 0 for l in range(L)]
+        width = max(
+            (min(plan.n_out[l], self.chunk_rows[l]) * plan.row_size[l] for l in range(L) if hidden[l]), default=0
+        )
         self.scratch = torch.empty(width, dtype=dtype, device=device)
         # layers that fit in one chunk: a ready [n_out, n_in, taps] view of the scratch
         self.whole = [
             self.scratch[: plan.n_out[l] * plan.row_size[l]].view(plan.shape3[l])
-            if self.chunk_rows[l] >= plan.n_out[l]
+            if hidden[l] and self.chunk_rows[l] >= plan.n_out[l]
             else None
-            for l in range(L - 1)
+            for l in range(L)
         ]
         self.F_h, self.ratio, self.rho = F[:H], self.ratio_ext[:H], self.rho_ext[:H]
         self.rhoinv_h, self.base_h = rhoinv[:H], base[:H]

@@ -1,14 +1,25 @@
 """Sigma/tau basis of a chain as index tensors, and the backbone products ``B``, ``F`` and ``Gamma``.
 
-A chain has layers 1..L with weights seen as ``[n_l, n_{l-1}, taps]``. For every hidden node ``b`` of
-layer ``l < L`` the *sigma* edge is ``(b <- b mod n_{l-1})`` at the centre tap; for every hidden node
-``a`` of layer ``l - 1`` the *tau* edge is ``(a mod n_l <- a)`` in layer ``l``. With ``B`` the product of
-sigma weights from the input to a node and ``F`` the product of tau weights from a node to the output,
-the basis-path value of a non-sigma edge ``e = (b <- a)`` is ``v_e = w_e * B(a) * F(b)``; a hidden bias
-is an edge from a constant node with ``B = 1`` (docs/math.md, "The sigma/tau basis").
+A chain's layers are seen as ``[n_out, n_in, taps]``; layer ``l`` reads its ``n_in`` input nodes
+from earlier layers or from outside the chain (``Chain.sources``). Hidden nodes (the outputs of
+layers that another chain layer reads) are numbered ``0 .. H-1`` in layer order; the rows of the
+output layers follow at ``H .. R-1`` (the *row* numbering). Node ``H`` stands for every node outside
+the chain (``B = 1``, no tau edge).
 
-Used by the skeleton initialisation, the diagnostics and the reference step of the tests; every loop
-runs over layers, never over units.
+The basis (docs/math.md, "The sigma/tau basis" and "DAG chains"):
+
+* sigma: for every row ``b`` of a hidden layer, the edge from its input column ``b mod n_in``, at
+  the centre tap;
+* tau: for every hidden node ``a``, one outgoing edge: in the first layer (in chain order) that
+  reads ``a``, from the first column that holds ``a``, to row ``column mod n_out``, at the centre
+  tap. In a sequence chain this is the edge ``(a mod n_l <- a)`` of the next layer.
+
+With ``B`` the product of sigma weights from the chain's input to a node and ``F`` the product of
+tau weights from a node to an output, the basis-path value of a non-sigma edge ``e = (b <- a)`` is
+``v_e = w_e * B(a) * F(b)``; a hidden bias is an edge from a constant node with ``B = 1``.
+
+Used by the skeleton initialisation, the step's plan, the diagnostics and the reference step of the
+tests; every loop runs over layers, never over units.
 """
 
 from __future__ import annotations
@@ -18,63 +29,141 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_gsgd.topology.types import Chain
+
 
 @dataclass(frozen=True)
 class LayerIndex:
-    """Index tensors of the sigma and tau edges of one layer (on the parameters' device).
+    """Index tensors of the sigma and tau edges of one chain layer (on the parameters' device).
 
     Attributes:
         n_out: Output nodes of the layer.
         n_in: Input nodes of the layer.
         centre: The tap that carries sigma and tau edges.
+        hidden: Whether the layer's outputs are hidden nodes.
+        row_off: Offset of the layer's rows in the row numbering.
+        n_hidden: Hidden nodes ``H`` of the whole chain.
+        col_node: ``[n_in]`` the hidden node each input column holds (``H``: from outside the chain).
+        reads_hidden: Whether some input column holds a hidden node.
+        col_range: ``(start, stop)`` when ``col_node`` is ``arange(start, stop)`` (a slice of the
+            hidden numbering), else ``None``.
         sig_rows: Rows of the sigma edges (hidden layers only, else ``None``).
         sig_cols: Columns of the sigma edges.
-        tau_rows: Rows of the tau edges of the previous layer's hidden nodes (layers after the
-            first only, else ``None``); column ``a`` holds the tau edge of input node ``a``.
-        tau_free: For each tau edge, whether it is not also a sigma edge (so it is a free
-            coordinate that the step updates).
+        sig_src: Source node of each sigma edge (``H``: from outside the chain).
         sig_is_tau: For each sigma edge, whether it is also the tau edge of its source node.
+        tau_rows: Rows of the tau edges that this layer holds (``None`` if it holds none).
+        tau_cols: Their columns (increasing).
+        tau_nodes: Their source nodes (hidden numbering).
+        tau_free: For each, whether it is not also a sigma edge (a free coordinate).
     """
 
     n_out: int
     n_in: int
     centre: int
+    hidden: bool
+    row_off: int
+    n_hidden: int
+    col_node: Tensor
+    reads_hidden: bool
+    col_range: tuple[int, int] | None
     sig_rows: Tensor | None
     sig_cols: Tensor | None
-    tau_rows: Tensor | None
-    tau_free: Tensor | None
+    sig_src: Tensor | None
     sig_is_tau: Tensor | None
+    tau_rows: Tensor | None
+    tau_cols: Tensor | None
+    tau_nodes: Tensor | None
+    tau_free: Tensor | None
+
+    @property
+    def rows(self) -> slice:
+        """The layer's rows in the row numbering."""
+        return slice(self.row_off, self.row_off + self.n_out)
 
 
-def build_layer_index(
-    n_out: int, n_in: int, centre: int, *, hidden_out: bool, hidden_in: bool, device: torch.device
-) -> LayerIndex:
-    """Precompute the sigma/tau index tensors of a layer.
+def chain_rows(chain: Chain) -> tuple[list[int], int, int]:
+    """Row offset of every layer, ``H`` and ``R`` (hidden layers first, in layer order)."""
+    off = [0] * len(chain.layers)
+    at = 0
+    for l, layer in enumerate(chain.layers):
+        if chain.hidden[l]:
+            off[l], at = at, at + layer.n_out
+    H = at
+    for l, layer in enumerate(chain.layers):
+        if not chain.hidden[l]:
+            off[l], at = at, at + layer.n_out
+    return off, H, at
+
+
+def chain_index(chain: Chain, device: torch.device | None = None) -> list[LayerIndex]:
+    """The :class:`LayerIndex` of every layer of ``chain``.
 
     Args:
-        n_out: Output nodes of the layer.
-        n_in: Input nodes of the layer.
-        centre: Tap index of the sigma/tau edges.
-        hidden_out: Whether the layer's outputs are hidden nodes (all layers but the last).
-        hidden_in: Whether the layer's inputs are hidden nodes (all layers but the first).
-        device: Where the index tensors live.
+        chain: The chain (only its layers' shapes, centre taps and sources are read).
+        device: Where the index tensors live (default: the first layer's weight's device).
     """
-    sig_rows = sig_cols = tau_rows = tau_free = sig_is_tau = None
-    if hidden_out:
-        sig_rows = torch.arange(n_out, device=device)
-        sig_cols = sig_rows % n_in
-    if hidden_in:
-        cols = torch.arange(n_in, device=device)
-        tau_rows = cols % n_out
-        # The tau edge of input node a is (a mod n_out <- a); it is also sigma of its row b
-        # exactly when a == b mod n_in (only possible when the outputs are hidden).
-        tau_free = torch.ones(n_in, dtype=torch.bool, device=device)
-        if hidden_out:
-            tau_free = cols != (tau_rows % n_in)
-    if hidden_out and hidden_in:
-        assert sig_rows is not None and sig_cols is not None
-        sig_is_tau = (sig_cols % n_out) == sig_rows
-    return LayerIndex(n_out, n_in, centre, sig_rows, sig_cols, tau_rows, tau_free, sig_is_tau)
+    if device is None:
+        device = chain.layers[0].weight.device
+    layers = chain.layers
+    off, H, _ = chain_rows(chain)
+    long = dict(dtype=torch.long)
+    col_node: list[Tensor] = []
+    col_range: list[tuple[int, int] | None] = []
+    for srcs in chain.sources:
+        parts = [
+            torch.full((len(s.nodes),), H, **long) if s.layer < 0 else off[s.layer] + torch.tensor(s.nodes, **long)
+            for s in srcs
+        ]
+        cn = torch.cat(parts)
+        col_node.append(cn)
+        rng = None
+        if len(srcs) == 1 and srcs[0].layer >= 0 and srcs[0].nodes.step == 1:
+            start = off[srcs[0].layer] + srcs[0].nodes.start
+            rng = (start, start + len(srcs[0].nodes))
+        col_range.append(rng)
+    # tau edge of each hidden node: the first column that holds it, in the first layer that reads it
+    tau_layer = torch.full((H,), -1, **long)
+    tau_col = torch.full((H,), -1, **long)
+    for l in range(len(layers) - 1, -1, -1):
+        cn = col_node[l]
+        inside = cn < H
+        if not bool(inside.any()):
+            continue
+        first = torch.full((H,), layers[l].n_in, **long)
+        first.scatter_reduce_(0, cn[inside], torch.arange(layers[l].n_in)[inside], "amin")
+        here = first < layers[l].n_in
+        tau_layer[here] = l
+        tau_col[here] = first[here]
+    tau_row = torch.full((H,), -1, **long)
+    for l, layer in enumerate(layers):
+        m = tau_layer == l
+        tau_row[m] = tau_col[m] % layer.n_out
+    out: list[LayerIndex] = []
+    for l, layer in enumerate(layers):
+        n_out, n_in = layer.n_out, layer.n_in
+        sig_rows = sig_cols = sig_src = sig_is_tau = None
+        if chain.hidden[l]:
+            sig_rows = torch.arange(n_out)
+            sig_cols = sig_rows % n_in
+            sig_src = col_node[l][sig_cols]
+            src_ok = sig_src < H
+            safe = torch.where(src_ok, sig_src, 0)
+            sig_is_tau = src_ok & (tau_layer[safe] == l) & (tau_col[safe] == sig_cols) & (tau_row[safe] == sig_rows)
+        tau_rows = tau_cols = tau_nodes = tau_free = None
+        nodes = torch.nonzero(tau_layer == l).flatten()
+        if nodes.numel():
+            order = torch.argsort(tau_col[nodes])
+            tau_nodes = nodes[order]
+            tau_cols = tau_col[tau_nodes]
+            tau_rows = tau_row[tau_nodes]
+            # a tau edge is no coordinate when it is also the sigma edge of its row
+            tau_free = ~torch.as_tensor(chain.hidden[l]) | (tau_cols != tau_rows % n_in)
+        t = [sig_rows, sig_cols, sig_src, sig_is_tau, tau_rows, tau_cols, tau_nodes, tau_free]
+        t = [None if x is None else x.to(device) for x in t]
+        cn = col_node[l].to(device)
+        reads = any(src.layer >= 0 for src in chain.sources[l])
+        out.append(LayerIndex(n_out, n_in, layer.centre, chain.hidden[l], off[l], H, cn, reads, col_range[l], *t))
+    return out
 
 
 def sigma_entries(w3: Tensor, idx: LayerIndex) -> Tensor:
@@ -84,32 +173,44 @@ def sigma_entries(w3: Tensor, idx: LayerIndex) -> Tensor:
 
 
 def tau_entries(w3: Tensor, idx: LayerIndex) -> Tensor:
-    """The tau entries of a layer after the first, one per input node."""
+    """The tau entries this layer holds, in the order of ``idx.tau_nodes``."""
     assert idx.tau_rows is not None
-    return w3[idx.tau_rows, torch.arange(idx.n_in, device=w3.device), idx.centre]
+    return w3[idx.tau_rows, idx.tau_cols, idx.centre]
+
+
+def columns(node_values: Tensor, idx: LayerIndex) -> Tensor:
+    """Per input column of the layer, the value of the node it holds (``node_values`` has ``H + 1``
+    entries, the last one for nodes outside the chain); a view when the columns are a slice."""
+    if idx.col_range is not None:
+        return node_values[idx.col_range[0] : idx.col_range[1]]
+    return node_values[idx.col_node]
 
 
 def chain_backbone(weights: list[Tensor], index: list[LayerIndex]) -> tuple[list[Tensor], list[Tensor]]:
     """The sigma-chain products ``B`` and tau-chain products ``F`` of every node.
 
     Args:
-        weights: The layers' weights as ``[n_out, n_in, taps]`` views, input to output.
-        index: The layers' sigma/tau indices.
+        weights: The layers' weights as ``[n_out, n_in, taps]`` views, in chain order.
+        index: The layers' sigma/tau indices (:func:`chain_index`).
 
     Returns:
-        ``(B, F)``: ``B[l]`` holds B of the input nodes of layer ``l`` (ones for the first layer),
-        ``F[l]`` holds F of the output nodes of layer ``l`` (ones for the last layer).
+        ``(B, F)``: ``B[l]`` holds B of the input columns of layer ``l`` (1 for columns from outside
+        the chain), ``F[l]`` holds F of the output nodes of layer ``l`` (1 on output layers).
     """
-    n = len(weights)
     w0 = weights[0]
-    B = [torch.ones(index[0].n_in, dtype=w0.dtype, device=w0.device)]
-    for l in range(n - 1):
-        idx = index[l]
-        B.append(sigma_entries(weights[l], idx) * B[l][idx.sig_cols])
-    F = [torch.ones(index[-1].n_out, dtype=w0.dtype, device=w0.device)]
-    for l in range(n - 1, 0, -1):
-        idx = index[l]
-        F.insert(0, tau_entries(weights[l], idx) * F[0][idx.tau_rows])
+    H = index[0].n_hidden
+    R = max(idx.row_off + idx.n_out for idx in index)
+    b_nodes = torch.ones(H + 1, dtype=w0.dtype, device=w0.device)
+    for w, idx in zip(weights, index):
+        if idx.hidden:
+            assert idx.sig_src is not None
+            b_nodes[idx.rows] = sigma_entries(w, idx) * b_nodes[idx.sig_src]
+    f_rows = torch.ones(R, dtype=w0.dtype, device=w0.device)
+    for w, idx in zip(reversed(weights), reversed(index)):
+        if idx.tau_rows is not None:
+            f_rows[idx.tau_nodes] = tau_entries(w, idx) * f_rows[idx.row_off + idx.tau_rows]
+    B = [columns(b_nodes, idx) for idx in index]
+    F = [f_rows[idx.rows] for idx in index]
     return B, F
 
 
@@ -119,27 +220,25 @@ def chain_gamma(
     biases: list[Tensor | None],
     bias_grads: list[Tensor | None],
     index: list[LayerIndex],
-) -> list[Tensor]:
+) -> Tensor:
     """``Gamma`` of every hidden node: the sum of ``v * dL/dv`` over basis paths that reach it.
 
-    ``Gamma_l[b] = sum_in(w * g) - (w * g)[sigma(b)] + [sigma(b) is tau] * Gamma_{l-1}[src]``, the
-    closed form of the inverse chain rule of docs/math.md, "The inverse chain rule" (one row reduction per layer).
+    ``Gamma[b] = sum_in(w * g) - (w * g)[sigma(b)] + [sigma(b) is tau] * Gamma[source of sigma(b)]``,
+    the closed form of the inverse chain rule of docs/math.md, "The inverse chain rule" (one row
+    reduction per hidden layer, in chain order).
 
     Returns:
-        One tensor per hidden layer (layers 1..L-1), ``[n_l]``.
+        ``[H + 1]``: Gamma of every hidden node, then a 0 (nodes outside the chain).
     """
-    gammas: list[Tensor] = []
-    prev: Tensor | None = None
-    for l in range(len(weights) - 1):
-        w, g, idx = weights[l], grads[l], index[l]
+    w0 = weights[0]
+    gamma = torch.zeros(index[0].n_hidden + 1, dtype=w0.dtype, device=w0.device)
+    for w, g, b, gb, idx in zip(weights, grads, biases, bias_grads, index):
+        if not idx.hidden:
+            continue
         row = torch.linalg.vecdot(w.flatten(1), g.flatten(1))
-        b, gb = biases[l], bias_grads[l]
         if b is not None and gb is not None:
             row = row + b * gb
         gam = row - sigma_entries(w, idx) * sigma_entries(g, idx)
-        if prev is not None:
-            assert idx.sig_is_tau is not None and idx.sig_cols is not None
-            gam = gam + torch.where(idx.sig_is_tau, prev[idx.sig_cols], 0.0)
-        gammas.append(gam)
-        prev = gam
-    return gammas
+        assert idx.sig_is_tau is not None and idx.sig_src is not None
+        gamma[idx.rows] = gam + torch.where(idx.sig_is_tau, gamma[idx.sig_src], 0.0)
+    return gamma

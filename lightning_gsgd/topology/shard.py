@@ -84,6 +84,12 @@ def shard_topology(topology: Topology, model: nn.Module) -> Topology:
                 )
         return replace(layer, weight=weight, bias=bias)
 
+    dags = [chain.name for chain in topology.chains if not chain.is_sequence]
+    if dags:
+        raise TopologyError(
+            f"shard_topology: {len(dags)} chain(s) with fan-out or concatenation ({', '.join(dags[:3])}); sharded "
+            "steps support sequence chains only for now: detect with exclude= on those layers, or do not shard"
+        )
     chains = tuple(replace(chain, layers=tuple(again(layer) for layer in chain.layers)) for chain in topology.chains)
     bn_layers = tuple(again(layer) for layer in topology.bn_layers)
     return replace(topology, chains=chains, bn_layers=bn_layers)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_gsgd.topology.index import build_layer_index
-from lightning_gsgd.topology.types import Topology
+from lightning_gsgd.topology.index import chain_index
+from lightning_gsgd.topology.types import Chain, Topology
 
 
 @torch.no_grad()
@@ -27,16 +27,17 @@ def init_skeleton_(topology: Topology, value: float = 1.0) -> None:
     if value <= 0:
         raise ValueError(f"init_skeleton_: value must be positive, got {value}")
     for chain in topology.chains:
-        last = len(chain.layers) - 1
-        for l, layer in enumerate(chain.layers):
-            idx = build_layer_index(
-                layer.n_out, layer.n_in, layer.centre, hidden_out=l < last, hidden_in=l > 0, device=layer.weight.device
-            )
+        for layer, idx in zip(chain.layers, chain_index(chain, layer_device(chain))):
             w3 = layer.weight3d()
             if idx.sig_rows is not None:
                 w3[idx.sig_rows, idx.sig_cols, idx.centre] = value
             if idx.tau_rows is not None:
-                w3[idx.tau_rows, torch.arange(layer.n_in, device=w3.device), idx.centre] = value
+                w3[idx.tau_rows, idx.tau_cols, idx.centre] = value
+
+
+def layer_device(chain: Chain) -> torch.device:
+    """Where the chain's first weight lives."""
+    return chain.layers[0].weight.device
 
 
 @torch.no_grad()

@@ -134,7 +134,9 @@ class Chain:
             "is_sequence",
             all(h == (l < len(self.layers) - 1) for l, h in enumerate(hidden))
             and all(
-                len(srcs) == 1 and srcs[0].layer == l - 1 and (l == 0 or srcs[0].nodes == range(self.layers[l - 1].n_out))
+                len(srcs) == 1
+                and srcs[0].layer == l - 1
+                and (l == 0 or srcs[0].nodes == range(self.layers[l - 1].n_out))
                 for l, srcs in enumerate(self.sources)
             ),
         )
