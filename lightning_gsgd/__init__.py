@@ -18,7 +18,7 @@ from lightning_gsgd.topology.detect import detect_topology
 from lightning_gsgd.topology.selfcheck import check_invariance, invariance_error
 from lightning_gsgd.topology.shard import shard_topology
 from lightning_gsgd.topology.skeleton import init_skeleton_, random_unit_factors, rescale_hidden_units_
-from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
+from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Source, Topology, TopologyError
 
 if TYPE_CHECKING:
     from lightning_gsgd.lightning.callback import GSGDCallback
@@ -38,6 +38,7 @@ __all__ = [
     "GSGDMixin",
     "PathDiagnostics",
     "PathSGD",
+    "Source",
     "Topology",
     "TopologyError",
     "check_invariance",

@@ -224,3 +224,13 @@ def test_diagnostics_path_gradient_on_dags(name):
     byproduct |= diag.after_step(opt)
     for k in direct:
         assert torch.allclose(byproduct[k].double(), direct[k].double(), rtol=1e-9, atol=1e-12), k
+
+
+def test_pathsgd_and_sharding_refuse_dag_chains():
+    from lightning_gsgd import PathSGD, TopologyError, shard_topology
+
+    model, _, topo = make_dag("fire")
+    with pytest.raises(TopologyError, match=r"PathSGD: 1 chain\(s\) with fan-out or concatenation \(stem..cls\)"):
+        PathSGD(model.parameters(), lr=0.1, topology=topo)
+    with pytest.raises(TopologyError, match="shard_topology: 1 chain.*sequence chains only"):
+        shard_topology(topo, model)
