@@ -89,7 +89,8 @@ def prepare_chain(
         if b is not None and plan.is_hidden[l]:
             work.base_rows[l].addcmul_(b.param, b.grad)
     # the output layers' gradients are checked directly (the row sums check the hidden layers')
-    last = torch.cat([torch.stack(torch.aminmax(s.grad)) for s, h in zip(weights, plan.is_hidden) if not h])
+    outs = [torch.stack(torch.aminmax(s.grad)) for s, h in zip(weights, plan.is_hidden) if not h]
+    last = outs[0] if len(outs) == 1 else torch.cat(outs)
     return solve_gathered(work, weights, biases, momentum, last, min_ratio, unit_b=unit_b, bias_params=bias_params)
 
 
