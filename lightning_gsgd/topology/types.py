@@ -134,7 +134,9 @@ class Chain:
             "is_sequence",
             all(h == (l < len(self.layers) - 1) for l, h in enumerate(hidden))
             and all(
-                len(srcs) == 1 and srcs[0].layer == l - 1 and (l == 0 or srcs[0].nodes == range(self.layers[l - 1].n_out))
+                len(srcs) == 1
+                and srcs[0].layer == l - 1
+                and (l == 0 or srcs[0].nodes == range(self.layers[l - 1].n_out))
                 for l, srcs in enumerate(self.sources)
             ),
         )
@@ -173,6 +175,23 @@ class Chain:
     #   is_sequence: whether layer l reads exactly all of layer l - 1 and only the last is an output.
     hidden: tuple[bool, ...] = field(init=False, default=())
     is_sequence: bool = field(init=False, default=True)
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Indices of the hidden layers, in layer order (every layer but the last, for a sequence)."""
+        return tuple(l for l, h in enumerate(self.hidden) if h)
+
+    def readers(self, layer: int) -> list[tuple[int, int, range]]:
+        """Where layer ``layer``'s nodes are read: ``(reading layer, its first input column, nodes)``
+        per source run, in layer order (a sequence: ``[(layer + 1, 0, range(n_out))]``)."""
+        out = []
+        for m in range(layer + 1, len(self.layers)):
+            col = 0
+            for src in self.sources[m]:
+                if src.layer == layer:
+                    out.append((m, col, src.nodes))
+                col += len(src.nodes)
+        return out
 
     @property
     def widths(self) -> tuple[int, ...]:
