@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_gsgd.topology.report import group_lines
+from lightning_gsgd.topology.report import chain_lines, group_lines
 
 
 class TopologyError(ValueError):
@@ -341,17 +341,7 @@ class Topology:
         more = " (summary(verbose=True) lists them)"
         shown = self.chains if verbose else self.chains[:_SHORT_CHAINS]
         for i, chain in enumerate(shown):
-            widths = "-".join(str(w) for w in chain.widths)
-            lines.append(
-                f"  chain {i}: {chain.name}  widths {widths}  hidden units {chain.hidden_units}  "
-                f"basis paths {chain.basis_paths}"
-            )
-            for layer in chain.layers:
-                kind = "x".join(str(s) for s in layer.weight.shape)
-                bias = "+bias" if layer.bias is not None else ""
-                lines.append(
-                    f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
-                )
+            lines += chain_lines(chain, i, verbose)
         if len(shown) < len(self.chains):
             lines.append(f"  ... {len(self.chains) - len(shown)} more chain(s){more}")
         if self.untested:
