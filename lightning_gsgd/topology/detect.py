@@ -1,15 +1,17 @@
 """Find the ReLU chains of any PyTorch model: ``detect_topology``.
 
 The model's data flow comes from :mod:`lightning_gsgd.topology.graph` (torch.fx tracing, or a recorded
-forward pass when tracing fails). Two weight layers ``A -> B`` (``nn.Linear`` / ``nn.ConvNd`` with
+forward pass when tracing fails). The units of every weight layer (``nn.Linear`` / ``nn.ConvNd`` with
 ``groups=1`` whose computation is provably the plain one,
-:func:`~lightning_gsgd.topology.rules.computation_problem`) are linked when every tensor from ``A``'s
-output to ``B``'s input has exactly one consumer, every op between them is positively homogeneous per
-unit and keeps units apart (:mod:`lightning_gsgd.topology.rules`), ``B`` reads ``A``'s units, and
-neither layer's parameters are used anywhere else. Chains are the maximal runs of links; everything
-else is left to plain SGD, with the reason. The result is then proved on the model
-(:func:`lightning_gsgd.topology.prove.prove_topology`): links that fail the self-check are cut, and
-the layers it cannot test are recorded.
+:func:`~lightning_gsgd.topology.rules.computation_problem`, and whose parameters are used nowhere
+else) are followed along every route, fan-out included (:mod:`lightning_gsgd.topology.dag`): they are
+hidden when every op they meet is positively homogeneous per unit and keeps units whole
+(:mod:`lightning_gsgd.topology.rules`, :mod:`lightning_gsgd.topology.units`: also concatenation,
+chunk/slicing and channel shuffles) and every route ends at layers that read them. Chains are the
+connected components of "reads a hidden unit of" (:mod:`lightning_gsgd.topology.assemble`); a
+sequence comes out as ``Chain(layers)``. Everything else is left to plain SGD, with the reason. The
+result is then proved on the model (:func:`lightning_gsgd.topology.prove.prove_topology`): hidden
+layers that fail the self-check become output layers, and the layers it cannot test are recorded.
 """
 
 from __future__ import annotations
