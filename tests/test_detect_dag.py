@@ -348,3 +348,22 @@ def test_summary_shows_dag_chains():
     _, _, shuffled = _detect("shuffle_view")
     assert "reads 'stem'[0:1], 'b'[0:1], 'stem'[1:2]" in shuffled.summary(verbose=True)
     assert "a: 4x4x1x1+bias (4 <- 4 nodes x 1 taps) hidden; reads 'stem'[4:8]" in shuffled.summary(verbose=True)
+
+
+@pytest.mark.slow  # 117 layers: about 13 s on the loaded 2-core machine
+def test_densenet_like_without_batchnorm_is_one_dag_chain():
+    """Issue 14's DenseNet-121 acceptance, without torchvision: the DenseNet-121-like net of the refusal
+    tests (blocks of 6, 12, 24, 16 layers joined by concatenation) with every BatchNorm an Identity."""
+    from tests.test_refusal_messages import DenseNetLike
+
+    torch.manual_seed(0)
+    model = DenseNetLike()  # float32: float64 convolutions take 10x longer here
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.BatchNorm2d):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    x = torch.randn(1, 3, 8, 8)
+    topo = detect_topology(model, x)
+    assert len(topo.chains) == 1 and not topo.chains[0].is_sequence
+    assert topo.coverage == 1.0 and len(topo.chains[0].layers) == 2 + 2 * (6 + 12 + 24 + 16) + 3
+    assert check_invariance(model, topo, x) <= 1e-5
