@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gsgd import Topology
-from lightning_gsgd.topology.prove import chain_layer
+from lightning_gsgd.topology.assemble import chain_layer
 from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Source
 
 

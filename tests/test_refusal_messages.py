@@ -134,8 +134,13 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, dict, str, str, str]] 
                         "fc1.weight", "after it: its output is not used", "its output is not used"),
     "residual add": (lambda: Between(lambda m, h, x: F.relu(h) + x.sum(1, keepdim=True)), _vec, {}, "fc1.weight",
                      "add sums it with another tensor (e.g. a residual connection)", "add sums it with another tensor"),
-    "concatenation": (lambda: Between(lambda m, h, x: torch.cat([F.relu(h), x], 1)[:, :6]), _vec, {}, "fc1.weight",
-                      "cat concatenates it with other tensors (not supported yet)", "cat concatenates it"),
+    # (a cat along the units' dim, a chunk of the units and a split-and-join view are followed: DAG chains)
+    "concatenation along another dim": (
+        lambda: Between(lambda m, h, x: (lambda r: torch.cat([r, r], 0)[:3])(F.relu(h))), _vec, {}, "fc1.weight",
+        "cat along dim 0 (the units are on dim 1) is not supported yet", "cat along another dim than the units'",
+    ),
+    "stack": (lambda: Between(lambda m, h, x: (lambda r: torch.stack([r, r], 0).amax(0))(F.relu(h))), _vec, {},
+              "fc1.weight", "stack concatenates it with other tensors (not supported yet)", "stack concatenates it"),
     "gate": (lambda: Between(lambda m, h, x: F.relu(h) * torch.sigmoid(x.sum(1, keepdim=True))), _vec, {}, "fc1.weight",
              "mul multiplies it by another tensor (a gate", "mul multiplies it by another tensor (a gate)"),
     "matmul between activations": (
@@ -158,14 +163,15 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable, dict, str, str, str]] 
     "model output": (lambda: nn.Sequential(nn.Linear(4, 3)), _vec, {"allow_empty": True}, "0.weight",
                      "after it: model output; before it: the model input",
                      "the model's output layer, fed by the model input"),
-    "output not a single tensor": (lambda: Between(lambda m, h, x: torch.cat(F.relu(h).chunk(2, 1), 1)), _vec, {},
-                                   "fc1.weight", "chunk (output is not a single tensor)", "chunk does not return"),
+    "output not a single tensor": (lambda: Between(lambda m, h, x: torch.stack(torch.unbind(F.relu(h), 1), 1)),
+                                   _vec, {}, "fc1.weight", "unbind (output is not a single tensor)",
+                                   "unbind does not return"),
     "BatchNorm": (lambda: Between(lambda m, h, x: m.parts["bn"](h), bn=nn.BatchNorm1d(6)), _vec, {}, "fc1.weight",
                   "BatchNorm1d 'parts.bn' normalizes its outputs (see bn_mode)", "BatchNorm1d normalizes its outputs"),
     "pooling not per channel": (lambda: Between(lambda m, h, x: F.max_pool1d(h.unsqueeze(1), 1).squeeze(1)), _vec, {},
                                 "fc1.weight", "max_pool1d does not act per channel here", "max_pool1d does not act"),
-    "reshape moves units": (lambda: Between(lambda m, h, x: F.relu(h).view(3, 2, 3).flatten(1)), _vec, {},
-                            "fc1.weight", "view (3, 6) -> (3, 2, 3) does not keep the units on one dim",
+    "reshape moves units": (lambda: Between(lambda m, h, x: F.relu(h).view(6, 3).view(3, 6)), _vec, {},
+                            "fc1.weight", "view (3, 6) -> (6, 3) does not keep the units on one dim",
                             "view does not keep the units on one dim"),
     "sum over the units": (lambda: Between(lambda m, h, x: F.relu(h).sum(1, keepdim=True).expand(3, 6)), _vec, {},
                            "fc1.weight", "sum over dims (1,) reduces across the units, mixing them", "sum mixes units"),
@@ -458,8 +464,10 @@ def test_zoo_like_refusals_are_short_and_end_with_the_fix(name):
     # the full list stays on the exception and in the verbose summary
     topo = info.value.topology
     assert {e.name for e in info.value.excluded} == {n for n, _ in model.named_parameters()}
-    if name == "densenet121_like":  # the last layer of each block: only the block's concatenation reads it
-        assert "in no ReLU chain: cat concatenates it (not supported yet)" in {e.group for e in topo.excluded}
+    if name == "densenet121_like":  # the last layer of each block: only the block's concatenation reads it,
+        # which the transition's BatchNorm normalizes (the concatenation itself keeps the units apart)
+        reasons = {e.name: e.reason for e in topo.excluded}
+        assert "after it: BatchNorm2d 'transitions.0.0' normalizes its outputs" in reasons["blocks.0.5.conv2.weight"]
     full = topo.summary(verbose=True)
     assert all(f"    {n} (" in full for n, _ in model.named_parameters())
     assert len(topo.summary()) < 3000 < len(full)

@@ -1,15 +1,17 @@
 """Find the ReLU chains of any PyTorch model: ``detect_topology``.
 
 The model's data flow comes from :mod:`lightning_gsgd.topology.graph` (torch.fx tracing, or a recorded
-forward pass when tracing fails). Two weight layers ``A -> B`` (``nn.Linear`` / ``nn.ConvNd`` with
+forward pass when tracing fails). The units of every weight layer (``nn.Linear`` / ``nn.ConvNd`` with
 ``groups=1`` whose computation is provably the plain one,
-:func:`~lightning_gsgd.topology.rules.computation_problem`) are linked when every tensor from ``A``'s
-output to ``B``'s input has exactly one consumer, every op between them is positively homogeneous per
-unit and keeps units apart (:mod:`lightning_gsgd.topology.rules`), ``B`` reads ``A``'s units, and
-neither layer's parameters are used anywhere else. Chains are the maximal runs of links; everything
-else is left to plain SGD, with the reason. The result is then proved on the model
-(:func:`lightning_gsgd.topology.prove.prove_topology`): links that fail the self-check are cut, and
-the layers it cannot test are recorded.
+:func:`~lightning_gsgd.topology.rules.computation_problem`, and whose parameters are used nowhere
+else) are followed along every route, fan-out included (:mod:`lightning_gsgd.topology.dag`): they are
+hidden when every op they meet is positively homogeneous per unit and keeps units whole
+(:mod:`lightning_gsgd.topology.rules`, :mod:`lightning_gsgd.topology.units`: also concatenation,
+chunk/slicing and channel shuffles) and every route ends at layers that read them. Chains are the
+connected components of "reads a hidden unit of" (:mod:`lightning_gsgd.topology.assemble`); a
+sequence comes out as ``Chain(layers)``. Everything else is left to plain SGD, with the reason. The
+result is then proved on the model (:func:`lightning_gsgd.topology.prove.prove_topology`): hidden
+layers that fail the self-check become output layers, and the layers it cannot test are recorded.
 """
 
 from __future__ import annotations
@@ -18,29 +20,22 @@ import fnmatch
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from lightning_gsgd.topology.assemble import assemble, chain_layer
+from lightning_gsgd.topology.dag import propagate, verdicts
 from lightning_gsgd.topology.exclusions import param_reasons
 from lightning_gsgd.topology.graph import Op, OpGraph
 from lightning_gsgd.topology.graph_fx import trace_fx
 from lightning_gsgd.topology.graph_record import record_forward
-from lightning_gsgd.topology.prove import chain_layer, prove_topology
-from lightning_gsgd.topology.reasons import Why, combines, group_of
+from lightning_gsgd.topology.prove import prove_topology
+from lightning_gsgd.topology.reasons import Why, group_of
 from lightning_gsgd.topology.report import refusal
-from lightning_gsgd.topology.rules import (
-    Layout,
-    accepts,
-    is_batchnorm,
-    is_weight_layer,
-    output_layout,
-    transition,
-    weight_layer_problem,
-)
+from lightning_gsgd.topology.rules import is_weight_layer, transition, weight_layer_problem
 from lightning_gsgd.topology.shard import refuse_sharded
-from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
+from lightning_gsgd.topology.types import ChainLayer, Excluded, Topology, TopologyError
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +69,6 @@ def build_graph(model: nn.Module, example_input: Any, method: str = "auto") -> O
         return record_forward(model, example_input)
     finally:
         model.train(was_training)
-
-
-@dataclass
-class _Link:
-    target: int  # op index of the next weight layer
-    n_in: int
-    taps: int
-
-
-@dataclass
-class _End:
-    reason: Why  # why no next layer
-    norm: Op | None = None  # the BatchNorm that normalizes the layer's units per channel, if any
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -126,38 +108,6 @@ def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Seq
     return problems
 
 
-def _follow(graph: OpGraph, a: Op, layout: Layout, problems: dict[int, Why | None]) -> _Link | _End:
-    """Walk from weight layer ``a``'s output to the next weight layer, or say why the chain ends."""
-    ops = graph.ops
-    cur = a
-    while True:
-        if len(cur.users) != 1:
-            what = "its output" if cur is a else f"the output of {cur.describe()}"
-            if not cur.users:
-                return _End(Why(f"{what} is not used", "its output is not used"))
-            return _End(
-                Why(f"{what} has {len(cur.users)} consumers", "its output has several consumers (a branch or shortcut)")
-            )
-        u = ops[cur.users[0]]
-        others = [s for s in u.inputs if s != cur.index and s >= 0 and ops[s].shape is not None]
-        if others or u.data_input != cur.index:
-            return _End(combines(u))
-        assert cur.shape is not None
-        if is_weight_layer(u):
-            problem = problems.get(u.index)
-            if problem:
-                return _End(Why(f"next layer '{u.qualname}' is excluded ({problem})", "the next layer is excluded"))
-            how = accepts(u, layout, cur.shape)
-            if not isinstance(how, tuple):
-                return _End(how)
-            return _Link(u.index, *how)
-        nxt = transition(u, layout, cur.shape)
-        if not isinstance(nxt, Layout):
-            per_channel = layout.dim == 1 and layout.inner == 1 and len(cur.shape) >= 2
-            return _End(nxt, u if is_batchnorm(u) and per_channel else None)
-        layout, cur = nxt, u
-
-
 def _make_layer(op: Op, n_in: int | None, taps: int | None) -> ChainLayer:
     assert op.module is not None
     return chain_layer(op.qualname, op.module, n_in, taps)
@@ -193,44 +143,17 @@ def find_chains(
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
                 raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no Linear/Conv layer ({shown})")
-    links: dict[int, _Link] = {}
-    ends: dict[int, Why] = {}
-    normalized: dict[int, Op] = {}
-    for op in ops:
-        if not is_weight_layer(op) or problems[op.index] is not None:
-            continue
-        in_shape = ops[op.data_input].shape if op.data_input >= 0 else None
-        layout = output_layout(op, in_shape)
-        if layout is None:
-            ends[op.index] = Why("its output units cannot be located (unbatched input?)")
-            continue
-        res = _follow(graph, op, layout, problems)
-        if isinstance(res, _End):
-            ends[op.index] = res.reason
-            if res.norm is not None:
-                normalized[op.index] = res.norm
-        else:
-            links[op.index] = res
-    has_pred = {link.target for link in links.values()}
-    chains: list[Chain] = []
-    covered: set[int] = set()
-    for start in links:
-        if start in has_pred:
-            continue
-        layers = [_make_layer(ops[start], None, None)]
-        cur = start
-        while cur in links:
-            link = links[cur]
-            layers.append(_make_layer(ops[link.target], link.n_in, link.taps))
-            cur = link.target
-        chains.append(Chain(tuple(layers)))
-        covered.update(id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None)
+    # the module attribute, looked up now: tests stand in a faulty rule here to exercise the self-check
+    flow = propagate(graph, problems, lambda op, layout, shape: transition(op, layout, shape))
+    hidden, ends, normalized = verdicts(graph, flow)
+    chains = assemble(graph, flow, hidden)
+    covered = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
     reasons = param_reasons(graph, problems, ends)
     bn_layers: list[ChainLayer] = []
     if bn_mode == "authors_heuristic":
-        in_chain = set(links) | has_pred
+        in_chain = {layer.name for c in chains for layer in c.layers}
         for i, norm in normalized.items():
-            if i in in_chain:
+            if ops[i].qualname in in_chain:
                 continue
             layer = _make_layer(ops[i], None, None)
             bn_layers.append(layer)

@@ -17,7 +17,10 @@ def feeder(graph: OpGraph, op: Op) -> tuple[str, str]:
     the same without the module's name."""
     ops = graph.ops
     src = op.data_input
-    while src >= 0 and ops[src].name in ELEMENTWISE | SPATIAL | RESHAPE:
+    while src >= 0 and (
+        ops[src].name in ELEMENTWISE | SPATIAL | RESHAPE
+        or (ops[src].name == "getitem" and ops[src].data_input >= 0 and ops[ops[src].data_input].shape is None)
+    ):  # an element of a tuple output (the recorder makes one getitem per element, as torch.fx does)
         src = ops[src].data_input
     if src < 0:
         return "a constant", "a constant"

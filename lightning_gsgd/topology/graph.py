@@ -67,6 +67,12 @@ class Op:
         shape: Output shape on the example input, or ``None`` if the output is not one tensor.
         params: Parameters this op reads (a module's own parameters, or parameters passed to a call).
         users: Ops that read this op's output values (metadata reads excluded).
+        items: For an op that returns a tuple/list of tensors (``chunk``, ``split``), the shape of
+            each element (``None`` for a non-tensor element); its readers take them with ``getitem``.
+        pieces: For ``cat``/``concat``/``concatenate``, every tensor of the first argument in
+            order (repeats kept): ``(producer, element, shape)``, ``element`` the index into the
+            producer's ``items`` when the producer returns a tuple (else ``None``), ``producer``
+            ``-1`` for a tensor that no op produced.
     """
 
     index: int
@@ -80,6 +86,8 @@ class Op:
     shape: tuple[int, ...] | None = None
     params: list[nn.Parameter] = field(default_factory=list)
     users: list[int] = field(default_factory=list)
+    items: tuple[tuple[int, ...] | None, ...] | None = None
+    pieces: tuple[tuple[int, int | None, tuple[int, ...] | None], ...] | None = None
 
     @property
     def data_input(self) -> int:
@@ -151,6 +159,17 @@ def is_leaf(module: nn.Module) -> bool:
 
 def out_shape(value: Any) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, Tensor) else None
+
+
+def item_shapes(value: Any) -> tuple[tuple[int, ...] | None, ...] | None:
+    """The element shapes of a tuple/list output with at least one tensor (``None`` otherwise)."""
+    if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
+        return tuple(out_shape(v) for v in value)
+    return None
+
+
+# Ops whose first argument is a sequence of tensors joined along ``dim`` (Op.pieces).
+JOINS = frozenset({"cat", "concat", "concatenate"})
 
 
 def module_params(module: nn.Module) -> list[nn.Parameter]:

@@ -10,12 +10,14 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_gsgd.topology.graph import (
+    JOINS,
     METADATA,
     Op,
     OpGraph,
     canonical,
     func_name,
     is_leaf,
+    item_shapes,
     link_users,
     module_params,
     out_shape,
@@ -32,10 +34,12 @@ class _ShapeRecorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
+        self.items: dict[fx.Node, tuple[tuple[int, ...] | None, ...] | None] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         self.shapes[n] = out_shape(result)
+        self.items[n] = item_shapes(result)
         return result
 
 
@@ -106,6 +110,11 @@ def trace_fx(model: nn.Module, example_input: Any) -> OpGraph:
             if name == "getattr" and len(n.args) > 1 and isinstance(n.args[1], str):
                 name = n.args[1] if n.args[1] in METADATA else "getattr." + n.args[1]
             ops.append(Op(i, "call", name, name, None, args_, kwargs_, inputs, shape))
+    for n in graph.nodes:  # the tensors a concatenation joins, in order, repeats kept
+        op = ops[index[n]]
+        op.items = interp.items.get(n)
+        if op.kind == "call" and op.name in JOINS and n.args:
+            op.pieces = _pieces(n.args[0], index, ops, interp)
     # a get_attr parameter read by an op counts as that op reading the parameter
     for op in ops:
         for src in op.inputs:
@@ -115,3 +124,20 @@ def trace_fx(model: nn.Module, example_input: Any) -> OpGraph:
             op.inputs = [-1 if ops[s].name == "parameter" else s for s in op.inputs]
     link_users(ops)
     return OpGraph(ops, "fx", output)
+
+
+def _pieces(arg: Any, index: dict[fx.Node, int], ops: list[Op], interp: _ShapeRecorder) -> tuple | None:
+    """``Op.pieces`` of a concatenation whose first argument is ``arg`` (a list of nodes, or one node
+    returning a tuple such as ``chunk``)."""
+    if isinstance(arg, fx.Node):
+        items = interp.items.get(arg)
+        return None if items is None else tuple((index[arg], k, shape) for k, shape in enumerate(items))
+    if not isinstance(arg, (list, tuple)):
+        return None
+    out = []
+    for a in arg:
+        if not isinstance(a, fx.Node):
+            return None
+        i = index[a]
+        out.append((-1 if ops[i].name == "parameter" else i, None, interp.shapes.get(a)))
+    return tuple(out)

@@ -14,10 +14,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_gsgd.topology.graph import (
+    JOINS,
     Op,
     OpGraph,
     func_name,
     is_leaf,
+    item_shapes,
     link_users,
     module_params,
     out_shape,
@@ -62,11 +64,28 @@ class _Recorder(TorchFunctionMode):
         if module is not None:
             params = module_params(module)
         op = Op(len(self.ops), kind, name, qualname, module, args_, kwargs_, inputs, out_shape(out), params)
+        if kind == "call" and name in JOINS and args and isinstance(args[0], (list, tuple)):
+            if all(isinstance(t, Tensor) for t in args[0]):
+                op.pieces = tuple((self._source(t), None, tuple(t.shape)) for t in args[0])
         self.ops.append(op)
+        op.items = item_shapes(out)
+        if op.items is not None:  # one getitem op per element, as torch.fx records tuple unpacking
+            for k, t in enumerate(out):
+                if isinstance(t, Tensor):
+                    item = Op(
+                        len(self.ops), "call", "getitem", "getitem", None, (None, k), {}, [op.index], tuple(t.shape)
+                    )
+                    self.ops.append(item)
+                    self.producer[id(t)] = item.index
+                    self.keep.append(t)
+            return
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor):
                 self.producer[id(t)] = op.index
                 self.keep.append(t)
+
+    def _source(self, t: Tensor) -> int:
+        return -1 if id(t) in self.param_ids else self.producer.get(id(t), -1)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -1,46 +1,33 @@
 """Prove a detected topology on the model, and keep what passes.
 
 :func:`prove_topology` runs the self-check (:mod:`lightning_gsgd.topology.selfcheck`) on the chains
-that detection found. A link ``a -> b`` whose rescaling changes the output is cut: the chain is split
-there, a layer left alone leaves the topology with the measured change as its reason, and the rest
-is checked again until it passes. Then it records the hidden layers the check could not test
+that detection found. A hidden layer whose rescaling (compensated in every layer that reads it)
+changes the output becomes an output layer: a sequence chain is cut after it, a DAG chain splits
+where nothing else holds it together; a layer left alone leaves the topology with the measured change
+as its reason, and the rest is checked again until it passes. Then it records the hidden layers the check could not test
 (:func:`~lightning_gsgd.topology.untested.untested_layers`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from torch import nn
 
-from lightning_gsgd.topology.rules import CONVS, conv_centre
+from lightning_gsgd.topology.assemble import demote
 from lightning_gsgd.topology.selfcheck import interaction_failure, link_failure, self_check_errors
-from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
+from lightning_gsgd.topology.types import Chain, Excluded, Topology, TopologyError
 from lightning_gsgd.topology.untested import untested_layers
 
 log = logging.getLogger(__name__)
 
 
-def chain_layer(name: str, mod: nn.Module, n_in: int | None, taps: int | None) -> ChainLayer:
-    """The chain layer of module ``mod``; ``n_in``/``taps`` as its predecessor's link gives them (``None``: a
-    chain's first layer, which reads its input channels/features as units)."""
-    if isinstance(mod, CONVS):
-        k = tuple(mod.kernel_size)
-        n = mod.in_channels if n_in is None else n_in
-        t = math.prod(k) if taps is None else taps
-        return ChainLayer(name, mod.weight, mod.bias, mod.out_channels, n, t, conv_centre(k))
-    assert isinstance(mod, nn.Linear)
-    n = mod.in_features if n_in is None else n_in
-    t = 1 if taps is None else taps
-    return ChainLayer(name, mod.weight, mod.bias, mod.out_features, n, t, t // 2)
-
-
 def _split(
     chains: list[Chain], links: list[tuple[int, int, float]], modules: dict[str, nn.Module], tol: float
 ) -> tuple[list[Chain], dict[str, str]]:
-    """Cut every chain at its failing links; single layers left over leave the topology.
+    """Make every failing hidden layer an output layer (a sequence is cut after it); layers left
+    without a hidden neighbour leave the topology.
 
     Returns:
         The remaining chains and, per layer name that left, the reason.
@@ -56,28 +43,28 @@ def _split(
             continue
         layers = chain.layers
         for li, e in sorted(cuts[ci].items()):
+            readers = [layers[m].name for m, _, _ in chain.readers(li)]
             log.warning(
                 "detect_topology: the self-check found that rescaling the units between '%s' and '%s' changes the "
                 "output by %.2e (relative; tolerance %.0e); chain %s is split there",
                 layers[li].name,
-                layers[li + 1].name,
+                "', '".join(dict.fromkeys(readers)),
                 e,
                 tol,
                 chain.name,
             )
-        bounds = [-1] + sorted(cuts[ci]) + [len(layers) - 1]
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            seg = list(layers[lo + 1 : hi + 1])
-            if len(seg) >= 2:
-                if lo >= 0:  # a new first layer reads its input channels/features as units
-                    seg[0] = chain_layer(seg[0].name, modules[seg[0].name], None, None)
-                out.append(Chain(tuple(seg)))
-                continue
-            li = hi if hi in cuts[ci] else lo  # the failing link after the layer, else the one before it
-            a, b = layers[li].name, layers[li + 1].name
-            gone[seg[0].name] = (
-                f"the self-check found that rescaling the units between '{a}' and '{b}' changed the output by "
-                f"{cuts[ci][li]:.2e} (relative; tolerance {tol:.0e}); '{seg[0].name}' is left in no chain"
+        kept, alone = demote(chain, set(cuts[ci]), modules)
+        out += kept
+        for l in alone:
+            if l in cuts[ci]:  # the failing link after the layer, else one before it
+                a, b, e = l, chain.readers(l)[0][0], cuts[ci][l]
+            else:
+                a = next(s.layer for s in chain.sources[l] if s.layer in cuts[ci])
+                b, e = l, cuts[ci][a]
+            name = layers[l].name
+            gone[name] = (
+                f"the self-check found that rescaling the units between '{layers[a].name}' and '{layers[b].name}' "
+                f"changed the output by {e:.2e} (relative; tolerance {tol:.0e}); '{name}' is left in no chain"
             )
     return out, gone
 

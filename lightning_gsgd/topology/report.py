@@ -130,3 +130,53 @@ def refusal(headline: str, topo: Any, fix: Sequence[str], budget: int = BUDGET) 
     head = [headline, found_line(topo)]
     room = budget - sum(len(t) + 1 for t in head + tail)
     return "\n".join(head + group_lines(topo.excluded, max(room, 200)) + tail)
+
+
+_SHORT_LAYERS = 12  # layers of a DAG chain that summary() lists by default
+_SHORT_SOURCES = 6  # source runs per layer that summary(verbose=True) lists
+
+
+def _layer_line(layer: Any) -> str:
+    kind = "x".join(str(s) for s in layer.weight.shape)
+    bias = "+bias" if layer.bias is not None else ""
+    return f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
+
+
+def _source_text(chain: Any, src: Any) -> str:
+    r = src.nodes
+    if src.layer < 0:
+        return f"outside x{len(r)}"
+    prod = chain.layers[src.layer]
+    if r == range(prod.n_out):
+        return f"'{prod.name}'"
+    step = "" if r.step == 1 else f":{r.step}"
+    return f"'{prod.name}'[{r.start}:{r.stop}{step}]"
+
+
+def chain_lines(chain: Any, i: int, verbose: bool) -> list[str]:
+    """A chain's lines in ``Topology.summary``: a sequence as its widths and layers; a DAG chain as
+    its layer and hidden-unit counts, each layer marked hidden or output, and (``verbose``) what each
+    layer reads, run by run."""
+    if chain.is_sequence:
+        widths = "-".join(str(w) for w in chain.widths)
+        head = (
+            f"  chain {i}: {chain.name}  widths {widths}  hidden units {chain.hidden_units}  "
+            f"basis paths {chain.basis_paths}"
+        )
+        return [head] + [_layer_line(layer) for layer in chain.layers]
+    lines = [
+        f"  DAG chain {i}: {chain.name}  {len(chain.layers)} layers ({len(chain.hidden_layers)} hidden), "
+        f"hidden units {chain.hidden_units}  basis paths {chain.basis_paths}"
+    ]
+    shown = chain.layers if verbose else chain.layers[:_SHORT_LAYERS]
+    for l, layer in enumerate(shown):
+        line = _layer_line(layer) + (" hidden" if chain.hidden[l] else " output")
+        if verbose:
+            srcs = chain.sources[l]
+            texts = [_source_text(chain, s) for s in srcs[:_SHORT_SOURCES]]
+            more = f", ... ({len(srcs)} runs)" if len(srcs) > _SHORT_SOURCES else ""
+            line += f"; reads {', '.join(texts)}{more}"
+        lines.append(line)
+    if len(shown) < len(chain.layers):
+        lines.append(f"    ... {len(chain.layers) - len(shown)} more layer(s) (summary(verbose=True) lists them)")
+    return lines

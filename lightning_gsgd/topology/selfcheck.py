@@ -182,22 +182,25 @@ def check_invariance(
                 "self_check=False"
             )
         for ci, chain in enumerate(topology.chains):
-            for li in range(len(chain.layers) - 1):
-                e = _layer_error(model, topology, example_input, ref, spread, generator, ci, li)
+            for k, li in enumerate(chain.hidden_layers):
+                e = _layer_error(model, topology, example_input, ref, spread, generator, ci, k)
                 if e > tol:
                     raise TopologyError(link_failure(topology, ci, li, e, tol))
         raise TopologyError(interaction_failure(err, tol))
 
 
 def link_failure(topology: Topology, ci: int, li: int, error: float, tol: float) -> str:
-    """The self-check's message for the link from layer ``li`` to ``li + 1`` of chain ``ci``."""
+    """The self-check's message for hidden layer ``li`` of chain ``ci`` and the layers that read it
+    (a sequence: the link from layer ``li`` to ``li + 1``)."""
     chain = topology.chains[ci]
-    a, b = chain.layers[li], chain.layers[li + 1]
+    a = chain.layers[li]
+    readers = [chain.layers[m] for m in dict.fromkeys(m for m, _, _ in chain.readers(li))]
+    inputs = ", ".join(f"'{b.name}', {b.n_in} units x {b.taps} taps" for b in readers[:3])
+    names = ", ".join(f"'{b.name}'" for b in readers[:3]) + (", ..." if len(readers) > 3 else "")
     return (
         f"self-check failed in chain {ci} ({chain.name}) at layer '{a.name}': rescaling its "
-        f"{a.n_out} output units (and dividing the matching inputs of '{b.name}', "
-        f"{b.n_in} units x {b.taps} taps) changed the model output by {error:.2e} (relative; "
-        f"tolerance {tol:.0e}). '{a.name}' -> '{b.name}' is not a positively scale-invariant link."
+        f"{a.n_out} output units (and dividing the matching inputs of {inputs}) changed the model output by "
+        f"{error:.2e} (relative; tolerance {tol:.0e}). '{a.name}' -> {names} is not a positively scale-invariant link."
     )
 
 
@@ -219,7 +222,8 @@ def _layer_error(
     ci: int,
     li: int | None,
 ) -> float:
-    """Output change when only hidden layer ``li`` of chain ``ci`` (``None``: every hidden layer of it) is rescaled."""
+    """Output change when only the ``li``-th hidden layer of chain ``ci`` (``None``: every hidden layer of it)
+    is rescaled."""
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     factors = _factors(topology, spread, gen, None)
     for cj, chain_factors in enumerate(factors):
@@ -270,8 +274,8 @@ def self_check_errors(
                 )
             links: list[tuple[int, int, float]] = []
             for ci, chain in enumerate(topology.chains):
-                for li in range(len(chain.layers) - 1):
-                    e = _layer_error(model, topology, example_input, ref, spread, generator, ci, li)
+                for k, li in enumerate(chain.hidden_layers):
+                    e = _layer_error(model, topology, example_input, ref, spread, generator, ci, k)
                     if e > tol:
                         links.append((ci, li, e))
             chains: list[tuple[int, float]] = []

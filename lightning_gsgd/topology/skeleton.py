@@ -44,36 +44,45 @@ def layer_device(chain: Chain) -> torch.device:
 def rescale_hidden_units_(topology: Topology, factors: list[list[Tensor]]) -> None:
     """Apply the positive scaling ``g_c`` to every hidden node (in place; the function is unchanged).
 
-    Hidden node ``j`` of layer ``l`` gets its incoming weights and bias multiplied by
-    ``factors[chain][l][j]`` and its outgoing weights divided by it.
+    Hidden node ``j`` of hidden layer ``l`` gets its incoming weights and bias multiplied by its
+    factor, and every input column that reads it, in every layer of the chain that reads it (a DAG
+    chain: fan-out to several layers, or several columns of one), divided by it.
 
     Args:
         topology: Chains of the model.
-        factors: Per chain, one positive ``[n_out]`` tensor per hidden layer (all layers but the last).
+        factors: Per chain, one positive ``[n_out]`` tensor per hidden layer, in layer order
+            (``Chain.hidden_layers``; for a sequence chain: every layer but the last).
     """
     for chain, chain_factors in zip(topology.chains, factors):
-        if len(chain_factors) != len(chain.layers) - 1:
-            raise ValueError(f"chain {chain.name}: need {len(chain.layers) - 1} factor tensors")
-        for l, c in enumerate(chain_factors):
-            layer, nxt = chain.layers[l], chain.layers[l + 1]
+        hidden = chain.hidden_layers
+        if len(chain_factors) != len(hidden):
+            raise ValueError(f"chain {chain.name}: need {len(hidden)} factor tensors (one per hidden layer)")
+        for l, c in zip(hidden, chain_factors):
+            layer = chain.layers[l]
             c = c.to(layer.weight)
             if bool((c <= 0).any()):
                 raise ValueError("rescale_hidden_units_: factors must be positive")
             layer.weight3d().mul_(c.view(-1, 1, 1))
             if layer.bias is not None:
                 layer.bias.mul_(c)
-            nxt.weight3d().div_(c.view(1, -1, 1))
+            for m, col, nodes in chain.readers(l):
+                if nodes.step == 1:
+                    cols = c[nodes.start : nodes.stop]
+                else:
+                    cols = c[torch.tensor(nodes, dtype=torch.long, device=c.device)]
+                chain.layers[m].weight3d()[:, col : col + len(nodes)].div_(cols.view(1, -1, 1))
 
 
 def random_unit_factors(
     topology: Topology, spread: float, generator: torch.Generator | None = None
 ) -> list[list[Tensor]]:
-    """Random per-node factors ``exp(U(-spread, spread))`` for :func:`rescale_hidden_units_`."""
+    """Random per-node factors ``exp(U(-spread, spread))`` for :func:`rescale_hidden_units_`, one
+    ``float64`` tensor per hidden layer of every chain, drawn in chain and layer order."""
     out: list[list[Tensor]] = []
     for chain in topology.chains:
         per = []
-        for layer in chain.layers[:-1]:
-            u = torch.rand(layer.n_out, generator=generator, dtype=torch.float64)
+        for l in chain.hidden_layers:
+            u = torch.rand(chain.layers[l].n_out, generator=generator, dtype=torch.float64)
             per.append(torch.exp((2 * u - 1) * spread))
         out.append(per)
     return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_gsgd.topology.report import group_lines
+from lightning_gsgd.topology.report import chain_lines, group_lines
 
 
 class TopologyError(ValueError):
@@ -177,6 +177,23 @@ class Chain:
     is_sequence: bool = field(init=False, default=True)
 
     @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Indices of the hidden layers, in layer order (every layer but the last, for a sequence)."""
+        return tuple(l for l, h in enumerate(self.hidden) if h)
+
+    def readers(self, layer: int) -> list[tuple[int, int, range]]:
+        """Where layer ``layer``'s nodes are read: ``(reading layer, its first input column, nodes)``
+        per source run, in layer order (a sequence: ``[(layer + 1, 0, range(n_out))]``)."""
+        out = []
+        for m in range(layer + 1, len(self.layers)):
+            col = 0
+            for src in self.sources[m]:
+                if src.layer == layer:
+                    out.append((m, col, src.nodes))
+                col += len(src.nodes)
+        return out
+
+    @property
     def widths(self) -> tuple[int, ...]:
         """Node counts: the first layer's inputs, then every layer's outputs in layer order."""
         return (self.layers[0].n_in,) + tuple(layer.n_out for layer in self.layers)
@@ -324,17 +341,7 @@ class Topology:
         more = " (summary(verbose=True) lists them)"
         shown = self.chains if verbose else self.chains[:_SHORT_CHAINS]
         for i, chain in enumerate(shown):
-            widths = "-".join(str(w) for w in chain.widths)
-            lines.append(
-                f"  chain {i}: {chain.name}  widths {widths}  hidden units {chain.hidden_units}  "
-                f"basis paths {chain.basis_paths}"
-            )
-            for layer in chain.layers:
-                kind = "x".join(str(s) for s in layer.weight.shape)
-                bias = "+bias" if layer.bias is not None else ""
-                lines.append(
-                    f"    {layer.name}: {kind}{bias} ({layer.n_out} <- {layer.n_in} nodes x {layer.taps} taps)"
-                )
+            lines += chain_lines(chain, i, verbose)
         if len(shown) < len(self.chains):
             lines.append(f"  ... {len(self.chains) - len(shown)} more chain(s){more}")
         if self.untested:

@@ -115,7 +115,7 @@ def untested_layers(
     Returns:
         ``(chain, layer)`` index pairs of the untested hidden layers, in order.
     """
-    hidden_idx = [(ci, li) for ci, chain in enumerate(topology.chains) for li in range(len(chain.layers) - 1)]
+    hidden_idx = [(ci, li) for ci, chain in enumerate(topology.chains) for li in chain.hidden_layers]
     if not hidden_idx:
         return []
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
