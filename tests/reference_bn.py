@@ -37,14 +37,15 @@ from tests.reference_step import _sgd_direction
 
 
 def _move(v: Tensor, p: Tensor, n: Tensor, buf: Tensor | None, hp: Hyper, buffer: str):
-    """``(v', buf')`` for coordinates ``v`` with path gradient ``p`` and block factor ``n`` (broadcast)."""
+    """``(lr s direction, buf')`` for coordinates ``v`` with path gradient ``p`` and block factor ``n``
+    (broadcast): the step is ``v' = v - lr s direction``."""
     d = p + hp.weight_decay * v / n if hp.weight_decay != 0 else p
     if buffer == "path":
         direction, buf = _sgd_direction(d, buf, hp)
-        return v - hp.lr * n * direction, buf
+        return hp.lr * n * direction, buf
     s = n.sqrt()
     direction, buf = _sgd_direction(s * d, buf, hp)
-    return v - hp.lr * s * direction, buf
+    return hp.lr * s * direction, buf
 
 
 def row_ends(index: list[LayerIndex]) -> Tensor:
@@ -86,7 +87,8 @@ def bn_chain_step(weights, grads, biases, bias_grads, wbufs, bbufs, index, hp, s
         if idx.tau_rows is not None:
             tau = (idx.tau_rows, idx.tau_cols, idx.centre)
             p[tau] -= gamma[idx.tau_nodes] / v[tau]
-        v_new, new_wbuf[l] = _move(v, p, n.view(-1, 1, 1), wbufs[l], hp, buffer)
+        delta, new_wbuf[l] = _move(v, p, n.view(-1, 1, 1), wbufs[l], hp, buffer)
+        v_new = v - delta
         if idx.tau_rows is not None:
             tau = (idx.tau_rows, idx.tau_cols, idx.centre)
             old, new = v[tau], v_new[tau]
@@ -102,8 +104,8 @@ def bn_chain_step(weights, grads, biases, bias_grads, wbufs, bbufs, index, hp, s
         new_w[l] = w_new
         if biases[l] is not None and idx.hidden:
             vb = biases[l] * F[l]
-            vb_new, new_bbuf[l] = _move(vb, bias_grads[l] / F[l], n, bbufs[l], hp, buffer)
-            new_b[l] = (biases[l] + (vb_new - vb) / F[l]) * (F[l] / f_new.view(-1))
+            delta, new_bbuf[l] = _move(vb, bias_grads[l] / F[l], n, bbufs[l], hp, buffer)
+            new_b[l] = (biases[l] - delta / F[l]) * (F[l] / f_new.view(-1))
         if idx.tau_rows is not None:
             F_new[idx.tau_nodes] = tau_entries(w_new, idx) * F_new[idx.row_off + idx.tau_rows]
     return new_w, new_b, new_wbuf, new_bbuf, hits
@@ -157,8 +159,8 @@ class ReferenceBnSGD:
                 continue
             w, g = layer.weight3d(), layer.weight3d(layer.weight.grad)
             n = w.square().sum((1, 2), keepdim=True)
-            w_new, self.bufs[id(layer.weight)] = _move(w, g, n, self.bufs.get(id(layer.weight)), self.hp, self.buffer)
-            w.copy_(w_new)
+            delta, self.bufs[id(layer.weight)] = _move(w, g, n, self.bufs.get(id(layer.weight)), self.hp, self.buffer)
+            w.sub_(delta)
             done.add(id(layer.weight))
         for p in self.model.parameters():  # torch.optim.SGD's rule
             if id(p) in done or p.grad is None:

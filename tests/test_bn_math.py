@@ -224,3 +224,53 @@ def test_eval_mode(momentum, exact):
         outs.append(t.eval()(x))
     assert (_rel(outs[1], outs[0]) <= 1e-8) == exact
     assert _rel(outs[2], outs[0]) <= 1e-8
+
+
+@pytest.mark.parametrize("name", ["stack_deep", "vgg_bn"])
+def test_cheap_form_is_one_per_row_factor(name):
+    """The engine's form (docs/math.md, "BatchNorm segments: S1 and S2"): on every entry that is
+    neither sigma nor tau, the reference's step is "The cheap form" with ``s = 1 / (B F)`` replaced by
+    ``q s``, ``q = sqrt(n)`` of the row: ``buf' = mu buf + (1 - damp)(q s g + wd w / (q s))`` and
+    ``w' = (w - lr q s buf') / rho``; with no S2 row, the chain step is tests/reference_step.py's bit for bit."""
+    from lightning_gsgd.step.hyper import Hyper
+    from lightning_gsgd.topology.index import chain_backbone, chain_index
+    from tests.reference_bn import bn_chain_step, chain_factors
+    from tests.reference_step import gsgd_chain_step
+
+    model, x, y = _setup(name, rescaled=True)
+    ((model(x) - y) ** 2).mean().backward()
+    hp = Hyper(0.02, 0.9, 0.3, 0.01, False)
+    gen = torch.Generator().manual_seed(2)
+    s2_ids = {id(layer.weight) for layer in model.spec().s2}
+    with_s2 = 0
+    for chain in model.spec().topology.chains:
+        index, ls = chain_index(chain), chain.layers
+        ws = [layer.weight3d().detach() for layer in ls]
+        gs = [layer.weight3d(layer.weight.grad) for layer in ls]
+        bs = [None if layer.bias is None else layer.bias.detach() for layer in ls]
+        gbs = [None if b is None else layer.bias.grad for b, layer in zip(bs, ls)]
+        wb = [torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in ws]
+        bb = [None if b is None else torch.randn(b.shape, generator=gen, dtype=b.dtype) for b in bs]
+        args = (ws, gs, bs, gbs, wb, bb, index)
+        plain = gsgd_chain_step(*args, [hp] * len(ls), [hp] * len(ls), 0.01)
+        new_w, new_b, new_wb, new_bb, _ = bn_chain_step(*args, hp, set(), 0.01, "normalized")
+        assert all(torch.equal(a, b) for a, b in zip(plain.weights, new_w))
+        assert all(a is None or torch.equal(a, b) for a, b in zip(plain.biases, new_b))
+        s2 = {l for l, layer in enumerate(ls) if id(layer.weight) in s2_ids}
+        with_s2 += bool(s2)
+        new_w, _, new_wb, _, _ = bn_chain_step(*args, hp, s2, 0.01, "normalized")
+        B, F = chain_backbone(ws, index)
+        q = chain_factors(ws, B, index, s2).sqrt()
+        _, F_new = chain_backbone(new_w, index)
+        for l, idx in enumerate(index):
+            qs = (q[idx.rows] / F[l]).view(-1, 1, 1) / B[l].view(1, -1, 1)
+            rho = (F_new[l] / F[l]).view(-1, 1, 1)
+            buf = hp.momentum * wb[l] + (1 - hp.dampening) * (qs * gs[l] + hp.weight_decay * ws[l] / qs)
+            w = (ws[l] - hp.lr * qs * buf) / rho
+            free = torch.ones_like(w, dtype=torch.bool)
+            for rows, cols in ((idx.sig_rows, idx.sig_cols), (idx.tau_rows, idx.tau_cols)):
+                if rows is not None:
+                    free[rows, cols, idx.centre] = False
+            assert torch.allclose(new_wb[l][free], buf[free], rtol=1e-12, atol=0)
+            assert torch.allclose(new_w[l][free], w[free], rtol=1e-12, atol=1e-15)
+    assert with_s2
