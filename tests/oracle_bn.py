@@ -84,10 +84,6 @@ class BnOracle:
         self.opt.step()
         self.retract()
 
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.pp.forward(x)
-
     def weights(self) -> dict[str, Tensor]:
         return {k: v.detach() for k, v in self.pp.weights().items()}
 
