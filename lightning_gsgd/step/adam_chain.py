@@ -142,6 +142,8 @@ def prepare_adam_chain(
     min_ratio: float,
     *,
     host_reads: bool,
+    row_sums: list[Tensor] | None = None,
+    local_rows: list[tuple[int, int]] | None = None,
 ) -> PreparedAdam:
     """Phase one of a chain's step: B, F, Gamma, every tau entry's Adam step and guard, rho; no write.
 
@@ -153,6 +155,10 @@ def prepare_adam_chain(
         min_ratio: Guard of free tau path values.
         host_reads: Whether values may be read on the host (CPU): the step counters are then numbers,
             and a ``B`` of ones is detected to keep ``1 / (B F)`` a row vector.
+        row_sums: Sharded steps (:mod:`lightning_gsgd.step.adam_sharded`): per hidden layer, the gathered
+            ``sum(w g)`` of every row (bias term included); the weights are then the layers' skeleton
+            entries only, and the biases ``None``.
+        local_rows: Sharded steps: per layer, the rows ``[a, b)`` whose ``1 / (B F)`` to return in ``s``.
     """
     L = len(weights)
     prep = PreparedAdam(plan, weights, biases)
@@ -183,7 +189,10 @@ def prepare_adam_chain(
     for l in range(L - 1):
         sig = plan.sig_flat[l]
         assert sig is not None
-        row = torch.linalg.vecdot(ws[l].flatten(1), gs[l].flatten(1))  # type: ignore[union-attr]
+        if row_sums is not None:
+            row = row_sums[l]
+        else:
+            row = torch.linalg.vecdot(ws[l].flatten(1), gs[l].flatten(1))  # type: ignore[union-attr]
         b = biases[l]
         if b is not None and b.grad is not None:
             row = row + b.param * b.grad
@@ -248,10 +257,11 @@ def prepare_adam_chain(
     for l in range(L):
         r = F[l].reciprocal()
         prep.s_bias.append(r)
+        lo, hi = (0, r.numel()) if local_rows is None else local_rows[l]
         if unit_b or l == 0:
-            prep.s.append(r.view(-1, 1, 1))
+            prep.s.append(r[lo:hi].view(-1, 1, 1))
         else:
-            prep.s.append(torch.outer(r, B[l].reciprocal()).unsqueeze(-1))
+            prep.s.append(torch.outer(r[lo:hi], B[l].reciprocal()).unsqueeze(-1))
         prep.checks += [r, B[l].reciprocal()]
         rinv = prep.rhoinv[l]
         if rinv is not None:
