@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params
+from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params, g_step
 from lightning_gsgd.optim.state import (
     COLLAPSED_STEPS,
     GUARD_HITS,
@@ -168,7 +167,7 @@ class GAdam(Optimizer):
         return self.topology is not None
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
+    @g_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one G-space Adam step (see the class docstring for skipped steps and the guard).
 
