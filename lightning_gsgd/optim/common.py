@@ -4,8 +4,8 @@ decorator of ``step`` (:func:`g_step`)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -131,9 +131,9 @@ def g_step(step: _Step) -> _Step:
     return wrapper  # type: ignore[return-value]
 
 
-def _called_by_torch_state_init(depth: int = 12) -> bool:
+def _called_by_torch_state_init(depth: int = 14) -> bool:
     """Whether ``torch.distributed.checkpoint.state_dict._init_optim_state`` is among the callers."""
-    frame = sys._getframe(2)
+    frame = inspect.currentframe()
     for _ in range(depth):
         if frame is None:
             return False
