@@ -1,8 +1,10 @@
-"""Step time of GSGD on ``fully_shard``-ed (FSDP2) weights, 2 gloo processes on CPU, and the bytes it exchanges.
+"""Step time of GSGD (or GAdam) on ``fully_shard``-ed (FSDP2) weights, 2 gloo processes on CPU, and the bytes
+it exchanges.
 
 Usage::
 
     PYTHONPATH=$PWD python benchmarks/fsdp_bench.py [--world 2] [--reps 40] [--warmup 5] [--threads 1]
+    PYTHONPATH=$PWD python benchmarks/fsdp_bench.py --optimizer adam    # GAdam/GAdamW vs torch's Adam/AdamW
 
 Launches ``--world`` processes of itself (gloo on 127.0.0.1). On every rank, per model and config,
 four optimizers step on the same skeleton-initialized weights and the same fixed gradients:
@@ -18,6 +20,9 @@ each step together; the times are per rank (rank 0 and the slowest rank's median
 ratios paired medians within a round on rank 0. ``bytes/step`` is ``GSGD.comm_bytes_per_step`` (what
 each rank receives from the all-gather); ``param bytes`` is the model's parameters (what gathering the
 weights, an O(m) exchange, would move).
+
+``--optimizer adam``: the same four columns with ``GAdamW`` (weight decay 1e-2) / ``GAdam`` (amsgrad) in
+place of GSGD and torch's ``AdamW`` / ``Adam`` (foreach) in place of SGD (:data:`ADAM_CONFIGS`).
 """
 
 from __future__ import annotations
@@ -38,11 +43,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import MODELS, fixed_grads, header, median, paired_ratio  # noqa: E402
-from lightning_gsgd import GSGD, detect_topology, init_skeleton_, shard_topology  # noqa: E402
+from lightning_gsgd import GSGD, GAdam, GAdamW, detect_topology, init_skeleton_, shard_topology  # noqa: E402
 
 CONFIGS = {
     "momentum 0.9, wd 5e-4": dict(momentum=0.9, weight_decay=5e-4),
     "plain (no momentum, no wd)": dict(momentum=0.0, weight_decay=0.0),
+}
+#: name: (G-space optimizer, torch's optimizer, hyper-parameters of both)
+ADAM_CONFIGS = {
+    "AdamW, wd 1e-2": (GAdamW, torch.optim.AdamW, dict(weight_decay=1e-2)),
+    "Adam, amsgrad": (GAdam, torch.optim.Adam, dict(amsgrad=True)),
 }
 LR = 1e-6  # as step_bench.py: fixed gradients for ~50 steps stay in the regime being timed
 BIG = "mlp 784-1024x3-10"
@@ -91,8 +101,12 @@ def _with_grads(model: nn.Module, grads: list[torch.Tensor]) -> None:
             p.grad = g.clone()
 
 
-def _optimizers(name: str, hyper: dict, mesh):
-    """The four step callables of one row, their GSGD optimizers, and the model's parameter bytes."""
+def _optimizers(name: str, config: tuple, mesh):
+    """The four step callables of one row, their G-space optimizers, and the model's parameter bytes.
+
+    ``config``: ``(G-space class, torch class, hyper-parameters)``.
+    """
+    g_cls, t_cls, hyper = config
     fns, gsgd = {}, {}
     for opt_name in NAMES:
         model, topo, x, y = _build(name)
@@ -102,10 +116,10 @@ def _optimizers(name: str, hyper: dict, mesh):
             topo = shard_topology(topo, model)
         _with_grads(model, grads)
         if opt_name.startswith("gsgd"):
-            opt = GSGD(model.parameters(), lr=LR, topology=topo, **hyper)
+            opt = g_cls(model.parameters(), lr=LR, topology=topo, **hyper)
             gsgd[opt_name] = opt
         else:
-            opt = torch.optim.SGD(model.parameters(), lr=LR, foreach=True, **hyper)
+            opt = t_cls(model.parameters(), lr=LR, foreach=True, **hyper)
         fns[opt_name] = opt.step
     param_bytes = sum(g.numel() * g.element_size() for g in grads)
     return fns, gsgd, param_bytes
@@ -127,7 +141,7 @@ def _timed(fns: dict, reps: int, warmup: int) -> dict[str, list[float]]:
     return out
 
 
-def _valid(opt: GSGD) -> str:
+def _valid(opt: GSGD | GAdam) -> str:
     bad = [f"{int(getattr(opt, k))} {k}" for k in ("skipped_steps", "guard_hits") if int(getattr(opt, k))]
     return ", ".join(bad) or "ok"
 
@@ -139,25 +153,28 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    adam = args.optimizer == "adam"
+    g, t = ("GAdam", "Adam") if adam else ("GSGD", "SGD")
+    configs = ADAM_CONFIGS if adam else {k: (GSGD, torch.optim.SGD, h) for k, h in CONFIGS.items()}
     try:
         mesh = init_device_mesh("cpu", (world,))
         if rank == 0:
             print(
                 header(
-                    f"optimizer step under fully_shard, {world} gloo processes, cpu float32, "
+                    f"{g} step under fully_shard, {world} gloo processes, cpu float32, "
                     f"median of {args.reps} after {args.warmup} warm-up"
                 )
             )
             print(
-                "| model | config | GSGD sharded ms (rank 0 / slowest) | SGD sharded ms | GSGD unsharded ms "
-                "| SGD unsharded ms | GSGD sharded / SGD sharded | GSGD sharded / GSGD unsharded "
+                f"| model | config | {g} sharded ms (rank 0 / slowest) | {t} sharded ms | {g} unsharded ms "
+                f"| {t} unsharded ms | {g} sharded / {t} sharded | {g} sharded / {g} unsharded "
                 "| bytes/step | param bytes | bytes/step / param bytes | valid |\n"
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
                 flush=True,
             )
         for name in args.models:
-            for cname, hyper in CONFIGS.items():
-                fns, gsgd, param_bytes = _optimizers(name, hyper, mesh)
+            for cname, config in configs.items():
+                fns, gsgd, param_bytes = _optimizers(name, config, mesh)
                 t = _timed(fns, args.reps, args.warmup)
                 meds = torch.tensor([median(t[n]) for n in NAMES], dtype=torch.float64)
                 everyone = [torch.zeros_like(meds) for _ in range(world)]
@@ -203,6 +220,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="GSGD vs SGD, or GAdam vs Adam")
     ap.add_argument("--models", nargs="*", default=[BIG, SMALL], choices=list(BENCH))
     args = ap.parse_args()
     if "RANK" in os.environ:

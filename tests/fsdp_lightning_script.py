@@ -9,6 +9,11 @@ then resumed to 2 epochs), ``OUT/resumed_full.pt`` (the same through a full, one
 ``gsgd/comm_bytes_per_step`` and three path diagnostics (a logger that records on every rank,
 logging every :data:`LOG_EVERY` steps).
 Usage: ``PYTHONPATH=<repo root> python tests/fsdp_lightning_script.py OUT``.
+
+``python tests/fsdp_lightning_script.py OUT WORLD OPTIMIZER`` (``OPTIMIZER``: ``sgd`` or ``adamw``, which
+the callback turns into GAdamW; ``WORLD`` processes) runs the short form (:func:`main_short`): the straight
+fit, and one resumed from a distributed checkpoint, with the optimizer state gathered into ``OUT/full.pt``
+and ``OUT/resumed.pt``; ``OUT/logged{r}.pt`` as above.
 """
 
 from __future__ import annotations
@@ -31,7 +36,16 @@ COUNTERS = ("steps", "skipped_steps", "guard_hits")
 
 
 class ShardedMLP(MLPModule):
-    """The test MLP with 7 hidden units (rows that do not divide by 2), each layer its own FSDP unit."""
+    """The test MLP with 7 hidden units (rows that do not divide by 2), each layer its own FSDP unit.
+
+    ``optimizer="adamw"``: torch's AdamW with amsgrad, betas and decoupled weight decay (the callback turns
+    it into GAdamW).
+    """
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_kind == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=0.02, betas=(0.8, 0.99), weight_decay=0.05, amsgrad=True)
+        return super().configure_optimizers()
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -76,17 +90,23 @@ class EveryRankLogger(Logger):
 
 
 def fit(
-    epochs: int, ckpt_in: str | None = None, ckpt_out: str | None = None, logger: Any = False, distributed: bool = True
+    epochs: int,
+    ckpt_in: str | None = None,
+    ckpt_out: str | None = None,
+    logger: Any = False,
+    distributed: bool = True,
+    world: int = 2,
+    optimizer: str = "sgd",
 ) -> dict:
     torch.manual_seed(SEED)
-    model = ShardedMLP(lr=0.05, momentum=0.9, weight_decay=1e-3, hidden=7)
+    model = ShardedMLP(lr=0.05, momentum=0.9, weight_decay=1e-3, hidden=7, optimizer=optimizer)
     strategy = ModelParallelStrategy(
-        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed
+        data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=distributed
     )
     callback, batches = GSGDCallback(), RecordBatches()
     trainer = cpu_trainer(
         strategy=strategy,
-        devices=2,
+        devices=world,
         max_epochs=epochs,
         callbacks=[callback, batches],
         logger=logger,
@@ -101,6 +121,11 @@ def fit(
     for name in COUNTERS:
         out[name] = torch.tensor(getattr(callback.optimizer, name))
     out["bytes"] = torch.tensor(callback.optimizer.comm_bytes_per_step)
+    out["optimizer"] = type(callback.optimizer).__name__
+    names = {p: k for k, p in model.named_parameters()}
+    for p, st in callback.optimizer.state.items():  # every rank: full_tensor is a collective
+        for key, value in st.items():
+            out[f"state/{names[p]}.{key}"] = value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
     out["batches"] = batches.inputs
     return out
 
@@ -128,5 +153,26 @@ def main(out: str) -> None:
         torch.save(resumed_full, os.path.join(out, "resumed_full.pt"))
 
 
+def main_short(out: str, world: int, optimizer: str) -> None:
+    """The straight fit (2 epochs, logging) and the one resumed from a distributed checkpoint after 1."""
+    logger = EveryRankLogger()
+    full = fit(2, logger=logger, world=world, optimizer=optimizer)
+    ckpt = os.path.join(out, "ckpt")
+    fit(1, ckpt_out=ckpt, world=world, optimizer=optimizer)
+    resumed = fit(2, ckpt_in=ckpt, world=world, optimizer=optimizer)
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    full.pop("batches")
+    resumed.pop("batches")
+    keys = ("gsgd/comm_bytes_per_step", "gsgd/path_grad_norm", "gsgd/relative_update", "gsgd/imbalance")
+    logged = [(step, {k: float(m[k]) for k in keys if k in m}) for step, m in logger.rows if keys[0] in m]
+    torch.save(logged, os.path.join(out, f"logged{rank}.pt"))
+    if rank == 0:
+        torch.save(full, os.path.join(out, "full.pt"))
+        torch.save(resumed, os.path.join(out, "resumed.pt"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2:
+        main_short(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    else:
+        main(sys.argv[1])

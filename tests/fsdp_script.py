@@ -150,9 +150,8 @@ def _detect_on_sharded(mesh: Any, fully_shard: Any) -> str:
 
 
 def _optimizers_refused(mesh: Any, fully_shard: Any) -> list[str]:
-    """The messages of GSGD(compiled=True), GAdam and a stale (unsharded) topology on a sharded model."""
-    from lightning_gsgd import GAdam
-
+    """The messages of GSGD(compiled=True) and of a stale (unsharded) topology on a sharded model (GAdam on
+    sharded weights: tests/test_fsdp_adam.py)."""
     model = mlp()
     stale = detect_topology(model, torch.randn(4, 6))
     fully_shard(model, mesh=mesh)
@@ -160,7 +159,6 @@ def _optimizers_refused(mesh: Any, fully_shard: Any) -> list[str]:
     messages = []
     for make in (
         lambda: GSGD(model.parameters(), lr=0.1, topology=topo, compiled=True),
-        lambda: GAdam(model.parameters(), topology=topo),
         lambda: GSGD(model.parameters(), lr=0.1, topology=stale),
     ):
         try:

@@ -294,11 +294,11 @@ class GSGDCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """Small and ``weights_only``-safe: a version, the skeleton flag and the topology fingerprint; under
-        ``ModelParallelStrategy`` also ``GSGD.extra_state()`` (the counters), which torch's distributed
+        ``ModelParallelStrategy`` also the optimizer's ``extra_state()`` (the counters), which torch's distributed
         optimizer state dict drops (it keeps only ``state`` and ``param_groups``)."""
         fingerprint = self.topology.fingerprint() if self.topology is not None else self._loaded_fingerprint
         state = {"version": _STATE_VERSION, "skeleton_done": self._skeleton_done, "fingerprint": fingerprint}
-        if self._unsharded is not None and isinstance(self.optimizer, GSGD):
+        if self._unsharded is not None and isinstance(self.optimizer, (GSGD, GAdam)):
             extra = self.optimizer.extra_state()  # identical on every rank: the counters count global decisions
             extra["counters"] = {k: v.cpu() for k, v in extra["counters"].items()}
             state["optimizer_extra"] = extra

@@ -1,10 +1,13 @@
-"""What ``GSGD`` and ``PathSGD`` share: the hyper-parameter checks, the bind check, the start of a step."""
+"""What the G-space optimizers share: the hyper-parameter checks, the bind check, the start of a step and the
+decorator of ``step`` (:func:`g_step`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -95,3 +98,47 @@ def begin_step(closure: Callable[[], Any] | None, topology: Topology | None, unb
     if topology is None:
         raise RuntimeError(unbound)
     return loss
+
+
+_Step = TypeVar("_Step", bound=Callable[..., Any])
+
+
+def g_step(step: _Step) -> _Step:
+    """Decorate a G-space optimizer's ``step``: run it under ``torch.no_grad()``, and keep the step counters
+    exact across the step torch's distributed checkpointing takes itself.
+
+    ``torch.distributed.checkpoint.state_dict`` (``get_optimizer_state_dict``, ``set_optimizer_state_dict``;
+    Lightning's ``ModelParallelStrategy`` saves and loads through them) calls ``_init_optim_state`` on an
+    optimizer without state and without gradients: it sets every gradient to zeros and the learning rates to
+    0 and calls ``step()`` to create the state tensors. That step changes no weight, but it would count in
+    ``steps`` (and could count in the other counters), so around it every counter is put back to its value
+    before it, in place (a tensor returned by ``counters()`` stays the live counter).
+    """
+
+    @functools.wraps(step)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            if not _called_by_torch_state_init():
+                return step(self, *args, **kwargs)
+            counters = self._counters.tensors
+            before = {k: v.clone() for k, v in counters.items()}
+            try:
+                return step(self, *args, **kwargs)
+            finally:
+                for k, v in counters.items():
+                    v.copy_(before[k]) if k in before else v.zero_()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _called_by_torch_state_init(depth: int = 14) -> bool:
+    """Whether ``torch.distributed.checkpoint.state_dict._init_optim_state`` is among the callers."""
+    frame = inspect.currentframe()
+    for _ in range(depth):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_init_optim_state" and "checkpoint" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params
+from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params, g_step
 from lightning_gsgd.optim.state import (
     COLLAPSED_STEPS,
     GUARD_HITS,
@@ -25,6 +24,7 @@ from lightning_gsgd.optim.state import (
     restore_counters,
 )
 from lightning_gsgd.step.adam import AdamPlans, AdamStepArgs, adam_hyper, adam_step
+from lightning_gsgd.step.adam_sharded import ShardedAdamStep
 from lightning_gsgd.step.inputs import StepCounters, check_contiguous, collect_params
 from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Topology, TopologyError
@@ -116,6 +116,7 @@ class GAdam(Optimizer):
         self._plans = AdamPlans()
         self._counters = StepCounters()
         self._in_chain: set[int] = set()
+        self._sharded: ShardedAdamStep | None = None
         #: Whether :meth:`step` may read a device flag on the host: ``None`` (default) only on the CPU;
         #: ``False`` never (the accelerator path, which tests run on the CPU with it); ``True`` always.
         self.host_reads: bool | None = None
@@ -143,7 +144,8 @@ class GAdam(Optimizer):
 
         Raises:
             TopologyError: A chain parameter is not in this optimizer, is frozen, the topology has
-                BN-heuristic layers (SGD only) or sharded weights, or saved state does not fit the topology.
+                BN-heuristic layers (SGD only), sharded weights that are not row-sharded over one 1-D mesh, or
+                saved state does not fit the topology.
         """
         check_chain_params(topology, self.param_groups, self._name)
         if topology.bn_layers:
@@ -151,14 +153,11 @@ class GAdam(Optimizer):
                 f"{self._name}: the BN heuristic (bn_mode='authors_heuristic', layer '{topology.bn_layers[0].name}') "
                 "is an SGD rule; detect the topology with bn_mode='sgd' to train those layers with plain Adam"
             )
-        if is_sharded(topology):
-            raise TopologyError(
-                f"{self._name} does not support sharded (fully_shard) weights yet; use lightning_gsgd.GSGD, which "
-                "steps row-sharded chains, or train unsharded (DDP)"
-            )
         self._saved.check_bind(topology)
-        self.topology = topology
         self._plans.reset(topology)
+        # row-sharded DTensors (FSDP2): step/adam_sharded.py
+        self._sharded = ShardedAdamStep(topology, self._plans, self._name) if is_sharded(topology) else None
+        self.topology = topology
         self._in_chain = chain_owned_ids(topology)
         return self
 
@@ -168,7 +167,7 @@ class GAdam(Optimizer):
         return self.topology is not None
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
+    @g_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one G-space Adam step (see the class docstring for skipped steps and the guard).
 
@@ -194,7 +193,7 @@ class GAdam(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{self._name} does not support sparse gradients")
         host_reads = device.type == "cpu" if self.host_reads is None else self.host_reads
-        adam_step(
+        (adam_step if self._sharded is None else self._sharded)(
             AdamStepArgs(
                 chains=self.topology.chains,
                 plans=self._plans,
@@ -222,11 +221,36 @@ class GAdam(Optimizer):
         """
         return self._counters.snapshot()
 
+    @property
+    def comm_bytes_per_step(self) -> int:
+        """Bytes the last step exchanged between ranks, as each rank receives them (0 unless the chain
+        weights are sharded by ``fully_shard``; O(H) per chain: docs/math.md, "Sharded steps")."""
+        return 0 if self._sharded is None else self._sharded.bytes_per_step
+
+    @property
+    def comm_bytes_total(self) -> int:
+        """Bytes exchanged by every step since :meth:`bind` (see :attr:`comm_bytes_per_step`)."""
+        return 0 if self._sharded is None else self._sharded.bytes_total
+
     def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus the counters, the topology fingerprint and the optimizer kind."""
+        """torch's optimizer state plus :meth:`extra_state` under the key ``"gsgd"``."""
         sd = super().state_dict()
-        sd[STATE_KEY] = self._saved.extra(self.topology, self._counters)
+        sd[STATE_KEY] = self.extra_state()
         return sd
+
+    def extra_state(self) -> dict[str, Any]:
+        """The counters, the topology fingerprint and the optimizer kind: what torch's distributed optimizer
+        state dict (``get_optimizer_state_dict``) drops; save it beside a distributed checkpoint."""
+        return self._saved.extra(self.topology, self._counters)
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned: check the kind and the fingerprint, restore the counters.
+
+        Raises:
+            TopologyError: Saved by another optimizer or for another topology.
+        """
+        self._saved.accept({STATE_KEY: extra}, self.topology)
+        restore_counters(self._counters, extra)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state saved by :meth:`state_dict`; refuses state saved for another topology or optimizer.

@@ -10,11 +10,10 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params, check_hyper
+from lightning_gsgd.optim.common import begin_step, chain_owned_ids, check_chain_params, check_hyper, g_step
 from lightning_gsgd.optim.state import (
     COLLAPSED_STEPS,
     GUARD_HITS,
@@ -214,7 +213,7 @@ class GSGD(Optimizer):
         return self.topology is not None
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
+    @g_step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one G-SGD step, or skip it as a whole when it is not finite (see the class docstring;
         on accelerators without reading anything on the host).

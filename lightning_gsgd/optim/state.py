@@ -70,7 +70,7 @@ class SavedState:
         """
         state_dict = dict(state_dict)
         extra = state_dict.pop(STATE_KEY, None)
-        kind = None if extra is None else extra.get("kind", "sgd")
+        kind = groups_kind(state_dict) if extra is None else extra.get("kind", "sgd")
         has_state = any(state_dict.get("state", {}).values())
         if kind is not None and kind != self.kind or self.own_moments_only and has_state and kind is None:
             saved_by = _SAVED_BY.get(kind, "torch.optim.Adam/AdamW or another optimizer")
@@ -87,6 +87,19 @@ class SavedState:
             else:
                 self.pending = fp
         return state_dict, extra
+
+
+def groups_kind(state_dict: dict[str, Any]) -> str | None:
+    """The kind of G-space optimizer whose parameter groups ``state_dict`` holds, else ``None``.
+
+    torch's distributed optimizer state dicts (``get_optimizer_state_dict``, which Lightning's
+    ``ModelParallelStrategy`` saves) keep only ``state`` and ``param_groups``, so the :data:`STATE_KEY` entry
+    is gone; the groups still carry ``min_ratio``, which torch's optimizers do not have, and Adam's ``betas``.
+    """
+    groups = state_dict.get("param_groups") or []
+    if not groups or not all("min_ratio" in g for g in groups):
+        return None
+    return "adam" if all("betas" in g for g in groups) else "sgd"
 
 
 def restore_counters(counters: StepCounters, extra: dict[str, Any] | None) -> None:

@@ -38,13 +38,13 @@ import torch
 from torch import Tensor
 
 from lightning_gsgd.step.adam_chain import (
-    AdamPlans,
     AdamSlot,
     PreparedAdam,
     adam_chain_checks,
     apply_adam_chain,
     prepare_adam_chain,
 )
+from lightning_gsgd.step.adam_plan import AdamPlans
 from lightning_gsgd.step.adam_rule import AdamHyper, adam_hyper, plain_adam_step
 from lightning_gsgd.step.inputs import StepCounters
 from lightning_gsgd.step.single import all_finite, minmax

@@ -1,4 +1,4 @@
-"""One chain's G-space Adam step (docs/math.md, "Adam in path space"): the index plan, phase one
+"""One chain's G-space Adam step (docs/math.md, "Adam in path space"): phase one
 (:func:`prepare_adam_chain`: B, F, Gamma, the tau entries' Adam step and guard, rho, the checks; writes
 nothing) and phase two (:func:`apply_adam_chain`: the elementwise passes, then the tau and sigma
 entries written back). See :mod:`lightning_gsgd.step.adam` for the formulas.
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gsgd.step.adam_plan import AdamChainPlan
 from lightning_gsgd.step.adam_rule import (
     AdamHyper,
     Tick,
@@ -23,66 +24,7 @@ from lightning_gsgd.step.adam_rule import (
     tick,
 )
 from lightning_gsgd.step.single import minmax, write
-from lightning_gsgd.topology.index import LayerIndex, chain_index, columns
-from lightning_gsgd.topology.types import Chain, Topology
-
-
-@dataclass(frozen=True)
-class AdamChainPlan:
-    """Index tensors of one chain on one device.
-
-    Attributes:
-        device: Where the indices live.
-        index: Per layer, its sigma/tau index (:func:`lightning_gsgd.topology.index.chain_index`).
-        sig_flat: Per layer, flat positions of the sigma entries in the weight (``None`` on output layers).
-        tau_flat: Per layer, flat positions of the tau entries it holds (``LayerIndex.tau_nodes``
-            order; ``None`` where it holds none).
-    """
-
-    device: torch.device
-    index: list[LayerIndex]
-    sig_flat: list[Tensor | None]
-    tau_flat: list[Tensor | None]
-
-
-def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
-    """The index tensors of ``chain`` on ``device``."""
-    index = chain_index(chain, device)
-    sig_flat: list[Tensor | None] = []
-    tau_flat: list[Tensor | None] = []
-    for layer, idx in zip(chain.layers, index):
-        row = layer.n_in * layer.taps
-        if idx.sig_rows is not None:
-            assert idx.sig_cols is not None
-            sig_flat.append(idx.sig_rows * row + idx.sig_cols * layer.taps + layer.centre)
-        else:
-            sig_flat.append(None)
-        if idx.tau_rows is not None:
-            assert idx.tau_cols is not None
-            tau_flat.append(idx.tau_rows * row + idx.tau_cols * layer.taps + layer.centre)
-        else:
-            tau_flat.append(None)
-    return AdamChainPlan(device, index, sig_flat, tau_flat)
-
-
-class AdamPlans:
-    """Per chain, its plan, built at ``bind`` and again only if the chain moves to another device."""
-
-    def __init__(self) -> None:
-        self.plans: dict[int, AdamChainPlan] = {}
-
-    def reset(self, topology: Topology) -> None:
-        """Build the plans of ``topology``'s chains on their current device."""
-        self.plans = {ci: build_adam_plan(c, c.layers[0].weight.device) for ci, c in enumerate(topology.chains)}
-
-    def plan(self, ci: int, chain: Chain) -> AdamChainPlan:
-        """The plan of chain ``ci`` on its weights' device."""
-        device = chain.layers[0].weight.device
-        plan = self.plans.get(ci)
-        if plan is None or plan.device != device:
-            plan = build_adam_plan(chain, device)
-            self.plans[ci] = plan
-        return plan
+from lightning_gsgd.topology.index import columns
 
 
 @dataclass
@@ -140,6 +82,8 @@ def prepare_adam_chain(
     min_ratio: float,
     *,
     host_reads: bool,
+    row_sums: list[Tensor] | None = None,
+    local_rows: list[tuple[int, int]] | None = None,
 ) -> PreparedAdam:
     """Phase one of a chain's step: B, F, Gamma, every tau entry's Adam step and guard, rho; no write.
 
@@ -151,6 +95,10 @@ def prepare_adam_chain(
         min_ratio: Guard of free tau path values.
         host_reads: Whether values may be read on the host (CPU): the step counters are then numbers,
             and a ``B`` of ones is detected to keep ``1 / (B F)`` a row vector.
+        row_sums: Sharded steps (:mod:`lightning_gsgd.step.adam_sharded`): per hidden layer (by layer
+            index), the gathered ``sum(w g)`` of every row (bias term included); the weights are then
+            the layers' skeleton entries only, and the biases ``None``.
+        local_rows: Sharded steps: per layer, the rows ``[a, b)`` whose ``1 / (B F)`` to return in ``s``.
     """
     L = len(weights)
     prep = PreparedAdam(plan, weights, biases)
@@ -193,7 +141,10 @@ def prepare_adam_chain(
         sig = plan.sig_flat[l]
         if sig is None:
             continue
-        row = torch.linalg.vecdot(ws[l].flatten(1), gs[l].flatten(1))  # type: ignore[union-attr]
+        if row_sums is not None:
+            row = row_sums[l]
+        else:
+            row = torch.linalg.vecdot(ws[l].flatten(1), gs[l].flatten(1))  # type: ignore[union-attr]
         b = biases[l]
         if b is not None and b.grad is not None:
             row = row + b.param * b.grad
@@ -262,10 +213,11 @@ def prepare_adam_chain(
     for l in range(L):
         r = F[l].reciprocal()
         prep.s_bias.append(r)
+        lo, hi = (0, r.numel()) if local_rows is None else local_rows[l]
         if unit_b or not idx[l].reads_hidden:
-            prep.s.append(r.view(-1, 1, 1))
+            prep.s.append(r[lo:hi].view(-1, 1, 1))
         else:
-            prep.s.append(torch.outer(r, B[l].reciprocal()).unsqueeze(-1))
+            prep.s.append(torch.outer(r[lo:hi], B[l].reciprocal()).unsqueeze(-1))
         prep.checks += [r, B[l].reciprocal()]
         rinv = prep.rhoinv[l]
         if rinv is not None:

@@ -39,6 +39,34 @@ def row_range(n: int, world: int, rank: int) -> tuple[int, int]:
     return min(rank * size, n), min((rank + 1) * size, n)
 
 
+def check_row_sharded(topology: Topology, who: str) -> tuple[Any, torch.dtype]:
+    """The one 1-D device mesh every chain weight and bias is sharded over by rows, and their dtype.
+
+    Raises:
+        TopologyError: A chain parameter is not sharded on dim 0 over one 1-D mesh shared by every chain,
+            or chains differ in dtype (``who`` names the optimizer in the message).
+    """
+    tensors = [t for c in topology.chains for layer in c.layers for t in (layer.weight, layer.bias) if t is not None]
+    mesh = None
+    for layer in (layer for c in topology.chains for layer in c.layers):
+        for t in (layer.weight, layer.bias):
+            if t is None:
+                continue
+            if not is_dtensor(t) or t.device_mesh.ndim != 1 or not t.placements[0].is_shard(0):
+                raise TopologyError(
+                    f"{who}: layer '{layer.name}' is not sharded by rows over a 1-D mesh (fully_shard on a 1-D "
+                    "device mesh, every chain layer sharded); HSDP and tensor parallelism are not supported"
+                )
+            if mesh is None:
+                mesh = t.device_mesh
+            elif t.device_mesh != mesh:
+                raise TopologyError(f"{who}: every chain layer must be sharded over the same device mesh")
+    if len({t.dtype for t in tensors}) > 1:
+        raise TopologyError(f"{who}: sharded chains must share one dtype")
+    assert mesh is not None
+    return mesh, tensors[0].dtype
+
+
 @dataclass
 class _ChainShard:
     """Where one chain's exchanged values come from and go to.
@@ -79,30 +107,11 @@ class ShardedStep:
     def __init__(self, topology: Topology, caches: Any) -> None:
         if topology.bn_layers:
             raise TopologyError("GSGD: BN-heuristic layers (bn_mode='authors_heuristic') cannot be sharded")
-        tensors = [
-            t for c in topology.chains for layer in c.layers for t in (layer.weight, layer.bias) if t is not None
-        ]
-        mesh = None
-        for layer in (layer for c in topology.chains for layer in c.layers):
-            for t in (layer.weight, layer.bias):
-                if t is None:
-                    continue
-                if not is_dtensor(t) or t.device_mesh.ndim != 1 or not t.placements[0].is_shard(0):
-                    raise TopologyError(
-                        f"GSGD: layer '{layer.name}' is not sharded by rows over a 1-D mesh (fully_shard on a 1-D "
-                        "device mesh, every chain layer sharded); HSDP and tensor parallelism are not supported"
-                    )
-                if mesh is None:
-                    mesh = t.device_mesh
-                elif t.device_mesh != mesh:
-                    raise TopologyError("GSGD: every chain layer must be sharded over the same device mesh")
-        if len({t.dtype for t in tensors}) > 1:
-            raise TopologyError("GSGD: sharded chains must share one dtype")
-        assert mesh is not None
+        mesh, dtype = check_row_sharded(topology, "GSGD")
         self.group = mesh.get_group()
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
-        self.dtype = tensors[0].dtype
+        self.dtype = dtype
         self.caches = caches
         self.chains = topology.chains
         #: Bytes of one step's all-gather (every rank's vector, as each rank receives it), and in total.
