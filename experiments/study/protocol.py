@@ -33,23 +33,37 @@ from experiments.study.harness import RunConfig
 Runner = Callable[[RunConfig], dict[str, Any]]
 
 
-class RunStore:
-    """Finished runs, kept in memory and appended to a JSON-lines file (one run per line)."""
+def _read_jsonl(path: Path | None) -> dict[str, dict[str, Any]]:
+    runs: dict[str, dict[str, Any]] = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                runs[r["id"]] = r
+    return runs
 
-    def __init__(self, path: Path | None) -> None:
+
+class RunStore:
+    """Finished runs, kept in memory and appended to a JSON-lines file (one run per line).
+
+    Args:
+        path: The store's file (``None``: memory only).
+        reuse: Other experiments' stores, read only: a run found there (same config, so the same
+            result) is copied into this store instead of being trained again.
+    """
+
+    def __init__(self, path: Path | None, reuse: Sequence[Path] = ()) -> None:
         self.path = path
-        self.runs: dict[str, dict[str, Any]] = {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    self.runs[r["id"]] = r
+        self.runs = _read_jsonl(path)
+        self.cache: dict[str, dict[str, Any]] = {}
+        for other in reuse:
+            self.cache.update(_read_jsonl(other))
 
     def get_or_run(self, cfg: RunConfig, runner: Runner, tag: dict[str, Any]) -> dict[str, Any]:
-        """The stored result of ``cfg``, or run it, tag it and store it."""
+        """The stored result of ``cfg``, or the reused one, or run it; tag it and store it."""
         rid = cfg.run_id()
         if rid not in self.runs:
-            r = dict(runner(cfg))
+            r = dict(self.cache[rid]) if rid in self.cache else dict(runner(cfg))
             r.update(tag)
             self.runs[rid] = r
             if self.path is not None:
