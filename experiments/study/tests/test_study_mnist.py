@@ -165,3 +165,21 @@ def test_timing_rotates_the_methods_and_reports_the_ratio_to_sgd():
     rows = {r["method"]: r for r in summarize_timing({"model": "m"}, per_epoch)}
     assert rows["gsgd"]["ratio_to_sgd_median"] == 2.0 and rows["adam"]["ratio_to_sgd_median"] == 1.0
     assert rows["gsgd"]["s_per_epoch_median"] == 2.0 and rows["sgd"]["rounds"] == 2
+
+
+def test_report_tables_from_result_files(tmp_path):
+    from experiments.study.report_mnist import report
+
+    exp = _tiny(ex.experiments()["mnist-cnn"])
+    ex.run_experiment(
+        dataclasses.replace(exp, methods=("sgd", "gadam")), tmp_path / "mnist-cnn", runner=FakeRunner(1e-3)
+    )
+    (tmp_path / "mnist-timing").mkdir()
+    meta = {"rounds": 3, "epochs": 2, "threads": 1, "loadavg_before": 5.0, "loadavg_after": 6.0, "cpus": 2}
+    row = {"method": "gadam", "s_per_epoch_median": 0.5, "s_per_epoch_min": 0.4, "s_per_epoch_max": 0.6}
+    rows = [{"experiment": "mnist-width", "width": 32, **row, "ratio_to_sgd_median": 1.25}]
+    (tmp_path / "mnist-timing" / "timing.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    md = report(tmp_path)
+    assert "| model plain_cnn2d | GAdam | 0.001, constant | 8 | 85.15 +- 0.07 |" in md and "0/2 | 0.10 |" in md
+    assert "- GAdam: 85.1, 85.2" in md
+    assert "| MLP 784-32-32-10 | GAdam | 0.500 | 0.400-0.600 | 1.25 |" in md and "load average 5.0" in md
