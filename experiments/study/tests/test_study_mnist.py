@@ -142,6 +142,12 @@ def test_resume_from_the_stores_and_reuse_across_experiments(tmp_path):
     n = len(runner.calls)
     again = ex.run_experiment(mlp, tmp_path / "mnist-mlp", runner=runner)  # from the store: nothing reruns
     assert len(runner.calls) == n and again == summary
+    clone = tmp_path / "clone" / "mnist-mlp"  # a fresh clone of the MNIST-1D stores has only the CSV tables
+    clone.mkdir(parents=True)
+    for name in ("runs.csv", "curves.csv"):
+        (clone / name).write_text((tmp_path / "mnist-mlp" / name).read_text())
+    assert ex.run_experiment(mlp, clone, runner=runner) == summary and len(runner.calls) == n
+    assert (clone / "runs.csv").read_text() == (tmp_path / "mnist-mlp" / "runs.csv").read_text()
     ex.run_experiment(inv, tmp_path / "mnist-invariance", runner=runner)
     new = runner.calls[n:]
     assert new and all(c.rescale_spread > 0 for c in new)  # tuning and s = 0 reused
