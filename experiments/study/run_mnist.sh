@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The real-MNIST study of docs/results.md (issue 19), as run: one stream, one torch thread, under nice
-# (the machine is shared), lr and schedule (constant, cosine) tuned on 3-point grids (+ edge
-# extensions), 30 epochs for the MLPs (--epoch-scale 0.5) and 10 for the CNN, then the per-epoch
-# timings, then the width sweep (widths 32 and 512 first, 128 last). Each experiment resumes from its
-# runs.jsonl; mnist-invariance reuses mnist-mlp's runs (same configs). WAIT=PID waits for that
-# process first (used when the stream was reordered while mnist-mlp ran).
+# (the machine was shared with other jobs, load average 5-8 on 2 cores), lr and schedule (constant,
+# cosine) tuned on 3-point grids (+ edge extensions), 30 epochs for the MLP (--epoch-scale 0.5),
+# 10 for the CNN, 20 for the width sweep (time), the per-epoch timings before the width sweep.
+# Each experiment resumes from its store; mnist-invariance reuses mnist-mlp's runs (same configs).
+# WAIT=PID waits for that process first (the stream was reordered while it ran).
 # Usage (repository root): bash experiments/study/run_mnist.sh [OUT]   (default results/study)
 set -u
 OUT=${1:-results/study}
@@ -23,6 +23,6 @@ run() {  # run LOG MODULE ARGS...: its stdout/stderr and timing to OUT/logs/LOG.
 run mnist experiments.study.experiments mnist-mlp $COMMON --epoch-scale 0.5
 run mnist experiments.study.experiments mnist-cnn $COMMON --epochs 10
 run mnist experiments.study.experiments mnist-invariance $COMMON --epoch-scale 0.5
-run mnist experiments.study.timing --out "$OUT" --epochs 2 --rounds 3 --threads 1
-run mnist experiments.study.experiments mnist-width $COMMON --epoch-scale 0.5 --only width=32,512
-run mnist experiments.study.experiments mnist-width $COMMON --epoch-scale 0.5
+run mnist experiments.study.timing --out "$OUT" --epochs 2 --rounds 2 --threads 1
+run mnist experiments.study.experiments mnist-width $COMMON --epochs 20 --only width=32,256
+run mnist experiments.study.experiments mnist-width $COMMON --epochs 20

@@ -73,7 +73,7 @@ def test_mnist_experiments_are_defined_as_documented():
     mlp, width, cnn, inv = (exps[f"mnist-{n}"] for n in ("mlp", "width", "cnn", "invariance"))
     assert mlp.methods == cnn.methods == ("sgd", "sgd+skeleton", "gsgd", "adam", "gadam", "adamw", "gadamw")
     assert width.methods == inv.methods == ("sgd", "sgd+skeleton", "gsgd")
-    assert [s.label["width"] for s in width.settings] == [32, 128, 512]
+    assert [s.label["width"] for s in width.settings] == [32, 128, 256]
     assert mlp.settings[0].base.epochs == 30 and cnn.settings[0].base.epochs == 15
     assert inv.settings == mlp.settings and inv.reuse == ("mnist-mlp",) and 1e-6 in inv.spreads
     assert mlp.overrides["adamw"] == {"weight_decay": 0.01} and "adam" not in mlp.overrides
