@@ -4,7 +4,8 @@
 # cosine) tuned on 3-point grids (+ edge extensions), 30 epochs for the MLP (--epoch-scale 0.5),
 # 10 for the CNN, 20 for the width sweep (time), the per-epoch timings before the width sweep.
 # Each experiment resumes from its store; mnist-invariance reuses mnist-mlp's runs (same configs).
-# WAIT=PID waits for that process first (the stream was reordered while it ran).
+# WAIT=PID waits for that process first (the stream was reordered while it ran). Creating
+# OUT/STOP_EXTRA skips the last stage (width 128), as for docs/results.md.
 # Usage (repository root): bash experiments/study/run_mnist.sh [OUT]   (default results/study)
 set -u
 OUT=${1:-results/study}
@@ -25,4 +26,5 @@ run mnist experiments.study.experiments mnist-cnn $COMMON --epochs 10
 run mnist experiments.study.experiments mnist-invariance $COMMON --epoch-scale 0.5
 run mnist experiments.study.timing --out "$OUT" --epochs 2 --rounds 2 --threads 1
 run mnist experiments.study.experiments mnist-width $COMMON --epochs 20 --only width=32,256
-run mnist experiments.study.experiments mnist-width $COMMON --epochs 20
+# not run for docs/results.md (time): width 128, which this line adds to the width store
+[ -e "$OUT/STOP_EXTRA" ] || run mnist experiments.study.experiments mnist-width $COMMON --epochs 20
