@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gsgd import Topology
-from lightning_gsgd.topology.prove import chain_layer
+from lightning_gsgd.topology.assemble import chain_layer
 from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Source
 
 EPS = 1e-30  # BatchNorm eps: S2 is exact only as eps -> 0 (float64 makes 1e-30 negligible)
