@@ -7,6 +7,7 @@ each step collects its arguments and calls :func:`lightning_gsgd.step.adam.adam_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,12 +26,17 @@ from lightning_gsgd.optim.state import (
     restore_counters,
 )
 from lightning_gsgd.step.adam import AdamPlans, AdamStepArgs, adam_hyper, adam_step
+from lightning_gsgd.step.adam_compiled import CompiledAdamStep
+from lightning_gsgd.step.adam_graph import AdamGraphs
+from lightning_gsgd.step.auto_compile import auto_compile
 from lightning_gsgd.step.inputs import StepCounters, check_contiguous, collect_params
 from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Topology, TopologyError
 
 #: The value of ``state_dict()["gsgd"]["kind"]`` that marks state saved by GAdam/GAdamW.
 STATE_KIND = "adam"
+
+log = logging.getLogger(__name__)
 
 
 def _unbound(name: str) -> str:
@@ -75,7 +81,13 @@ class GAdam(Optimizer):
         topology: The model's topology from :func:`lightning_gsgd.detect_topology`; may be supplied
             later with :meth:`bind` (the Lightning callback and mixin do this).
         min_ratio: Guard on free tau path values, in ``(0, 1)``.
-        compiled: Not available for GAdam yet: ``True`` raises ``ValueError``.
+        compiled: Run the whole step (every chain, and the parameters outside chains) as one graph
+            compiled by ``torch.compile`` (:mod:`lightning_gsgd.step.adam_graph`), as ``GSGD``'s
+            ``compiled``: ``None`` (default) decides at :meth:`bind` (compiled when the chains hold at
+            least 100,000 parameters and a compiler is there, else eager, with the reason in the log;
+            if compiling then fails, the eager step runs instead, with a warning); ``True`` / ``False``
+            force one form. Hyper-parameters and the bias corrections enter as tensors, so schedulers
+            do not recompile. Results agree with the eager step to rounding, not bit for bit.
     """
 
     _name = "GAdam"
@@ -92,14 +104,11 @@ class GAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         topology: Topology | None = None,
         min_ratio: float = 0.01,
-        compiled: bool = False,
+        compiled: bool | None = None,
     ) -> None:
-        if not isinstance(compiled, bool):
-            raise TypeError(f"{self._name}: compiled must be True or False, got {compiled!r}")
-        if compiled:
-            raise ValueError(
-                f"{self._name}: compiled=True is not available for GAdam/GAdamW yet; use compiled=False "
-                "(the eager step)"
+        if compiled is not None and not isinstance(compiled, bool):
+            raise TypeError(
+                f"{self._name}: compiled must be True or False (or None: decided at bind), got {compiled!r}"
             )
         defaults = {
             "lr": lr,
@@ -120,8 +129,9 @@ class GAdam(Optimizer):
         #: ``False`` never (the accelerator path, which tests run on the CPU with it); ``True`` always.
         self.host_reads: bool | None = None
         self._saved = SavedState(self._name, STATE_KIND, own_moments_only=True)
-        #: Always ``False``: GAdam has no compiled step yet.
-        self.compiled = False
+        self._compiled_step = CompiledAdamStep()
+        self._compiled = bool(compiled)
+        self._auto = compiled is None
         if topology is not None:
             self.bind(topology)
 
@@ -157,8 +167,12 @@ class GAdam(Optimizer):
                 "steps row-sharded chains, or train unsharded (DDP)"
             )
         self._saved.check_bind(topology)
+        if self._auto:
+            self._compiled, why = auto_compile(topology)
+            log.info("%s: %s step (compiled=None): %s", self._name, "compiled" if self._compiled else "eager", why)
         self.topology = topology
         self._plans.reset(topology)
+        self._compiled_step.reset(topology)
         self._in_chain = chain_owned_ids(topology)
         return self
 
@@ -166,6 +180,27 @@ class GAdam(Optimizer):
     def is_bound(self) -> bool:
         """Whether a topology is attached."""
         return self.topology is not None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs as one ``torch.compile`` graph (with ``compiled=None`` decided at
+        :meth:`bind`). Setting it chooses the form from the next step on."""
+        return self._compiled
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{self._name}: compiled must be True or False, got {value!r}")
+        self._compiled, self._auto = value, False
+
+    @property
+    def _graphs(self) -> AdamGraphs | None:
+        """The compiled variants of the step (``None`` before the first compiled step)."""
+        return self._compiled_step.graphs
+
+    @_graphs.setter
+    def _graphs(self, graphs: AdamGraphs | None) -> None:  # tests choose the torch.compile backend here
+        self._compiled_step.graphs = graphs
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -194,19 +229,33 @@ class GAdam(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{self._name} does not support sparse gradients")
         host_reads = device.type == "cpu" if self.host_reads is None else self.host_reads
-        adam_step(
-            AdamStepArgs(
-                chains=self.topology.chains,
-                plans=self._plans,
-                hp_of=hp_of,
-                plain=plain,
-                state=self.state,
-                counters=self._counters,
-                device=device,
-                host_reads=host_reads,
-            )
+        args = AdamStepArgs(
+            chains=self.topology.chains,
+            plans=self._plans,
+            hp_of=hp_of,
+            plain=plain,
+            state=self.state,
+            counters=self._counters,
+            device=device,
+            host_reads=host_reads,
         )
+        if not (self._compiled and self._compiled_or_eager(args)):
+            adam_step(args)
         return loss
+
+    def _compiled_or_eager(self, args: AdamStepArgs) -> bool:
+        """The compiled step (``False``: no chain has a gradient, the eager step runs); with
+        ``compiled=None``, the eager one from now on if compiling fails here."""
+        if not self._auto:
+            return self._compiled_step(args)
+        try:
+            return self._compiled_step(args)
+        except Exception as exc:  # torch.compile could not build the step (a compiler error, a missing tool)
+            self._compiled = False
+            log.warning(
+                "%s: compiling the step failed (%s: %s); running the eager step", self._name, type(exc).__name__, exc
+            )
+            return False
 
     # ------------------------------------------------------------------ counters and state
     guard_hits = GUARD_HITS
@@ -261,7 +310,7 @@ class GAdamW(GAdam):
         *,
         topology: Topology | None = None,
         min_ratio: float = 0.01,
-        compiled: bool = False,
+        compiled: bool | None = None,
     ) -> None:
         super().__init__(
             params,
