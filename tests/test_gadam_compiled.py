@@ -334,3 +334,42 @@ def test_a_default_step_that_fails_to_compile_runs_eager_and_warns(caplog, monke
     forced._graphs = _Broken()
     with pytest.raises(RuntimeError, match="CppCompileError"):
         forced.step()
+
+
+def test_the_replay_is_used_only_while_its_arguments_are_valid(monkeypatch):
+    # constant hyper-parameters: later steps replay the last step's arguments with the new gradients;
+    # a new state (load_state_dict), a parameter without gradient or a changed group rebuilds them
+    model, x = make("mixed")
+    initialize(model, detect_topology(model, x), "skeleton_rescaled")
+    replays = []
+
+    def make_opt(m, compiled):
+        opt = GAdam(m.parameters(), lr=1e-3, weight_decay=0.01, topology=detect_topology(m, x), compiled=compiled)
+        if compiled:
+            step = opt._compiled_step
+            replay = step.replay
+            monkeypatch.setattr(step, "replay", lambda *a: replays.append(replay(*a)) or replays[-1])
+        return opt
+
+    def change(k, m):
+        opt = graph if m is model else eager
+        if k == 3:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if k == 5:
+            list(m.parameters())[-1].grad = None
+        if k == 7:
+            opt.param_groups[0]["amsgrad"] = True
+
+    graph = eager = None
+    twin = copy.deepcopy(model)
+    graph, eager = _traced(make_opt(model, True)), make_opt(twin, False)
+    for k in range(10):
+        for m, o in ((model, graph), (twin, eager)):
+            o.zero_grad()
+            _loss(m, x).backward()
+            change(k, m)
+            o.step()
+    # a step that makes state (0; 7: amsgrad's maximum) leaves nothing to replay, the next one rebuilds;
+    # 3 (a new state), 5 and 6 (a gradient gone, then back) rebuild
+    assert replays == [False, False, True, False, True, False, False, False, False, True]
+    _same_state(model, twin, graph, eager, rtol=1e-10, atol=1e-12)

@@ -219,6 +219,8 @@ class GAdam(Optimizer):
         """
         loss = begin_step(closure, self.topology, _unbound(self._name))
         assert self.topology is not None
+        if self._compiled and self._compiled_step.replay(self.param_groups, self.state, self._counters):
+            return loss
         found = collect_params(self.param_groups, self._in_chain, adam_hyper)
         if found is None:
             return loss
@@ -247,9 +249,9 @@ class GAdam(Optimizer):
         """The compiled step (``False``: no chain has a gradient, the eager step runs); with
         ``compiled=None``, the eager one from now on if compiling fails here."""
         if not self._auto:
-            return self._compiled_step(args)
+            return self._compiled_step(args, self.param_groups)
         try:
-            return self._compiled_step(args)
+            return self._compiled_step(args, self.param_groups)
         except Exception as exc:  # torch.compile could not build the step (a compiler error, a missing tool)
             self._compiled = False
             log.warning(
