@@ -74,6 +74,8 @@ class _Replay:
     plain: list[Slot]
     ptab: Tensor
     at: dict[int, int]  # id of a stepped tensor -> its index in ``params``
+    rows: list[list[list[float | Tensor]]]  # per table (the chains', then the plain parameters'), its rows
+    row_group: list[list[int]]  # per table row, the index of its tensor's group (-1: an unused row)
 
     def slot(self, s: Slot, grads: list[Tensor | None]) -> Slot:
         """``s`` with its tensor's new gradient."""
@@ -115,8 +117,14 @@ class CompiledAdamStep:
         """The step with the last compiled step's arguments and new gradients, when they are still
         valid (see :class:`_Replay`); ``False`` (and nothing done) otherwise."""
         r = self.last
-        if r is None or _groups_key(param_groups) != r.groups:
+        if r is None:
             return False
+        key = _groups_key(param_groups)
+        if key != r.groups:
+            if key is None or [g[:2] + g[3:] for g in key] != [g[:2] + g[3:] for g in r.groups]:
+                return False
+            self._new_lrs(r, [g[2] for g in key])  # only the lrs changed (a scheduler): new tables
+            r.groups = key
         grads = [p.grad for p in r.params]
         if [g is None for g in grads] != r.no_grad or grads[r.first].device != r.device:  # type: ignore[union-attr]
             return False
@@ -144,6 +152,7 @@ class CompiledAdamStep:
         ws: list[list[Slot]] = []
         bs: list[list[Slot | None]] = []
         hps: list[Tensor] = []
+        all_rows: list[list[list[float | Tensor]]] = []
         for ci, chain in enumerate(args.chains):
             layers = chain.layers
             if all(layer.weight.grad is None for layer in layers):
@@ -174,6 +183,7 @@ class CompiledAdamStep:
             ws.append(cw)
             bs.append(cb)
             hps.append(self._table(ci, rows + bias_rows, device))
+            all_rows.append(rows + bias_rows)
         if not graph_chains:
             return False
         if self.graphs is None:
@@ -213,8 +223,25 @@ class CompiledAdamStep:
                 [_no_grad(s) for s in plain],
                 ptab,
                 {id(p): i for i, p in enumerate(params)},
+                [*all_rows, prows],
+                _row_groups(param_groups, ws, bs, plain),
             )
         return True
+
+    @staticmethod
+    def _new_lrs(r: _Replay, lrs: list[float]) -> None:
+        """Give the replay new hyper-parameter tables with the groups' new ``lrs`` (new tensors: the cached
+        tables of :meth:`_table` keep their numbers)."""
+        tables = []
+        for rows, groups in zip(r.rows, r.row_group):
+            rows = [
+                row if g < 0 else [lrs[g] if j == LR else x for j, x in enumerate(row)] for row, g in zip(rows, groups)
+            ]
+            tables.append(rows)
+        r.rows = tables
+        r.hps = [_hp_table(rows, r.device) for rows in tables[:-1]]
+        if tables[-1]:
+            r.ptab = _hp_table(tables[-1], r.device)
 
     def _table(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
         """The chain's hyper-parameter table, reused while its numbers do not change."""
@@ -225,6 +252,21 @@ class CompiledAdamStep:
         if not any(isinstance(x, Tensor) for row in rows for x in row):  # a tensor lr may change in place
             self._tables[ci] = (rows, table)
         return table
+
+
+def _row_groups(
+    param_groups: list[dict[str, Any]], ws: list[list[Slot]], bs: list[list[Slot | None]], plain: list[Slot]
+) -> list[list[int]]:
+    """Per hyper-parameter table (each chain's: weights, then biases; then the plain parameters'), the
+    group index of each row's tensor, -1 for a row no tensor reads (no bias, or one without gradient)."""
+    group_of = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+    tables = []
+    for cw, cb in zip(ws, bs):
+        rows = [group_of[id(s[0])] for s in cw]
+        rows += [-1 if b is None or b[1] is None else group_of[id(b[0])] for b in cb]
+        tables.append(rows)
+    tables.append([group_of[id(s[0])] for s in plain])
+    return tables
 
 
 def _no_grad(s: Slot) -> Slot:
