@@ -205,6 +205,30 @@ def test_float32_agrees_with_the_eager_step_to_rounding():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
 
 
+def test_bfloat16_parameters_step_within_bfloat16_rounding_of_float64():
+    # bfloat16 weights and moments; the graph computes in float32 and rounds once per stored value
+    model, x = make("cnn", dtype=torch.float32)
+    initialize(model, detect_topology(model, x), "skeleton")
+    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    ref, x64 = copy.deepcopy(model).double(), x.double()
+    start = [p.detach().clone() for p in ref.parameters()]
+    for m, xx, compiled in ((model, x, True), (ref, x64, False)):
+        opt = GAdamW(m.parameters(), lr=1e-2, amsgrad=True, topology=detect_topology(m, xx), compiled=compiled)
+        if compiled:
+            _traced(opt)
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(m, xx).float().backward()
+            opt.step()
+        assert int(opt.steps) == 3
+    assert max(float((r.detach() - s).abs().max()) for r, s in zip(ref.parameters(), start)) > 0.02
+    for p, r in zip(model.parameters(), ref.parameters()):
+        assert p.dtype == torch.bfloat16
+        # u = 2**-8 (bfloat16's unit roundoff): per step one rounding of the stored weight and one of its
+        # row rescale (3 steps: 4u with the start's), and a direction off by a few u in steps of about lr
+        torch.testing.assert_close(p.detach().double(), r.detach(), rtol=4 * 2**-8, atol=3 * 1e-2 * 4 * 2**-8)
+
+
 @pytest.mark.parametrize("cls", [GAdam, GAdamW])
 def test_checkpoint_resume_is_bit_identical(cls):
     model, x = make("cnn")

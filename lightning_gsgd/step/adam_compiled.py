@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_gsgd.step.adam import AdamStepArgs
 from lightning_gsgd.step.adam_graph import BETA1, BETA2, EPS, LR, MIN_RATIO, N_HP, WD, WD_DEC, AdamGraphs, Slot
 from lightning_gsgd.step.adam_rule import AdamHyper, ensure_state
-from lightning_gsgd.step.compiled import _hp_table
+from lightning_gsgd.step.compiled import hp_table
 from lightning_gsgd.step.graph_chain import GraphChain, graph_chain
 from lightning_gsgd.step.plan import ChainPlan, build_chain_plan
 from lightning_gsgd.topology.types import Chain, Topology
@@ -239,16 +239,16 @@ class CompiledAdamStep:
             ]
             tables.append(rows)
         r.rows = tables
-        r.hps = [_hp_table(rows, r.device) for rows in tables[:-1]]
+        r.hps = [hp_table(rows, r.device) for rows in tables[:-1]]
         if tables[-1]:
-            r.ptab = _hp_table(tables[-1], r.device)
+            r.ptab = hp_table(tables[-1], r.device)
 
     def _table(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
         """The chain's hyper-parameter table, reused while its numbers do not change."""
         cached = self._tables.get(ci)
         if cached is not None and cached[0] == rows and cached[1].device == device:
             return cached[1]
-        table = _hp_table(rows, device)
+        table = hp_table(rows, device)
         if not any(isinstance(x, Tensor) for row in rows for x in row):  # a tensor lr may change in place
             self._tables[ci] = (rows, table)
         return table

@@ -24,12 +24,12 @@ the graph from each tensor's ``step`` tensor, so neither a scheduler nor the ste
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.graph import _own_copy, _piece
 from lightning_gsgd.step.graph_chain import GraphChain
 
 # Columns of the hyper-parameter table.
@@ -43,6 +43,21 @@ Slot = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None,
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+# The two helpers below are those of G-SGD's graph (step/graph.py keeps private copies).
+def piece(flat: Tensor, spec: tuple[int, tuple[int, ...]]) -> Tensor:
+    """The tensor at ``spec = (offset, shape)`` of a chain's flat index data (``GraphChain.ints``)."""
+    at, shape = spec
+    n = 1
+    for s in shape:
+        n *= s
+    return flat[at : at + n].view(shape)
+
+
+def own_copy(fn: Any) -> Any:
+    """A new function object with a new code object: Dynamo keeps its compiled variants per code object."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _scalars(hp: Tensor, step: Tensor, dtype: torch.dtype) -> Tensor:
@@ -61,7 +76,7 @@ def _adam(
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """torch's moment update with direction ``d``: ``(m', q', max', m' / denom)``; ``hp`` and ``sc`` are
     one row (or per-entry rows broadcast against ``d``) of the table and of :func:`_scalars`."""
-    m1 = torch.lerp(m, d, 1 - hp[..., BETA1])
+    m1 = torch.lerp(m.to(d.dtype), d, (1 - hp[..., BETA1]).to(d.dtype))  # (bfloat16 moments, float32 d)
     q1 = hp[..., BETA2] * q + (1 - hp[..., BETA2]) * (d * d)
     src = q1
     x1 = None
@@ -95,9 +110,9 @@ def _prepare(
     scs = []
     for c, ch in enumerate(chains):
         L, H = ch.n_layers, ch.hidden
-        sel = [_piece(ch.ints, spec) for spec in ch.ispec[:L]]
+        sel = [piece(ch.ints, spec) for spec in ch.ispec[:L]]
         walk_bf, walk_g_rows, tau_take, sig_take, free, first_free, nxt, _fp, _fn, tau_layer, col_node = (
-            _piece(ch.ints, spec) for spec in ch.ispec[L:]
+            piece(ch.ints, spec) for spec in ch.ispec[L:]
         )
         w2 = [s[0].view(shape) for s, shape in zip(ws[c], ch.shape2)]
         g2 = [s[1].view(shape) for s, shape in zip(ws[c], ch.shape2)]  # type: ignore[union-attr]
@@ -316,6 +331,6 @@ class AdamGraphs:
             if opts.get("backend", "inductor") == "inductor":
                 inductor["size_asserts"] = False
             opts["options"] = {**opts.get("options", {}), **inductor}
-            entry = (torch.compile(_own_copy(_step), **opts), chains)
+            entry = (torch.compile(own_copy(_step), **opts), chains)
             self.compiled[key] = entry
         return entry[0]
