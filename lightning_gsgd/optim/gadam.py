@@ -65,8 +65,9 @@ class GAdam(Optimizer):
     before the Adam step (docs/math.md, "Adam in path space").
 
     Skipped steps and the guard are those of :class:`~lightning_gsgd.GSGD`: a step whose gradients or
-    O(H) factors are not finite is skipped as a whole and counted in :attr:`skipped_steps` (on the CPU
-    decided before writing; on accelerators applied with ``torch.where``, no host read); a step that
+    O(H) factors are not finite is skipped as a whole and counted in :attr:`skipped_steps` (the eager
+    step on the CPU decides before writing; on accelerators, and in the compiled step everywhere, it is
+    applied with ``torch.where``, no host read); a step that
     would shrink a free tau path value below ``min_ratio`` times its value is clamped there and
     counted in :attr:`guard_hits`. A skipped step does not advance the per-parameter ``step``.
 
