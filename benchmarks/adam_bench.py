@@ -6,8 +6,10 @@ Usage::
 
 Every optimizer gets its own copy of the same (skeleton-initialized) parameters and the same fixed
 gradients, with the same hyper-parameters; rounds are interleaved, so the ratios are paired within a
-round. Also reports the optimizer state's size against torch's (moments in path coordinates have the
-parameters' shapes: the target is 1.0x).
+round. GAdam runs twice: with its default ``compiled=None`` (compiled on these models when a C++ compiler
+is there: their chains hold more than 100,000 parameters; the warm-up rounds compile it) and eager
+(``compiled=False``). Also reports the optimizer state's size against torch's (moments in path
+coordinates have the parameters' shapes: the target is 1.0x).
 """
 
 from __future__ import annotations
@@ -47,29 +49,33 @@ def main() -> None:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(header(f"Adam step, {args.device} float32, median of {args.reps} after {args.warmup} warm-up"))
     print(
-        "| model | variant | G ms | torch foreach ms | torch single ms | G / foreach | G / single "
-        "| state G / torch | valid |\n|---|---|---:|---:|---:|---:|---:|---:|---|"
+        "| model | variant | G default ms | G eager ms | torch foreach ms | torch single ms | default / foreach "
+        "| eager / foreach | default / single | state G / torch | default compiled | valid |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
     )
     for mname in args.models:
         model, _, x, y = build(mname, device=args.device)
         grads = fixed_grads(model, x, y)
         for variant, (g_cls, t_cls, hyper) in VARIANTS.items():
             fns, opts = {}, {}
-            for name in ("g", "foreach", "single"):
+            for name in ("g", "g_eager", "foreach", "single"):
                 m = copy.deepcopy(model)
                 for p, g in zip(m.parameters(), grads):
                     p.grad = g.clone()
-                if name == "g":
-                    opt = g_cls(m.parameters(), lr=LR, topology=detect_topology(m, x), **hyper)
+                if name.startswith("g"):
+                    compiled = False if name == "g_eager" else None
+                    opt = g_cls(m.parameters(), lr=LR, topology=detect_topology(m, x), compiled=compiled, **hyper)
                 else:
                     opt = t_cls(m.parameters(), lr=LR, foreach=name == "foreach", **hyper)
                 opts[name], fns[name] = opt, opt.step
             t = interleaved(fns, args.reps, args.warmup, sync)
             print(
-                f"| {mname} | {variant} | {1e3 * median(t['g']):.3f} | {1e3 * median(t['foreach']):.3f} | "
-                f"{1e3 * median(t['single']):.3f} | **{paired_ratio(t['g'], t['foreach']):.2f}** | "
+                f"| {mname} | {variant} | {1e3 * median(t['g']):.3f} | {1e3 * median(t['g_eager']):.3f} | "
+                f"{1e3 * median(t['foreach']):.3f} | {1e3 * median(t['single']):.3f} | "
+                f"**{paired_ratio(t['g'], t['foreach']):.2f}** | **{paired_ratio(t['g_eager'], t['foreach']):.2f}** | "
                 f"{paired_ratio(t['g'], t['single']):.2f} | "
-                f"{state_bytes(opts['g']) / state_bytes(opts['foreach']):.3f} | {validity(opts['g'])} |",
+                f"{state_bytes(opts['g']) / state_bytes(opts['foreach']):.3f} | {opts['g'].compiled} | "
+                f"{validity(opts['g'])}, {validity(opts['g_eager'])} |",
                 flush=True,
             )
     print(f"loadavg after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -234,3 +234,28 @@ def test_pathsgd_and_sharding_refuse_dag_chains():
         PathSGD(model.parameters(), lr=0.1, topology=topo)
     with pytest.raises(TopologyError, match="shard_topology: 1 chain.*sequence chains only"):
         shard_topology(topo, model)
+
+
+@pytest.mark.parametrize("name", ["fanout3", "fire", "dense", "shuffle"])
+@pytest.mark.parametrize(
+    "cls,torch_cls,hyper",
+    [
+        (GAdam, torch.optim.Adam, dict(lr=1e-3, amsgrad=True)),
+        (GAdamW, torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1)),
+    ],
+)
+def test_compiled_gadam_matches_dag_oracle(name, cls, torch_cls, hyper):
+    """The compiled G-Adam graph (traced, run by torch) on DAG chains, from a non-unit B."""
+    from lightning_gsgd.step.adam_graph import AdamGraphs
+
+    model, x, topo = make_dag(name)
+    init_skeleton_(topo)
+    rescale_dag_units_(topo, spread=0.5, seed=7)
+
+    def make(ps, t):
+        opt = cls(ps, topology=t, compiled=True, **hyper)
+        opt._graphs = AdamGraphs(backend="eager", fullgraph=True)
+        return opt
+
+    opt = _compare(model, x, topo, make, 4, torch_cls, hyper)
+    assert opt._graphs is not None and opt._graphs.compiled

@@ -282,13 +282,6 @@ def test_invalid_hyper_parameters_are_refused(cls, kw, match):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], **kw})
 
 
-def test_compiled_is_not_available_yet():
-    with pytest.raises(ValueError, match="compiled=True is not available for GAdam"):
-        GAdam(nn.Linear(2, 2).parameters(), compiled=True)
-    with pytest.raises(TypeError, match="compiled must be True or False"):
-        GAdamW(nn.Linear(2, 2).parameters(), compiled="yes")  # type: ignore[arg-type]
-
-
 def test_unbound_step_is_an_error_and_defaults_are_torchs():
     model = nn.Linear(2, 2)
     opt = GAdamW(model.parameters())

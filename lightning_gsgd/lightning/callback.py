@@ -100,9 +100,10 @@ class GSGDCallback(Callback):
             log the relative output change as ``gsgd/invariance_residual`` (rounding level when the
             topology is right). Costs two forward passes on the example batch and one copy of the chain
             weights per logging step, and a host synchronization.
-        compiled: Run G-SGD's step as one ``torch.compile`` graph (see :class:`~lightning_gsgd.GSGD`'s
-            ``compiled``; compiles on the first step, then faster than the eager step); ``None`` keeps
-            a configured ``GSGD``'s setting, and lets a converted SGD decide by itself (``GSGD``'s
+        compiled: Run the step (G-SGD's, or G-Adam's) as one ``torch.compile`` graph (see
+            :class:`~lightning_gsgd.GSGD`'s ``compiled``; compiles on the first step, then faster than the
+            eager step); ``None`` keeps a configured ``GSGD``'s or ``GAdam``'s setting, and lets a
+            converted SGD, Adam or AdamW decide by itself (``GSGD``'s and ``GAdam``'s
             default ``compiled=None``: compiled for chains of at least 100,000 parameters when a
             compiler is there).
         skip_warning_fraction: Warn (rank zero) at the first step G-SGD skips, saying why and what to

@@ -78,12 +78,14 @@ def to_gsgd(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> G
         MisconfigurationException: The optimizer is none of those, it is an ``SGD`` with
             ``maximize=True``, an ``Adam``/``AdamW`` with an option GAdam does not have (``maximize``,
             ``foreach``, ``capturable``, ``differentiable``, ``fused``), or an Adam with an override
-            that does not apply to it (``momentum``, ``compiled=True``).
+            that does not apply to it (``momentum``).
     """
     if isinstance(optimizer, GAdam):
         _check_adam_overrides(overrides)
         for group in optimizer.param_groups:
             overrides.apply(group)
+        if overrides.compiled is not None:
+            optimizer.compiled = overrides.compiled
         if not optimizer.is_bound:
             optimizer.bind(topology)
         return optimizer
@@ -138,11 +140,6 @@ def _check_adam_overrides(overrides: Overrides) -> None:
             "GSGDCallback(momentum=...) applies to SGD only; Adam/AdamW have betas instead: set betas where the "
             "optimizer is built and leave GSGDCallback's momentum at None."
         )
-    if overrides.compiled:
-        raise MisconfigurationException(
-            "GSGDCallback(compiled=True) is not available for Adam/AdamW yet (GAdam has no compiled step); "
-            "leave compiled at None or False."
-        )
 
 
 def _to_gadam(optimizer: Optimizer, topology: Topology, overrides: Overrides) -> GAdam:
@@ -174,9 +171,9 @@ def _to_gadam(optimizer: Optimizer, topology: Topology, overrides: Overrides) ->
     if overrides.min_ratio is not None:
         defaults["min_ratio"] = overrides.min_ratio
     if decoupled:
-        return GAdamW(groups, **defaults, topology=topology)
+        return GAdamW(groups, **defaults, topology=topology, compiled=overrides.compiled)
     dwd = bool(optimizer.defaults.get("decoupled_weight_decay", False))
-    return GAdam(groups, **defaults, decoupled_weight_decay=dwd, topology=topology)
+    return GAdam(groups, **defaults, decoupled_weight_decay=dwd, topology=topology, compiled=overrides.compiled)
 
 
 def install_optimizer(trainer: pl.Trainer, old: Optimizer, new: Optimizer) -> None:

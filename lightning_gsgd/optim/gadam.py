@@ -7,6 +7,7 @@ each step collects its arguments and calls :func:`lightning_gsgd.step.adam.adam_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,13 +25,18 @@ from lightning_gsgd.optim.state import (
     restore_counters,
 )
 from lightning_gsgd.step.adam import AdamPlans, AdamStepArgs, adam_hyper, adam_step
+from lightning_gsgd.step.adam_compiled import CompiledAdamStep
+from lightning_gsgd.step.adam_graph import AdamGraphs
 from lightning_gsgd.step.adam_sharded import ShardedAdamStep
+from lightning_gsgd.step.auto_compile import auto_compile
 from lightning_gsgd.step.inputs import StepCounters, check_contiguous, collect_params
 from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Topology, TopologyError
 
 #: The value of ``state_dict()["gsgd"]["kind"]`` that marks state saved by GAdam/GAdamW.
 STATE_KIND = "adam"
+
+log = logging.getLogger(__name__)
 
 
 def _unbound(name: str) -> str:
@@ -59,8 +65,9 @@ class GAdam(Optimizer):
     before the Adam step (docs/math.md, "Adam in path space").
 
     Skipped steps and the guard are those of :class:`~lightning_gsgd.GSGD`: a step whose gradients or
-    O(H) factors are not finite is skipped as a whole and counted in :attr:`skipped_steps` (on the CPU
-    decided before writing; on accelerators applied with ``torch.where``, no host read); a step that
+    O(H) factors are not finite is skipped as a whole and counted in :attr:`skipped_steps` (the eager
+    step on the CPU decides before writing; on accelerators, and in the compiled step everywhere, it is
+    applied with ``torch.where``, no host read); a step that
     would shrink a free tau path value below ``min_ratio`` times its value is clamped there and
     counted in :attr:`guard_hits`. A skipped step does not advance the per-parameter ``step``.
 
@@ -75,7 +82,13 @@ class GAdam(Optimizer):
         topology: The model's topology from :func:`lightning_gsgd.detect_topology`; may be supplied
             later with :meth:`bind` (the Lightning callback and mixin do this).
         min_ratio: Guard on free tau path values, in ``(0, 1)``.
-        compiled: Not available for GAdam yet: ``True`` raises ``ValueError``.
+        compiled: Run the whole step (every chain, and the parameters outside chains) as one graph
+            compiled by ``torch.compile`` (:mod:`lightning_gsgd.step.adam_graph`), as ``GSGD``'s
+            ``compiled``: ``None`` (default) decides at :meth:`bind` (compiled when the chains hold at
+            least 100,000 parameters and a compiler is there, else eager, with the reason in the log;
+            if compiling then fails, the eager step runs instead, with a warning); ``True`` / ``False``
+            force one form. Hyper-parameters and the bias corrections enter as tensors, so schedulers
+            do not recompile. Results agree with the eager step to rounding, not bit for bit.
     """
 
     _name = "GAdam"
@@ -92,14 +105,11 @@ class GAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         topology: Topology | None = None,
         min_ratio: float = 0.01,
-        compiled: bool = False,
+        compiled: bool | None = None,
     ) -> None:
-        if not isinstance(compiled, bool):
-            raise TypeError(f"{self._name}: compiled must be True or False, got {compiled!r}")
-        if compiled:
-            raise ValueError(
-                f"{self._name}: compiled=True is not available for GAdam/GAdamW yet; use compiled=False "
-                "(the eager step)"
+        if compiled is not None and not isinstance(compiled, bool):
+            raise TypeError(
+                f"{self._name}: compiled must be True or False (or None: decided at bind), got {compiled!r}"
             )
         defaults = {
             "lr": lr,
@@ -121,8 +131,9 @@ class GAdam(Optimizer):
         #: ``False`` never (the accelerator path, which tests run on the CPU with it); ``True`` always.
         self.host_reads: bool | None = None
         self._saved = SavedState(self._name, STATE_KIND, own_moments_only=True)
-        #: Always ``False``: GAdam has no compiled step yet.
-        self.compiled = False
+        self._compiled_step = CompiledAdamStep()
+        self._compiled = bool(compiled)
+        self._auto = compiled is None
         if topology is not None:
             self.bind(topology)
 
@@ -154,10 +165,21 @@ class GAdam(Optimizer):
                 "is an SGD rule; detect the topology with bn_mode='sgd' to train those layers with plain Adam"
             )
         self._saved.check_bind(topology)
+        if self._auto:
+            self._compiled, why = auto_compile(topology)
+            if is_sharded(topology) and self._compiled:  # the sharded step is eager (step/adam_sharded.py)
+                self._compiled, why = False, "row-sharded (fully_shard) weights take the eager sharded step"
+            log.info("%s: %s step (compiled=None): %s", self._name, "compiled" if self._compiled else "eager", why)
+        elif self._compiled and is_sharded(topology):
+            raise TopologyError(
+                f"{self._name}(compiled=True) does not step row-sharded (fully_shard) weights; use compiled=False "
+                "(or the default), which steps them eagerly with one small all-gather"
+            )
+        self.topology = topology
         self._plans.reset(topology)
+        self._compiled_step.reset(topology)
         # row-sharded DTensors (FSDP2): step/adam_sharded.py
         self._sharded = ShardedAdamStep(topology, self._plans, self._name) if is_sharded(topology) else None
-        self.topology = topology
         self._in_chain = chain_owned_ids(topology)
         return self
 
@@ -165,6 +187,27 @@ class GAdam(Optimizer):
     def is_bound(self) -> bool:
         """Whether a topology is attached."""
         return self.topology is not None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs as one ``torch.compile`` graph (with ``compiled=None`` decided at
+        :meth:`bind`). Setting it chooses the form from the next step on."""
+        return self._compiled
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"{self._name}: compiled must be True or False, got {value!r}")
+        self._compiled, self._auto = value, False
+
+    @property
+    def _graphs(self) -> AdamGraphs | None:
+        """The compiled variants of the step (``None`` before the first compiled step)."""
+        return self._compiled_step.graphs
+
+    @_graphs.setter
+    def _graphs(self, graphs: AdamGraphs | None) -> None:  # tests choose the torch.compile backend here
+        self._compiled_step.graphs = graphs
 
     # ------------------------------------------------------------------ step
     @g_step
@@ -183,6 +226,8 @@ class GAdam(Optimizer):
         """
         loss = begin_step(closure, self.topology, _unbound(self._name))
         assert self.topology is not None
+        if self._compiled and self._compiled_step.replay(self.param_groups, self.state, self._counters):
+            return loss
         found = collect_params(self.param_groups, self._in_chain, adam_hyper)
         if found is None:
             return loss
@@ -193,19 +238,35 @@ class GAdam(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{self._name} does not support sparse gradients")
         host_reads = device.type == "cpu" if self.host_reads is None else self.host_reads
-        (adam_step if self._sharded is None else self._sharded)(
-            AdamStepArgs(
-                chains=self.topology.chains,
-                plans=self._plans,
-                hp_of=hp_of,
-                plain=plain,
-                state=self.state,
-                counters=self._counters,
-                device=device,
-                host_reads=host_reads,
-            )
+        args = AdamStepArgs(
+            chains=self.topology.chains,
+            plans=self._plans,
+            hp_of=hp_of,
+            plain=plain,
+            state=self.state,
+            counters=self._counters,
+            device=device,
+            host_reads=host_reads,
         )
+        if self._sharded is not None:
+            self._sharded(args)
+        elif not (self._compiled and self._compiled_or_eager(args)):
+            adam_step(args)
         return loss
+
+    def _compiled_or_eager(self, args: AdamStepArgs) -> bool:
+        """The compiled step (``False``: no chain has a gradient, the eager step runs); with
+        ``compiled=None``, the eager one from now on if compiling fails here."""
+        if not self._auto:
+            return self._compiled_step(args, self.param_groups)
+        try:
+            return self._compiled_step(args, self.param_groups)
+        except Exception as exc:  # torch.compile could not build the step (a compiler error, a missing tool)
+            self._compiled = False
+            log.warning(
+                "%s: compiling the step failed (%s: %s); running the eager step", self._name, type(exc).__name__, exc
+            )
+            return False
 
     # ------------------------------------------------------------------ counters and state
     guard_hits = GUARD_HITS
@@ -285,7 +346,7 @@ class GAdamW(GAdam):
         *,
         topology: Topology | None = None,
         min_ratio: float = 0.01,
-        compiled: bool = False,
+        compiled: bool | None = None,
     ) -> None:
         super().__init__(
             params,

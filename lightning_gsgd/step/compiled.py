@@ -81,7 +81,7 @@ def _hp_row(hp: Hyper, has_buf: bool, min_ratio: float) -> list[float | Tensor]:
     return row
 
 
-def _hp_table(rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
+def hp_table(rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
     """The rows as one float64 tensor on ``device``, without stalling the host: the numbers go by a
     non-blocking copy from pinned memory, tensor entries (a tensor lr) by device-side copies."""
     t = torch.tensor([[0.0 if isinstance(x, Tensor) else x for x in row] for row in rows], dtype=torch.float64)
@@ -269,7 +269,7 @@ class CompiledStep:
         cached = self._tables.get(ci)
         if cached is not None and cached[0] == rows and cached[1].device == device:
             return cached[1]
-        table = _hp_table(rows, device)
+        table = hp_table(rows, device)
         if not any(isinstance(x, Tensor) for row in rows for x in row):  # a tensor lr may change in place
             self._tables[ci] = (rows, table)
         return table

@@ -174,7 +174,7 @@ def _update(
     the new tau weight and buffer entry from ``vecs``.
     """
     for c, ch in enumerate(chains):
-        L, _H = ch.n_layers, ch.hidden
+        L = ch.n_layers
         hp = hps[c].to(_math_dtype(ws[c][0].dtype))
         R = ch.n_rows
         vec = vecs[c]
