@@ -151,11 +151,31 @@ def bench_cnn() -> nn.Sequential:
     )
 
 
+def bench_fire() -> nn.Sequential:
+    """SqueezeNet-style DAG chain on 3x16x16 inputs: a stem conv, two Fire modules (squeeze 1x1 to 16,
+    expand 1x1 and 3x3 to 64 each, concatenated), a 1x1 conv classifier, average pool (0.03M parameters)."""
+    from tests.dag_detect_models import Fire
+
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        Fire(64, 16, 64, 64),
+        Fire(128, 16, 64, 64),
+        nn.MaxPool2d(2),
+        nn.Conv2d(128, 10, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
 #: The benchmarks' models (``benchmarks/``): name -> (builder, input shape).
 BENCH_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mlp 784-1024x3-10": (bench_mlp, (128, 1, 28, 28)),
     "mlp6 784-1200-600-1000-300-800-10": (bench_mlp6, (128, 1, 28, 28)),
     "cnn 4x conv64 16x16": (bench_cnn, (64, 3, 16, 16)),
+    "fire dag 2x Fire 16x16": (bench_fire, (64, 3, 16, 16)),
 }
 
 

@@ -83,14 +83,14 @@ def test_inductor_kernels_match_the_oracle(name, case):
     _against_oracle(name, "skeleton_rescaled", case, backend=None)
 
 
-# Every case on one model and every model on one case in the default run; the rest is marked slow.
+# Every case on one model and one case on two more models in the default run; the rest is marked slow.
 _DEFAULT = {"mlp_unequal"}
-_DEFAULT_CASES = {"adam_groups"}
+_DEFAULT_CASES = {("cnn", "adam_groups"), ("mixed", "adam_groups")}
 EVERYWHERE = [
     pytest.param(
         name,
         case[0],
-        marks=() if name in _DEFAULT or case[0] in _DEFAULT_CASES else pytest.mark.slow,
+        marks=() if name in _DEFAULT or (name, case[0]) in _DEFAULT_CASES else pytest.mark.slow,
         id=f"{name}-{case[0]}",
     )
     for name in MODELS
@@ -157,8 +157,15 @@ def test_per_layer_groups_tensor_lr_amsgrad_and_the_guard_agree_with_the_eager_s
     _same_state(model, twin, graph, eager, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("where", ["chain_weight", "output_bias"])
-@pytest.mark.parametrize("host_reads", [None, False])
+@pytest.mark.parametrize(
+    "host_reads,where",
+    [
+        (None, "chain_weight"),
+        (False, "output_bias"),
+        pytest.param(None, "output_bias", marks=pytest.mark.slow),
+        pytest.param(False, "chain_weight", marks=pytest.mark.slow),
+    ],
+)
 def test_a_non_finite_gradient_skips_the_whole_compiled_step(where, host_reads):
     model, x = make("cnn")
     initialize(model, detect_topology(model, x), "skeleton_rescaled")
@@ -229,7 +236,7 @@ def test_bfloat16_parameters_step_within_bfloat16_rounding_of_float64():
         torch.testing.assert_close(p.detach().double(), r.detach(), rtol=4 * 2**-8, atol=3 * 1e-2 * 4 * 2**-8)
 
 
-@pytest.mark.parametrize("cls", [GAdam, GAdamW])
+@pytest.mark.parametrize("cls", [pytest.param(GAdam, marks=pytest.mark.slow), GAdamW])
 def test_checkpoint_resume_is_bit_identical(cls):
     model, x = make("cnn")
     init_skeleton_(detect_topology(model, x))

@@ -24,13 +24,12 @@ the graph from each tensor's ``step`` tensor, so neither a scheduler nor the ste
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.graph_chain import GraphChain
+from lightning_gsgd.step.graph_chain import GraphChain, math_dtype, own_copy, piece
 
 # Columns of the hyper-parameter table.
 LR, WD, WD_DEC, BETA1, BETA2, EPS, MIN_RATIO = range(7)
@@ -39,25 +38,6 @@ N_HP = 7
 #: One tensor of the step: ``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None, step)``;
 #: a hidden bias without gradient is ``(bias, None, None, None, None, None)`` (only rescaled).
 Slot = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-# The two helpers below are those of G-SGD's graph (step/graph.py keeps private copies).
-def piece(flat: Tensor, spec: tuple[int, tuple[int, ...]]) -> Tensor:
-    """The tensor at ``spec = (offset, shape)`` of a chain's flat index data (``GraphChain.ints``)."""
-    at, shape = spec
-    n = 1
-    for s in shape:
-        n *= s
-    return flat[at : at + n].view(shape)
-
-
-def own_copy(fn: Any) -> Any:
-    """A new function object with a new code object: Dynamo keeps its compiled variants per code object."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _scalars(hp: Tensor, step: Tensor, dtype: torch.dtype) -> Tensor:
@@ -117,7 +97,7 @@ def _prepare(
         w2 = [s[0].view(shape) for s, shape in zip(ws[c], ch.shape2)]
         g2 = [s[1].view(shape) for s, shape in zip(ws[c], ch.shape2)]  # type: ignore[union-attr]
         hp = hps[c]
-        md = _math_dtype(w2[0].dtype)
+        md = math_dtype(w2[0].dtype)
         steps = [s[5] for s in ws[c]] + [w2[0].new_zeros(()) if b is None or b[5] is None else b[5] for b in bs[c]]
         sc = _scalars(hp, torch.stack([t.to(hp.dtype) for t in steps]), md)
         scs.append(sc)
@@ -234,7 +214,7 @@ def _update(
     docstring); with ``s = 1 / (F B)`` per entry (1 / F for biases) and ``f = 1 / s``."""
     for c, ch in enumerate(chains):
         L = ch.n_layers
-        md = _math_dtype(ws[c][0][0].dtype)
+        md = math_dtype(ws[c][0][0].dtype)
         hp, sc = hps[c].to(md), scs[c]
         R = ch.n_rows
         vec = vecs[c]
@@ -296,8 +276,8 @@ def _step(
     _update(chains, ws, bs, hps, vecs, scs, ok)
     if plain:
         dtype = plain[0][0].dtype
-        psc = _scalars(ptab, torch.stack([p[5].to(ptab.dtype) for p in plain]), _math_dtype(dtype))  # type: ignore[union-attr]
-        pt = ptab.to(_math_dtype(dtype))
+        psc = _scalars(ptab, torch.stack([p[5].to(ptab.dtype) for p in plain]), math_dtype(dtype))  # type: ignore[union-attr]
+        pt = ptab.to(math_dtype(dtype))
         for i, p in enumerate(plain):  # torch's rule is the path-space rule with s = f = 1, no rescale
             _write(p, *_new_values(p, 1.0, 1.0, None, pt[i], psc[i]), ok)
     steps, skipped, guard, collapsed = counters

@@ -33,27 +33,24 @@ dampening, Nesterov and the first momentum step are numbers, and a scheduler cha
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.graph_chain import A_BUF, A_D, K_BUF, K_D, LR, MIN_RATIO, WD, GraphChain
-
-
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The hyper-parameters' dtype for parameters of ``dtype``: at least float32, so that an lr of
-    1e-3 is not rounded to bfloat16's three digits (the O(H) part then runs in float32 too)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _piece(flat: Tensor, spec: tuple[int, tuple[int, ...]]) -> Tensor:
-    at, shape = spec
-    n = 1
-    for s in shape:
-        n *= s
-    return flat[at : at + n].view(shape)
+from lightning_gsgd.step.graph_chain import (
+    A_BUF,
+    A_D,
+    K_BUF,
+    K_D,
+    LR,
+    MIN_RATIO,
+    WD,
+    GraphChain,
+    math_dtype,
+    own_copy,
+    piece,
+)
 
 
 def _prepare(
@@ -85,13 +82,13 @@ def _prepare(
     vecs = []
     for c, ch in enumerate(chains):
         L, H = ch.n_layers, ch.hidden
-        sel = [_piece(ch.ints, spec) for spec in ch.ispec[:L]]
+        sel = [piece(ch.ints, spec) for spec in ch.ispec[:L]]
         walk_bf, walk_g_rows, tau_take, sig_take, free, first_free, nxt, free_pos, free_nodes, tau_layer, col_node = (
-            _piece(ch.ints, spec) for spec in ch.ispec[L:]
+            piece(ch.ints, spec) for spec in ch.ispec[L:]
         )
         w2 = [w.view(s) for w, s in zip(ws[c], ch.shape2)]
         g2 = [g.view(s) for g, s in zip(gs[c], ch.shape2)]
-        hp = hps[c].to(_math_dtype(w2[0].dtype))
+        hp = hps[c].to(math_dtype(w2[0].dtype))
         one = w2[0].new_ones(1)
         sw = torch.cat([w.reshape(-1)[s] for w, s in zip(w2, sel)])
         sg = torch.cat([g.reshape(-1)[s] for g, s in zip(g2, sel)])
@@ -175,7 +172,7 @@ def _update(
     """
     for c, ch in enumerate(chains):
         L = ch.n_layers
-        hp = hps[c].to(_math_dtype(ws[c][0].dtype))
+        hp = hps[c].to(math_dtype(ws[c][0].dtype))
         R = ch.n_rows
         vec = vecs[c]
         F_rows, r_rows, rhoinv = vec[:R], vec[R : 2 * R], vec[2 * R : 3 * R]
@@ -259,7 +256,7 @@ def _step(
     _update(chains, ws, gs, bufs, bws, bgs, bbufs, hps, vecs, ok)
     for i, (p, g, buf) in enumerate(zip(ps, pgs, pbufs)):
         # torch's SGD rule is the path-space rule with s = f = 1 and no rescale
-        new_p, nb = _new_values(p, g, buf, 1.0, 1.0, None, ptab[i].to(_math_dtype(p.dtype)))
+        new_p, nb = _new_values(p, g, buf, 1.0, 1.0, None, ptab[i].to(math_dtype(p.dtype)))
         if nb is not None and buf is not None:
             buf.copy_(torch.where(ok, nb, buf))
         p.copy_(torch.where(ok, new_p, p))
@@ -269,11 +266,6 @@ def _step(
     guard.add_(hits)
     collapsed.add_((inputs_ok & torch.logical_not(ok)).long())
     return ok, vecs  # vecs is returned so that Inductor stores it (see the module docstring)
-
-
-def _own_copy(fn: Any) -> Any:
-    """A new function object with a new code object: Dynamo keeps its compiled variants per code object."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class ChainGraphs:
@@ -318,6 +310,6 @@ class ChainGraphs:
                 # input sizes are guarded by Dynamo already
                 inductor["size_asserts"] = False
             opts["options"] = {**opts.get("options", {}), **inductor}
-            entry = (torch.compile(_own_copy(_step), **opts), chains)
+            entry = (torch.compile(own_copy(_step), **opts), chains)
             self.compiled[key] = entry
         return entry[0]

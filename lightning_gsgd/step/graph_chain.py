@@ -8,7 +8,9 @@ exact up to 2**24 rows or entries per row).
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -137,3 +139,24 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
         ints,
         torch.cat(floats).to(plan.device),
     )
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The hyper-parameters' dtype for parameters of ``dtype``: at least float32, so that an lr of
+    1e-3 is not rounded to bfloat16's three digits (the O(H) part then runs in float32 too)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def piece(flat: Tensor, spec: tuple[int, tuple[int, ...]]) -> Tensor:
+    """The tensor at ``spec = (offset, shape)`` of a chain's flat index data (``GraphChain.ints``)."""
+    at, shape = spec
+    n = 1
+    for s in shape:
+        n *= s
+    return flat[at : at + n].view(shape)
+
+
+def own_copy(fn: Any) -> Any:
+    """A new function object with a new code object: Dynamo keeps its compiled variants per code object,
+    so each step structure compiling its own copy never meets Dynamo's per-function recompile limit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
