@@ -27,7 +27,7 @@ from lightning_gsgd.lightning.skip_monitor import SkipMonitor
 from lightning_gsgd.optim.gadam import GAdam
 from lightning_gsgd.optim.gsgd import GSGD
 from lightning_gsgd.topology.detect import detect_topology
-from lightning_gsgd.topology.shard import is_sharded, shard_topology
+from lightning_gsgd.topology.shard import is_sharded, refuse_sharded_dags, shard_topology
 from lightning_gsgd.topology.skeleton import init_skeleton_
 from lightning_gsgd.topology.types import Topology, TopologyError
 
@@ -361,6 +361,7 @@ class GSGDCallback(Callback):
             x = move_data_to_device(x, device)  # the module is not on the strategy's device yet
         self._example = x
         self._unsharded = self._detect(trainer, pl_module)
+        refuse_sharded_dags(self._unsharded, "GSGDCallback under ModelParallelStrategy")
         if self.skeleton_init and not self._skeleton_done:
             init_skeleton_(self._unsharded)  # constant values: identical on every rank
             self._skeleton_done = True

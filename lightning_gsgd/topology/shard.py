@@ -53,6 +53,16 @@ def is_sharded(topology: Topology) -> bool:
     return any(is_dtensor(layer.weight) or is_dtensor(layer.bias) for layer in layers)
 
 
+def refuse_sharded_dags(topology: Topology, who: str) -> None:
+    """Refuse a topology with DAG chains for sharded training (the sharded steps handle sequences only)."""
+    dags = [chain.name for chain in topology.chains if not chain.is_sequence]
+    if dags:
+        raise TopologyError(
+            f"{who}: {len(dags)} chain(s) with fan-out or concatenation ({', '.join(dags[:3])}); sharded "
+            "steps support sequence chains only for now: detect with exclude= on those layers, or do not shard"
+        )
+
+
 def shard_topology(topology: Topology, model: nn.Module) -> Topology:
     """The same chains, each layer's weight and bias read again from ``model`` by module name.
 
@@ -84,12 +94,7 @@ def shard_topology(topology: Topology, model: nn.Module) -> Topology:
                 )
         return replace(layer, weight=weight, bias=bias)
 
-    dags = [chain.name for chain in topology.chains if not chain.is_sequence]
-    if dags:
-        raise TopologyError(
-            f"shard_topology: {len(dags)} chain(s) with fan-out or concatenation ({', '.join(dags[:3])}); sharded "
-            "steps support sequence chains only for now: detect with exclude= on those layers, or do not shard"
-        )
+    refuse_sharded_dags(topology, "shard_topology")
     chains = tuple(replace(chain, layers=tuple(again(layer) for layer in chain.layers)) for chain in topology.chains)
     bn_layers = tuple(again(layer) for layer in topology.bn_layers)
     return replace(topology, chains=chains, bn_layers=bn_layers)
