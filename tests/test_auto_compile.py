@@ -101,3 +101,22 @@ def test_an_explicitly_compiled_step_that_fails_raises(monkeypatch):
     _grads(model, x)
     with pytest.raises(RuntimeError, match="CppCompileError"):
         opt.step()
+
+
+def test_the_first_compiled_step_logs_its_compile_time(caplog):
+    """Issue 18: the one-time compile cost is reported (once per structure and process)."""
+    from tests.models import make
+
+    model, x = make("mlp_unequal")
+    topo = detect_topology(model, x)
+    opt = GSGD(model.parameters(), lr=1e-3, momentum=0.9, topology=topo, compiled=True)
+    opt._graphs = ChainGraphs(backend="eager", fullgraph=True)
+    with caplog.at_level(logging.INFO, logger="lightning_gsgd"):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    lines = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("GSGD: the compiled step took "), lines
+    (first,) = opt._graphs.compiled.values()
+    assert first[0].compile_seconds is not None and first[0].compile_seconds > 0

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.graph_chain import GraphChain, math_dtype, own_copy, piece
+from lightning_gsgd.step.graph_chain import GraphChain, TimedFirstCall, math_dtype, own_copy, piece
 
 # Columns of the hyper-parameter table.
 LR, WD, WD_DEC, BETA1, BETA2, EPS, MIN_RATIO = range(7)
@@ -319,6 +319,6 @@ class AdamGraphs:
             if opts.get("backend", "inductor") == "inductor":
                 inductor["size_asserts"] = False
             opts["options"] = {**opts.get("options", {}), **inductor}
-            entry = (torch.compile(own_copy(_step), **opts), chains)
+            entry = (TimedFirstCall(torch.compile(own_copy(_step), **opts), "GAdam"), chains)
             self.compiled[key] = entry
         return entry[0]

@@ -47,6 +47,7 @@ from lightning_gsgd.step.graph_chain import (
     MIN_RATIO,
     WD,
     GraphChain,
+    TimedFirstCall,
     math_dtype,
     own_copy,
     piece,
@@ -310,6 +311,6 @@ class ChainGraphs:
                 # input sizes are guarded by Dynamo already
                 inductor["size_asserts"] = False
             opts["options"] = {**opts.get("options", {}), **inductor}
-            entry = (torch.compile(own_copy(_step), **opts), chains)
+            entry = (TimedFirstCall(torch.compile(own_copy(_step), **opts), "GSGD"), chains)
             self.compiled[key] = entry
         return entry[0]

@@ -8,6 +8,8 @@ exact up to 2**24 rows or entries per row).
 
 from __future__ import annotations
 
+import logging
+import time
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -160,3 +162,31 @@ def own_copy(fn: Any) -> Any:
     """A new function object with a new code object: Dynamo keeps its compiled variants per code object,
     so each step structure compiling its own copy never meets Dynamo's per-function recompile limit."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class TimedFirstCall:
+    """A compiled step that logs how long its first call took: that call compiles it (seconds on a
+    CPU), once per step structure and process; later calls go straight to the compiled function.
+
+    Args:
+        fn: The ``torch.compile``-d step.
+        what: Who compiles, for the log line (``"GSGD"``, ``"GAdam"``).
+    """
+
+    def __init__(self, fn: Any, what: str) -> None:
+        self.fn, self.what = fn, what
+        self.compile_seconds: float | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compile_seconds is not None:
+            return self.fn(*args)
+        start = time.perf_counter()
+        out = self.fn(*args)
+        self.compile_seconds = time.perf_counter() - start
+        logging.getLogger("lightning_gsgd").info(
+            "%s: the compiled step took %.1f s to compile and run its first step (once per model structure "
+            "and process; compiled=False avoids it)",
+            self.what,
+            self.compile_seconds,
+        )
+        return out
