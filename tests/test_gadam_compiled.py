@@ -76,7 +76,7 @@ def _against_oracle(name: str, init: str, case: str, backend: str | None) -> GAd
     ("name", "case"),
     [
         pytest.param("mlp_unequal", "adamw_groups", id="mlp-groups", marks=pytest.mark.slow),  # ~100 s compiling
-        pytest.param("cnn", "adam_amsgrad", id="cnn-amsgrad"),
+        pytest.param("cnn", "adam_amsgrad", id="cnn-amsgrad", marks=pytest.mark.slow),  # ~10-20 s compiling
     ],
 )
 def test_inductor_kernels_match_the_oracle(name, case):
@@ -85,7 +85,7 @@ def test_inductor_kernels_match_the_oracle(name, case):
 
 # Every case on one model and one case on two more models in the default run; the rest is marked slow.
 _DEFAULT = {"mlp_unequal"}
-_DEFAULT_CASES = {("cnn", "adam_groups"), ("mixed", "adam_groups")}
+_DEFAULT_CASES = {("cnn", "adam_groups")}
 EVERYWHERE = [
     pytest.param(
         name,
@@ -297,6 +297,7 @@ def test_a_scheduler_and_the_step_count_change_nothing_in_the_graph(monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow  # ~5 s of compiling
 def test_a_hidden_bias_without_gradient_is_rescaled_as_in_the_eager_step():
     model, x = make("mlp_unequal")
     initialize(model, detect_topology(model, x), "skeleton_rescaled")

@@ -82,6 +82,7 @@ def test_a_default_step_that_fails_to_compile_runs_eager_and_warns(caplog, monke
         forced.step()
 
 
+@pytest.mark.slow  # ~9 s of compiling
 def test_the_replay_is_used_only_while_its_arguments_are_valid(monkeypatch):
     # constant hyper-parameters: later steps replay the last step's arguments with the new gradients;
     # a new state (load_state_dict), a parameter without gradient or a changed group rebuilds them

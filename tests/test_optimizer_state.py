@@ -58,9 +58,21 @@ def _fresh(name: str):
     return model, x
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("bind_after_load", [False, True], ids=["bound", "bind_after_load"])
-@pytest.mark.parametrize("name", ["cnn", "mixed"])
+@pytest.mark.parametrize(
+    "name,bind_after_load,compiled",
+    [
+        pytest.param(
+            n,
+            b,
+            c,
+            id=f"{n}-{'bind_after_load' if b else 'bound'}-{'compiled' if c else 'eager'}",
+            marks=pytest.mark.slow if c and n == "mixed" else (),
+        )  # compiled on "mixed": ~5 s each
+        for n in ("cnn", "mixed")
+        for b in (False, True)
+        for c in (False, True)
+    ],
+)
 def test_resume_is_bit_identical(name, bind_after_load, compiled):
     model, x = make(name)
     init_skeleton_(detect_topology(model, x))
