@@ -22,7 +22,7 @@ from torch import Tensor
 from lightning_gsgd.step.adam import AdamStepArgs
 from lightning_gsgd.step.adam_graph import BETA1, BETA2, EPS, LR, MIN_RATIO, N_HP, WD, WD_DEC, AdamGraphs, Slot
 from lightning_gsgd.step.adam_rule import AdamHyper, ensure_state
-from lightning_gsgd.step.compiled import hp_table
+from lightning_gsgd.step.compiled import HpTables, hp_table
 from lightning_gsgd.step.graph_chain import GraphChain, graph_chain
 from lightning_gsgd.step.plan import ChainPlan, build_chain_plan
 from lightning_gsgd.topology.types import Chain, Topology
@@ -90,7 +90,7 @@ class CompiledAdamStep:
         self.graphs: AdamGraphs | None = None
         self._plans: dict[int, ChainPlan] = {}
         self._graph_chains: dict[int, tuple[ChainPlan, GraphChain]] = {}
-        self._tables: dict[int, tuple[list[list[float | Tensor]], Tensor]] = {}
+        self._tables = HpTables()
         self.last: _Replay | None = None
 
     def reset(self, topology: Topology) -> None:
@@ -98,7 +98,7 @@ class CompiledAdamStep:
         compiled variants stay)."""
         self._plans = {ci: build_chain_plan(c, c.layers[0].weight.device) for ci, c in enumerate(topology.chains)}
         self._graph_chains = {}
-        self._tables = {}
+        self._tables = HpTables()
         self.last = None
 
     def _graph_chain(self, ci: int, chain: Chain) -> GraphChain:
@@ -181,7 +181,7 @@ class CompiledAdamStep:
                     bias_rows.append(_hp_row(hpb, min_ratio))
             ws.append(cw)
             bs.append(cb)
-            hps.append(self._table(ci, rows + bias_rows, device))
+            hps.append(self._tables.get(ci, rows + bias_rows, device))
             all_rows.append(rows + bias_rows)
         if not graph_chains:
             return False
@@ -189,7 +189,9 @@ class CompiledAdamStep:
             self.graphs = AdamGraphs()
         plain = [_slot(state, p, p.grad, hp, made) for p, hp in args.plain]  # type: ignore[arg-type]
         prows = [_hp_row(hp, 0.0) for _, hp in args.plain]
-        ptab = self._table(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
+        ptab = (
+            self._tables.get(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
+        )
         fn = self.graphs.compiled_for(graph_chains, bs, ws, plain)
         ok, _ = fn(graph_chains, ws, bs, hps, plain, ptab, args.counters.all_on(device))
         self.last = None
@@ -241,16 +243,6 @@ class CompiledAdamStep:
         r.hps = [hp_table(rows, r.device) for rows in tables[:-1]]
         if tables[-1]:
             r.ptab = hp_table(tables[-1], r.device)
-
-    def _table(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
-        """The chain's hyper-parameter table, reused while its numbers do not change."""
-        cached = self._tables.get(ci)
-        if cached is not None and cached[0] == rows and cached[1].device == device:
-            return cached[1]
-        table = hp_table(rows, device)
-        if not any(isinstance(x, Tensor) for row in rows for x in row):  # a tensor lr may change in place
-            self._tables[ci] = (rows, table)
-        return table
 
 
 def _row_groups(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.graph_chain import GraphChain, TimedFirstCall, math_dtype, own_copy, piece
+from lightning_gsgd.step.graph_chain import GraphChain, compile_step, math_dtype, piece
 
 # Columns of the hyper-parameter table.
 LR, WD, WD_DEC, BETA1, BETA2, EPS, MIN_RATIO = range(7)
@@ -314,11 +314,6 @@ class AdamGraphs:
         )
         entry = self.compiled.get(key)
         if entry is None:
-            opts = {"dynamic": False, **self.options}
-            inductor = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
-            if opts.get("backend", "inductor") == "inductor":
-                inductor["size_asserts"] = False
-            opts["options"] = {**opts.get("options", {}), **inductor}
-            entry = (TimedFirstCall(torch.compile(own_copy(_step), **opts), "GAdam"), chains)
+            entry = (compile_step(_step, self.options, "GAdam"), chains)
             self.compiled[key] = entry
         return entry[0]

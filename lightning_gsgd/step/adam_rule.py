@@ -122,8 +122,15 @@ def plain_adam_step(p: Tensor, hp: AdamHyper, state: Any, host_reads: bool, ok: 
     assert p.grad is not None
     st = state[p]
     ensure_state(st, p, hp, host_reads)
+    adam_tensor_step(st, p, p.grad, hp, host_reads, ok)
+
+
+def adam_tensor_step(
+    st: dict[str, Any], p: Tensor, grad: Tensor, hp: AdamHyper, host_reads: bool, ok: Tensor | None
+) -> None:
+    """The rule of :func:`plain_adam_step` on ``p`` with gradient ``grad`` and its state ``st`` (made
+    already): on a whole parameter, or on a shard with its local state tensors."""
     t = tick(hp, st["step"], p, host_reads)
-    grad = p.grad
     target = p if ok is None else p.clone()
     m, q = st["exp_avg"], st["exp_avg_sq"]
     qmax = st.get("max_exp_avg_sq")

@@ -37,17 +37,14 @@ from lightning_gsgd.step.adam_plan import AdamChainPlan, AdamPlans
 from lightning_gsgd.step.adam_rule import (
     MOMENT_KEYS,
     AdamHyper,
-    add_step,
-    decay_factor,
+    adam_tensor_step,
     ensure_state,
-    moments_denom,
     plain_adam_step,
-    store_state,
     tick,
 )
 from lightning_gsgd.step.adam_sharded_layout import FLAGS, ChainLayout, build_layouts
 from lightning_gsgd.step.sharded import check_row_sharded, row_range
-from lightning_gsgd.step.single import all_finite, write
+from lightning_gsgd.step.single import all_finite
 from lightning_gsgd.topology.shard import is_dtensor
 from lightning_gsgd.topology.types import Chain, Topology, TopologyError
 
@@ -295,20 +292,4 @@ def _local_adam_step(p: Tensor, hp: AdamHyper, state: Any, host_reads: bool, ok:
     """torch's Adam/AdamW rule on a sharded parameter outside chains, on its local shard (no communication);
     the operations of :func:`lightning_gsgd.step.adam_rule.plain_adam_step`."""
     assert p.grad is not None
-    st = _local_state(state, p, hp, host_reads)
-    pl, grad = p.to_local(), p.grad.to_local()
-    t = tick(hp, st["step"], pl, host_reads)
-    target = pl if ok is None else pl.clone()
-    m, q, qmax = st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq")
-    if ok is not None:
-        m, q, qmax = m.clone(), q.clone(), None if qmax is None else qmax.clone()
-    if hp.weight_decay != 0:
-        if hp.decoupled:
-            target.mul_(decay_factor(hp, t))
-        else:
-            grad = grad.add(pl, alpha=hp.weight_decay)
-    denom = moments_denom(m, q, qmax, grad, hp, t)
-    add_step(target, m.clone() if isinstance(t.new, Tensor) else m, denom, t)
-    store_state(st, t, m, q, qmax, ok)
-    if ok is not None:
-        write(pl, target, ok)
+    adam_tensor_step(_local_state(state, p, hp, host_reads), p.to_local(), p.grad.to_local(), hp, host_reads, ok)

@@ -94,6 +94,24 @@ def hp_table(rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
     return t
 
 
+class HpTables:
+    """Each chain's hyper-parameter table (and ``-1``'s: the parameters outside chains), reused while
+    its numbers do not change, so that an unchanged step builds no table."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, tuple[list[list[float | Tensor]], Tensor]] = {}
+
+    def get(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
+        """The table of ``rows`` for chain ``ci``: the cached one when its rows are equal."""
+        cached = self._tables.get(ci)
+        if cached is not None and cached[0] == rows and cached[1].device == device:
+            return cached[1]
+        table = hp_table(rows, device)
+        if not any(isinstance(x, Tensor) for row in rows for x in row):  # a tensor lr may change in place
+            self._tables[ci] = (rows, table)
+        return table
+
+
 class CompiledStep:
     """The step as one ``torch.compile`` graph, with its caches: the compiled variants, each chain's
     graph description and hyper-parameter table, and the last step's arguments for a replay.
@@ -106,13 +124,13 @@ class CompiledStep:
         self.caches = caches
         self.graphs: ChainGraphs | None = None
         self._graph_chains: dict[int, tuple[Any, GraphChain]] = {}
-        self._tables: dict[int, tuple[list[list[float | Tensor]], Tensor]] = {}
+        self._tables = HpTables()
         self.last: _Replay | None = None
 
     def reset(self) -> None:
         """Forget everything derived from the topology and its plans (the compiled variants stay)."""
         self._graph_chains = {}
-        self._tables = {}
+        self._tables = HpTables()
         self.last = None
 
     def __call__(self, args: StepArgs) -> dict[int, ChainReading] | None:
@@ -187,7 +205,7 @@ class CompiledStep:
             bws.append(cbw)
             bgs.append(cbg)
             bbufs.append(cbb)
-            hps.append(self._table(ci, rows + bias_rows, device))
+            hps.append(self._tables.get(ci, rows + bias_rows, device))
         if not graph_chains:
             return False
         if self.graphs is None:
@@ -199,7 +217,9 @@ class CompiledStep:
             buf, had = _buffer(state, p, hp, made)
             pbufs.append(buf)
             prows.append(_hp_row(hp, had, 0.0))
-        ptab = self._table(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
+        ptab = (
+            self._tables.get(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
+        )
         counters = args.counters.all_on(device)
         fn = self.graphs.compiled_for(graph_chains, bufs, bws, bgs, bbufs, pbufs)
         ok, _ = fn(graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, (ps, [p.grad for p in ps], pbufs, ptab), counters)
@@ -263,16 +283,6 @@ class CompiledStep:
         tensors = counters.all_on(r.device)
         r.fn(r.chains, r.ws, gs, r.bufs, r.bws, bgs, r.bbufs, r.hps, (r.ps, pgs, r.pbufs, r.ptab), tensors)
         return True
-
-    def _table(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
-        """The chain's hyper-parameter table, reused while its numbers do not change."""
-        cached = self._tables.get(ci)
-        if cached is not None and cached[0] == rows and cached[1].device == device:
-            return cached[1]
-        table = hp_table(rows, device)
-        if not any(isinstance(x, Tensor) for row in rows for x in row):  # a tensor lr may change in place
-            self._tables[ci] = (rows, table)
-        return table
 
 
 def _buffer(state: Any, p: Tensor, hp: Hyper, made: list[tuple[Tensor, Tensor]]) -> tuple[Tensor | None, bool]:

@@ -47,9 +47,8 @@ from lightning_gsgd.step.graph_chain import (
     MIN_RATIO,
     WD,
     GraphChain,
-    TimedFirstCall,
+    compile_step,
     math_dtype,
-    own_copy,
     piece,
 )
 
@@ -305,12 +304,6 @@ class ChainGraphs:
         )
         entry = self.compiled.get(key)
         if entry is None:
-            opts = {"dynamic": False, **self.options}
-            inductor = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
-            if opts.get("backend", "inductor") == "inductor":
-                # input sizes are guarded by Dynamo already
-                inductor["size_asserts"] = False
-            opts["options"] = {**opts.get("options", {}), **inductor}
-            entry = (TimedFirstCall(torch.compile(own_copy(_step), **opts), "GSGD"), chains)
+            entry = (compile_step(_step, self.options, "GSGD"), chains)
             self.compiled[key] = entry
         return entry[0]

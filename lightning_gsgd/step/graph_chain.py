@@ -190,3 +190,17 @@ class TimedFirstCall:
             self.compile_seconds,
         )
         return out
+
+
+def compile_step(fn: Any, options: dict[str, Any], what: str) -> TimedFirstCall:
+    """``torch.compile`` a copy of the step function ``fn`` for one step structure.
+
+    Dynamo keeps only its tensor guards (shape, stride, dtype, device): the callers key the structure
+    themselves. ``options`` are extra ``torch.compile`` arguments (tests pass ``backend="eager"``).
+    """
+    opts = {"dynamic": False, **options}
+    inductor = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+    if opts.get("backend", "inductor") == "inductor":
+        inductor["size_asserts"] = False  # input sizes are guarded by Dynamo already
+    opts["options"] = {**opts.get("options", {}), **inductor}
+    return TimedFirstCall(torch.compile(own_copy(fn), **opts), what)
