@@ -112,10 +112,16 @@ class Chain:
     must be read somewhere in the chain (fan-out to several layers is allowed). The other layers
     are *output* layers. Without ``sources`` the chain is a sequence: layer 0 reads the chain's
     input and layer ``l`` reads every node of layer ``l - 1`` (docs/math.md, "DAG chains").
+
+    ``normalized`` lists the output layers whose every row goes only into a training-mode
+    BatchNorm (*S2 rows*: their scale is free; docs/math.md, "BatchNorm segments: S1 and S2"). A
+    BatchNorm affine is a chain layer of its own: ``ChainLayer(name, bn.weight, bn.bias, C, 1, 1,
+    0)`` reading one node from outside the chain (``Source(-1, range(1))``).
     """
 
     layers: tuple[ChainLayer, ...]
     sources: tuple[tuple[Source, ...], ...] = ()
+    normalized: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.layers) < 2:
@@ -129,6 +135,11 @@ class Chain:
             object.__setattr__(self, "sources", seq)
         hidden = self._check_sources()
         object.__setattr__(self, "hidden", hidden)
+        for l in self.normalized:
+            if not 0 <= l < len(self.layers) or hidden[l]:
+                raise TopologyError(
+                    f"chain: normalized layer {l} is not an output layer (S2 rows are rows no chain layer reads)"
+                )
         object.__setattr__(
             self,
             "is_sequence",
@@ -194,6 +205,16 @@ class Chain:
         return out
 
     @property
+    def affine_units(self) -> int:
+        """Hidden nodes that are BatchNorm channels (S1 units: 1-D ``gamma`` weights)."""
+        return sum(layer.n_out for layer, h in zip(self.layers, self.hidden) if h and layer.weight.dim() == 1)
+
+    @property
+    def normalized_rows(self) -> int:
+        """Rows of the ``normalized`` output layers (S2 rows)."""
+        return sum(self.layers[l].n_out for l in self.normalized)
+
+    @property
     def widths(self) -> tuple[int, ...]:
         """Node counts: the first layer's inputs, then every layer's outputs in layer order."""
         return (self.layers[0].n_in,) + tuple(layer.n_out for layer in self.layers)
@@ -256,6 +277,9 @@ class Topology:
             with the G-SGD authors' heuristic (:mod:`lightning_gsgd.step.bn_heuristic`); only filled by
             ``detect_topology(..., bn_mode="authors_heuristic")``. Their biases get plain SGD and are
             listed in ``excluded``.
+        normalized: Layers in no chain whose every row goes only into a training-mode BatchNorm
+            (*S2 rows* alone: ``B = F = 1``, any ``groups``); their weights take the S2 step of
+            docs/math.md, "BatchNorm segments: S1 and S2", their biases torch's SGD rule.
         method: How the data flow was read (``"fx"``, ``"record"``, or ``""`` if built by hand).
         untested: Names of the chain layers whose hidden units the self-check could not test on
             ``example_input``: scaling them, even without compensation, did not change the output
@@ -269,6 +293,7 @@ class Topology:
     bn_layers: tuple[ChainLayer, ...] = ()
     method: str = ""
     untested: tuple[str, ...] = ()
+    normalized: tuple[ChainLayer, ...] = ()
 
     @property
     def hidden_units(self) -> int:
@@ -282,8 +307,19 @@ class Topology:
 
     @property
     def covered_params(self) -> int:
-        """Scalar parameters updated by G-SGD (chain weights and biases)."""
-        return sum(c.num_params for c in self.chains)
+        """Scalar parameters whose update commutes with every symmetry detected on them: chain
+        weights and biases, and the :attr:`normalized` layers' weights and biases."""
+        return sum(c.num_params for c in self.chains) + sum(layer.num_params for layer in self.normalized)
+
+    @property
+    def s1_units(self) -> int:
+        """BatchNorm channels that are hidden units of a chain (S1)."""
+        return sum(c.affine_units for c in self.chains)
+
+    @property
+    def s2_rows(self) -> int:
+        """Rows whose scale BatchNorm frees (S2): chain output layers and layers alone."""
+        return sum(c.normalized_rows for c in self.chains) + sum(layer.n_out for layer in self.normalized)
 
     @property
     def bn_heuristic_params(self) -> int:
@@ -311,6 +347,10 @@ class Topology:
                     out.append(layer.bias)
         return out
 
+    def normalized_params(self) -> list[nn.Parameter]:
+        """Weights and biases of the :attr:`normalized` layers (S2 rows in no chain)."""
+        return [p for layer in self.normalized for p in (layer.weight, layer.bias) if p is not None]
+
     def fingerprint(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every chain parameter, to check that saved state fits this model."""
         fp: list[tuple[str, tuple[int, ...]]] = []
@@ -319,6 +359,11 @@ class Topology:
                 fp.append((layer.name + ".weight", tuple(layer.weight.shape)))
                 if layer.bias is not None:
                     fp.append((layer.name + ".bias", tuple(layer.bias.shape)))
+        for chain in self.chains:
+            if chain.normalized:
+                fp.append((chain.name + " (S2 layers)", tuple(chain.normalized)))
+        for layer in self.normalized:
+            fp.append((layer.name + ".weight (S2)", tuple(layer.weight.shape)))
         for layer in self.bn_layers:
             fp.append((layer.name + ".weight (bn heuristic)", tuple(layer.weight.shape)))
         return fp
@@ -338,6 +383,12 @@ class Topology:
             f"{self.basis_paths} basis paths, coverage {100 * self.coverage:.1f}% "
             f"({self.covered_params} of {self.total_params} parameters){via}"
         ]
+        if self.s1_units or self.s2_rows:
+            alone = sum(layer.n_out for layer in self.normalized)
+            lines.append(
+                f"  BatchNorm segments: {self.s1_units} BatchNorm channels as units (S1), {self.s2_rows} rows "
+                f"normalized by BatchNorm (S2; {alone} of them in {len(self.normalized)} layer(s) outside chains)"
+            )
         more = " (summary(verbose=True) lists them)"
         shown = self.chains if verbose else self.chains[:_SHORT_CHAINS]
         for i, chain in enumerate(shown):
