@@ -39,9 +39,10 @@ def _ends(basis: DagBasis) -> dict[tuple[int, int], tuple[int, int]]:
 
 
 class BnOracle:
-    """torch's SGD on path values, then each S2 block retracted onto its slice ``n_k = 1``."""
+    """torch's SGD on path values, then each S2 block retracted onto its slice ``n_k = 1`` (or another
+    torch optimizer, ``optimizer=torch.optim.Adam``: G-space Adam's definition on the slice)."""
 
-    def __init__(self, model: nn.Module, spec: BnSpec, **sgd) -> None:
+    def __init__(self, model: nn.Module, spec: BnSpec, optimizer: type = torch.optim.SGD, **sgd) -> None:
         self.model = model
         self.pp = DagPathParameterization(model, spec.topology)
         s2_ids = {id(layer.weight) for layer in spec.s2}
@@ -68,7 +69,7 @@ class BnOracle:
                 leaf = self.pp.plain[names[id(layer.weight)]]
                 self.blocks += [(leaf, k, [(leaf, (k,))]) for k in range(layer.n_out)]
         self.retract()
-        self.opt = torch.optim.SGD(self.pp.leaves, **sgd)
+        self.opt = optimizer(self.pp.leaves, **sgd)
 
     @torch.no_grad()
     def retract(self) -> None:
@@ -95,9 +96,11 @@ def normalized_path_values(model: nn.Module, spec: BnSpec) -> list[Tensor]:
     return [leaf.detach().clone() for leaf in BnOracle(model, spec).pp.leaves]
 
 
-def oracle_run(model: nn.Module, spec: BnSpec, x: Tensor, loss_fn, steps: int, **sgd) -> dict[str, Tensor]:
+def oracle_run(
+    model: nn.Module, spec: BnSpec, x: Tensor, loss_fn, steps: int, optimizer: type = torch.optim.SGD, **sgd
+) -> dict[str, Tensor]:
     """The weights after ``steps`` oracle steps from ``model``'s (the model is not changed)."""
-    oracle = BnOracle(model, spec, **sgd)
+    oracle = BnOracle(model, spec, optimizer, **sgd)
     for _ in range(steps):
         oracle.step(loss_fn, x)
     return oracle.weights()

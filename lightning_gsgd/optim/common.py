@@ -49,31 +49,31 @@ def check_chain_params(topology: Topology, param_groups: list[dict[str, Any]], n
             the layer).
     """
     owned = {id(p) for group in param_groups for p in group["params"]}
-    for chain in topology.chains:
-        for layer in chain.layers:
-            for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
-                if p is None:
-                    continue
-                if id(p) not in owned:
-                    raise TopologyError(
-                        f"{name}: the {kind} of layer '{layer.name}' is not among this optimizer's "
-                        "parameters: was the topology built for a different model, were "
-                        "parameters left out of the optimizer, or was the model sharded by fully_shard after "
-                        "detection (then pass lightning_gsgd.shard_topology(topology, model))?"
-                    )
-                if not p.requires_grad:
-                    raise TopologyError(
-                        f"{name}: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
-                        "exclude that layer from the topology"
-                    )
+    layers = [layer for chain in topology.chains for layer in chain.layers] + list(topology.normalized)
+    for layer in layers:
+        for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
+            if p is None:
+                continue
+            if id(p) not in owned:
+                raise TopologyError(
+                    f"{name}: the {kind} of layer '{layer.name}' is not among this optimizer's "
+                    "parameters: was the topology built for a different model, were "
+                    "parameters left out of the optimizer, or was the model sharded by fully_shard after "
+                    "detection (then pass lightning_gsgd.shard_topology(topology, model))?"
+                )
+            if not p.requires_grad:
+                raise TopologyError(
+                    f"{name}: the {kind} of layer '{layer.name}' is frozen (requires_grad=False); "
+                    "exclude that layer from the topology"
+                )
     return owned
 
 
 def chain_owned_ids(topology: Topology) -> set[int]:
     """Ids of the parameters a chain step owns: every chain weight and every hidden bias (a chain's output
     bias is no path value and takes the plain rule, like every parameter outside chains), and the
-    weights of BN-heuristic layers."""
-    owned = {id(layer.weight) for layer in topology.bn_layers}
+    weights of BN-heuristic layers and of S2 layers outside chains (their biases take the plain rule)."""
+    owned = {id(layer.weight) for layer in (*topology.bn_layers, *topology.normalized)}
     for chain in topology.chains:
         for layer, hidden in zip(chain.layers, chain.hidden):
             owned.add(id(layer.weight))

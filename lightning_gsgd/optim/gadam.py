@@ -247,6 +247,7 @@ class GAdam(Optimizer):
             counters=self._counters,
             device=device,
             host_reads=host_reads,
+            normalized=[layer for layer in self.topology.normalized if layer.weight.grad is not None],
         )
         if self._sharded is not None:
             self._sharded(args)

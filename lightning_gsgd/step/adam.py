@@ -31,7 +31,7 @@ Loops run over layers, never over units. Imports only torch, the topology and ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,8 +47,9 @@ from lightning_gsgd.step.adam_chain import (
 from lightning_gsgd.step.adam_plan import AdamPlans
 from lightning_gsgd.step.adam_rule import AdamHyper, adam_hyper, plain_adam_step
 from lightning_gsgd.step.inputs import StepCounters
+from lightning_gsgd.step.normalized import adam_normalized_step
 from lightning_gsgd.step.single import all_finite, minmax
-from lightning_gsgd.topology.types import Chain
+from lightning_gsgd.topology.types import Chain, ChainLayer
 
 __all__ = ["AdamHyper", "AdamPlans", "AdamStepArgs", "adam_hyper", "adam_step"]
 
@@ -65,6 +66,7 @@ class AdamStepArgs:
     counters: StepCounters
     device: torch.device
     host_reads: bool
+    normalized: list[ChainLayer] = field(default_factory=list)  # S2 layers outside chains
 
 
 def adam_step(args: AdamStepArgs) -> None:
@@ -95,7 +97,9 @@ def adam_step(args: AdamStepArgs) -> None:
         prepared.append(prep)
         inputs += [minmax(x.weight.grad) for x, h in zip(layers, chain.hidden) if not h and x.weight.grad is not None]
     inputs += [minmax(p.grad) for p, _ in args.plain]
-    checks = [adam_chain_checks(p) for p in prepared] + inputs
+    alone_grads, alone_norms, apply_alone = adam_normalized_step(args.normalized, args.hp_of, state, host_reads)
+    inputs += alone_grads
+    checks = [adam_chain_checks(p) for p in prepared] + inputs + alone_norms
     skipped = args.counters.get("skipped_steps", device)
     collapsed = args.counters.get("collapsed_steps", device)  # skipped with finite gradients: a collapse
     ok: Tensor | None = None
@@ -111,6 +115,7 @@ def adam_step(args: AdamStepArgs) -> None:
     for prep in prepared:
         chain_hits = apply_adam_chain(prep, state, host_reads, where_ok)
         hits += chain_hits if where_ok is None else chain_hits * where_ok
+    apply_alone(where_ok)
     for p, hp in args.plain:
         plain_adam_step(p, hp, state, host_reads, where_ok)
     args.counters.get("steps", device).add_(1 if where_ok is None else where_ok.long())

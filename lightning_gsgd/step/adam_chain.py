@@ -24,7 +24,7 @@ from lightning_gsgd.step.adam_rule import (
     tick,
 )
 from lightning_gsgd.step.single import minmax, write
-from lightning_gsgd.topology.index import columns
+from lightning_gsgd.topology.index import columns, normalized_row_norms
 
 
 @dataclass
@@ -134,6 +134,9 @@ def prepare_adam_chain(
             assert idx[l].tau_rows is not None
             f_rows[idx[l].tau_nodes] = ws[l].reshape(-1).take(tau) * f_rows[idx[l].row_off + idx[l].tau_rows]
     B = [columns(b_nodes, i) for i in idx]
+    if plan.normalized:
+        # S2 (docs/math.md, "BatchNorm segments: S1 and S2"): G-Adam on the slice n = 1
+        f_rows = f_rows / normalized_row_norms(ws, B, idx, plan.normalized).sqrt()
     F = [f_rows[i.rows] for i in idx]
     # Gamma of every hidden node (docs/math.md, "The inverse chain rule")
     gamma = torch.zeros(H + 1, dtype=dtype, device=device)
@@ -240,7 +243,7 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
     plan = prep.plan
     len(prep.weights)
     for l, slot in enumerate(prep.weights):
-        _apply_tensor(
+        apply_adam_tensor(
             slot,
             prep.s[l],
             prep.rhoinv[l],
@@ -257,12 +260,12 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
             if b.grad is None:  # no gradient: keep its path value, follow the row's rescale
                 write(b.param, b.param * rinv, ok)
             else:
-                _apply_tensor(b, prep.s_bias[l], rinv, state, host_reads, ok, tau=None, sig=None)
+                apply_adam_tensor(b, prep.s_bias[l], rinv, state, host_reads, ok, tau=None, sig=None)
     assert prep.hits is not None
     return prep.hits
 
 
-def _apply_tensor(
+def apply_adam_tensor(
     slot: AdamSlot,
     s: Tensor,
     rhoinv: Tensor | None,

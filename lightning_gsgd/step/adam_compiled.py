@@ -72,6 +72,7 @@ class _Replay:
     bs: list[list[Slot | None]]
     hps: list[Tensor]
     plain: list[Slot]
+    pnorm: tuple[bool, ...]
     ptab: Tensor
     at: dict[int, int]  # id of a stepped tensor -> its index in ``params``
     rows: list[list[list[float | Tensor]]]  # per table (the chains', then the plain parameters'), its rows
@@ -139,7 +140,7 @@ class CompiledAdamStep:
         ws = [[r.slot(s, grads) for s in cw] for cw in r.ws]
         bs = [[b if b is None or b[2] is None else r.slot(b, grads) for b in cb] for cb in r.bs]
         plain = [r.slot(s, grads) for s in r.plain]
-        r.fn(r.chains, ws, bs, r.hps, plain, r.ptab, counters.all_on(r.device))
+        r.fn(r.chains, ws, bs, r.hps, plain, r.pnorm, r.ptab, counters.all_on(r.device))
         return True
 
     def __call__(self, args: AdamStepArgs, param_groups: list[dict[str, Any]]) -> bool:
@@ -187,13 +188,16 @@ class CompiledAdamStep:
             return False
         if self.graphs is None:
             self.graphs = AdamGraphs()
-        plain = [_slot(state, p, p.grad, hp, made) for p, hp in args.plain]  # type: ignore[arg-type]
-        prows = [_hp_row(hp, 0.0) for _, hp in args.plain]
+        # the S2 layers outside chains ride with the plain parameters, marked in pnorm
+        outside = args.plain + [(layer.weight, hp_of[id(layer.weight)][0]) for layer in args.normalized]
+        pnorm = (False,) * len(args.plain) + (True,) * len(args.normalized)
+        plain = [_slot(state, p, p.grad, hp, made) for p, hp in outside]  # type: ignore[arg-type]
+        prows = [_hp_row(hp, 0.0) for _, hp in outside]
         ptab = (
             self._tables.get(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
         )
-        fn = self.graphs.compiled_for(graph_chains, bs, ws, plain)
-        ok, _ = fn(graph_chains, ws, bs, hps, plain, ptab, args.counters.all_on(device))
+        fn = self.graphs.compiled_for(graph_chains, bs, ws, plain, pnorm)
+        ok, _ = fn(graph_chains, ws, bs, hps, plain, pnorm, ptab, args.counters.all_on(device))
         self.last = None
         if made:
             if args.host_reads and not bool(ok):  # skipped: keep no state made for it (as the eager step)
@@ -222,6 +226,7 @@ class CompiledAdamStep:
                 [[None if b is None else _no_grad(b) for b in cb] for cb in bs],
                 hps,
                 [_no_grad(s) for s in plain],
+                pnorm,
                 ptab,
                 {id(p): i for i, p in enumerate(params)},
                 [*all_rows, prows],

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.graph_chain import GraphChain, compile_step, math_dtype, piece
+from lightning_gsgd.step.graph_chain import GraphChain, compile_step, math_dtype, normalized_f, piece
+from lightning_gsgd.step.normalized import row_scale
 
 # Columns of the hyper-parameter table.
 LR, WD, WD_DEC, BETA1, BETA2, EPS, MIN_RATIO = range(7)
@@ -72,6 +73,7 @@ def _prepare(
     bs: list[list[Slot | None]],
     hps: list[Tensor],
     extra: list[Tensor],
+    extra_factors: list[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """Phase one over every chain: ``(ok, inputs_ok, hits, vecs, scs)``.
 
@@ -84,7 +86,7 @@ def _prepare(
     """
     dtype = ws[0][0][0].dtype
     inputs = [torch.stack(torch.aminmax(g)).reshape(2).to(dtype) for g in extra]
-    checks: list[Tensor] = []
+    checks: list[Tensor] = [f.reshape(-1).to(dtype) for f in extra_factors]
     hits = []
     vecs = []
     scs = []
@@ -92,7 +94,7 @@ def _prepare(
         L, H = ch.n_layers, ch.hidden
         sel = [piece(ch.ints, spec) for spec in ch.ispec[:L]]
         walk_bf, walk_g_rows, tau_take, sig_take, free, first_free, nxt, _fp, _fn, tau_layer, col_node = (
-            piece(ch.ints, spec) for spec in ch.ispec[L:]
+            piece(ch.ints, spec) for spec in ch.ispec[L:-1]
         )
         w2 = [s[0].view(shape) for s, shape in zip(ws[c], ch.shape2)]
         g2 = [s[1].view(shape) for s, shape in zip(ws[c], ch.shape2)]  # type: ignore[union-attr]
@@ -123,6 +125,10 @@ def _prepare(
         base = torch.cat([base_h, sw.new_zeros(n_last + 1)])
         bf = skel[walk_bf].prod(1)
         B, F = bf[:H], bf[H + 1 :]
+        ones_last = sw.new_ones(n_last)
+        F_last = ones_last
+        if ch.normalized:
+            F, F_last = normalized_f(ch, w2, B, F, one, col_node, piece(ch.ints, ch.ispec[-1]))
         gamma = base[walk_g_rows].sum(1)
         tab, tsc = hpm[tau_layer], sc[tau_layer]  # a node's tau edge lies in layer tau_layer
         w_tau, g_tau = skel[tau_take[:2]].unbind(0)
@@ -147,8 +153,7 @@ def _prepare(
         ratio = torch.where(is_free, ratio, 1.0)  # a sigma entry that is a tau edge does not move
         rho = torch.cat([ratio, one])[first_free]
         w_tau_new = w_tau * ratio / torch.cat([rho, one])[nxt]
-        ones_last = sw.new_ones(n_last)
-        F_rows = torch.cat([F, ones_last])
+        F_rows = torch.cat([F, F_last])
         r_rows = torch.reciprocal(F_rows)
         rhoinv = torch.cat([torch.reciprocal(rho), ones_last])
         q = r_rows * rhoinv
@@ -266,20 +271,30 @@ def _step(
     bs: list[list[Slot | None]],
     hps: list[Tensor],
     plain: list[Slot],
+    pnorm: tuple[bool, ...],
     ptab: Tensor,
     counters: list[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
-    """Both phases, then torch's Adam/AdamW on the parameters outside chains (``plain``, one row of
-    ``ptab`` each); ``counters = [steps, skipped_steps, guard_hits, collapsed_steps]`` are added to.
-    Returns ``(ok, vecs)``."""
-    ok, inputs_ok, hits, vecs, scs = _prepare(chains, ws, bs, hps, [p[1] for p in plain])  # type: ignore[misc]
+    """Both phases, then the parameters outside chains (``plain``, one row of ``ptab`` each): torch's
+    Adam/AdamW, or where ``pnorm`` marks the weight of an S2 layer outside chains, Adam on the slice
+    ``|w_k| = 1`` (:func:`lightning_gsgd.step.normalized.adam_normalized_step`);
+    ``counters = [steps, skipped_steps, guard_hits, collapsed_steps]`` are added to. Returns ``(ok, vecs)``."""
+    scales = {i: row_scale(p[0]) for i, p in enumerate(plain) if pnorm[i]}
+    norms = [q for q, _ in scales.values()]
+    ok, inputs_ok, hits, vecs, scs = _prepare(chains, ws, bs, hps, [p[1] for p in plain], norms)  # type: ignore[misc]
     _update(chains, ws, bs, hps, vecs, scs, ok)
     if plain:
         dtype = plain[0][0].dtype
         psc = _scalars(ptab, torch.stack([p[5].to(ptab.dtype) for p in plain]), math_dtype(dtype))  # type: ignore[union-attr]
         pt = ptab.to(math_dtype(dtype))
         for i, p in enumerate(plain):  # torch's rule is the path-space rule with s = f = 1, no rescale
-            _write(p, *_new_values(p, 1.0, 1.0, None, pt[i], psc[i]), ok)
+            s: Tensor | float = 1.0
+            f: Tensor | float = 1.0
+            if pnorm[i]:
+                q = scales[i][0]
+                s = q.clamp_min(torch.finfo(q.dtype).tiny)
+                f = torch.reciprocal(s)
+            _write(p, *_new_values(p, s, f, None, pt[i], psc[i]), ok)
     steps, skipped, guard, collapsed = counters
     steps.add_(ok.long())
     skipped.add_(torch.logical_not(ok).long())
@@ -302,7 +317,12 @@ class AdamGraphs:
         self.compiled: dict[tuple, tuple[Any, list[GraphChain]]] = {}
 
     def compiled_for(
-        self, chains: list[GraphChain], bs: list[list[Slot | None]], ws: list[list[Slot]], plain: list[Slot]
+        self,
+        chains: list[GraphChain],
+        bs: list[list[Slot | None]],
+        ws: list[list[Slot]],
+        plain: list[Slot],
+        pnorm: tuple[bool, ...],
     ) -> Any:
         """The compiled :func:`_step` for this structure (compiled on first use, then reused)."""
         key = (
@@ -311,6 +331,7 @@ class AdamGraphs:
             tuple(b is None or b[1] is None for chain in bs for b in chain),
             tuple(b is not None and b[1] is not None and b[4] is None for chain in bs for b in chain),
             tuple(p[4] is None for p in plain),
+            pnorm,
         )
         entry = self.compiled.get(key)
         if entry is None:

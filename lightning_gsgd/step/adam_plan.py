@@ -25,12 +25,14 @@ class AdamChainPlan:
         sig_flat: Per layer, flat positions of the sigma entries in the weight (``None`` on output layers).
         tau_flat: Per layer, flat positions of the tau entries it holds (``LayerIndex.tau_nodes``
             order; ``None`` where it holds none).
+        normalized: The chain's S2 layers (``Chain.normalized``).
     """
 
     device: torch.device
     index: list[LayerIndex]
     sig_flat: list[Tensor | None]
     tau_flat: list[Tensor | None]
+    normalized: tuple[int, ...] = ()
 
 
 def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
@@ -50,7 +52,7 @@ def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
             tau_flat.append(idx.tau_rows * row + idx.tau_cols * layer.taps + layer.centre)
         else:
             tau_flat.append(None)
-    return AdamChainPlan(device, index, sig_flat, tau_flat)
+    return AdamChainPlan(device, index, sig_flat, tau_flat, tuple(chain.normalized))
 
 
 class AdamPlans:

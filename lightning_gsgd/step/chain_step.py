@@ -190,6 +190,8 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     # ---- B and F of every hidden node (one gather and product), Gamma (one gather and sum)
     torch.prod(work.skel.take(plan.walk_bf), 1, out=work.bf)
     B, F = work.B, work.F_h
+    if plan.normalized:
+        _normalize_rows(prep)
     gamma = work.base.take(plan.walk_g_rows).sum(1)
 
     # ---- free tau edges: path-space SGD step with the Gamma correction, then the guard.
@@ -261,6 +263,22 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     prep.unit_b = unit_b
     prep.hits = hit.sum()
     prep.tau_buf = buf_tau is not None
+
+
+def _normalize_rows(prep: Prepared) -> None:
+    """S2 (docs/math.md, "BatchNorm segments: S1 and S2"): divide every row's ``F`` by ``sqrt(n)`` of
+    the S2 row where its tau chain ends, so that the rest of the step is G-SGD on the slice ``n = 1``
+    (output rows, whose ``F`` is 1, get ``1 / sqrt(n)``). A zero S2 row makes ``F`` infinite: the
+    step is skipped, as for a zero tau weight."""
+    work = prep.work
+    plan = work.plan
+    H = plan.hidden
+    for l in plan.normalized:
+        b_cols = plan.cols(work.B_ext, l).view(1, -1, 1) if plan.reads_hidden[l] else None
+        work.row_norms_(l, prep.weights[l].param, b_cols)
+    q_end = work.n_rows.take(plan.row_end).sqrt_()
+    work.F_h.div_(q_end[:H])
+    torch.reciprocal(q_end[H:], out=work.F[H:])
 
 
 def apply_chain(prep: Prepared) -> Tensor:

@@ -68,9 +68,13 @@ class _Replay:
     ps: list[Tensor]
     pbufs: list[Tensor | None]
     ptab: Tensor
+    ns: list[Tensor]  # weights of the S2 layers outside chains
+    nbufs: list[Tensor | None]
+    ntab: Tensor
     g_at: list[list[int]]  # per chain tensor, its gradient's index in ``params``
     bg_at: list[list[int]]  # per chain bias, its gradient's index (-1: None)
     pg_at: list[int]  # per parameter outside chains
+    ng_at: list[int]  # per S2 layer outside chains
 
 
 def _hp_row(hp: Hyper, has_buf: bool, min_ratio: float) -> list[float | Tensor]:
@@ -142,6 +146,12 @@ class CompiledStep:
         if not self._graph_step(args):
             return eager_step(args)
         return None
+
+    def _table(self, key: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
+        """The hyper-parameter table of ``rows`` (cached under ``key``), or an empty one."""
+        if not rows:
+            return torch.zeros((0, N_HP), dtype=torch.float64, device=device)
+        return self._tables.get(key, rows, device)
 
     def _graph_chain(self, ci: int, chain: Chain) -> GraphChain:
         plan = self.caches.plan(ci, chain)
@@ -217,12 +227,20 @@ class CompiledStep:
             buf, had = _buffer(state, p, hp, made)
             pbufs.append(buf)
             prows.append(_hp_row(hp, had, 0.0))
-        ptab = (
-            self._tables.get(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
-        )
+        ptab = self._table(-1, prows, device)
+        ns = [layer.weight for layer in args.normalized]
+        nbufs: list[Tensor | None] = []
+        nrows: list[list[float | Tensor]] = []
+        for w in ns:
+            buf, had = _buffer(state, w, hp_of[id(w)][0], made)
+            nbufs.append(buf)
+            nrows.append(_hp_row(hp_of[id(w)][0], had, 0.0))
+        ntab = self._table(-2, nrows, device)
         counters = args.counters.all_on(device)
-        fn = self.graphs.compiled_for(graph_chains, bufs, bws, bgs, bbufs, pbufs)
-        ok, _ = fn(graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, (ps, [p.grad for p in ps], pbufs, ptab), counters)
+        fn = self.graphs.compiled_for(graph_chains, bufs, bws, bgs, bbufs, pbufs, nbufs)
+        plain_args = (ps, [p.grad for p in ps], pbufs, ptab)
+        norm_args = (ns, [w.grad for w in ns], nbufs, ntab)
+        ok, _ = fn(graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, plain_args, norm_args, counters)
         self.last = None
         if made:
             if args.host_reads and not bool(ok):
@@ -256,9 +274,13 @@ class CompiledStep:
                 ps,
                 pbufs,
                 ptab,
+                ns,
+                nbufs,
+                ntab,
                 [[at[id(w)] for w in cw] for cw in ws],
                 [[-1 if b is None else at[id(b)] for b in cbw] for cbw in bws],
                 [at[id(p)] for p in ps],
+                [at[id(w)] for w in ns],
             )
         return True
 
@@ -280,8 +302,11 @@ class CompiledStep:
         gs = [[grads[i] for i in at] for at in r.g_at]
         bgs = [[None if i < 0 else grads[i] for i in at] for at in r.bg_at]
         pgs = [grads[i] for i in r.pg_at]
+        ngs = [grads[i] for i in r.ng_at]
         tensors = counters.all_on(r.device)
-        r.fn(r.chains, r.ws, gs, r.bufs, r.bws, bgs, r.bbufs, r.hps, (r.ps, pgs, r.pbufs, r.ptab), tensors)
+        plain_args = (r.ps, pgs, r.pbufs, r.ptab)
+        norm_args = (r.ns, ngs, r.nbufs, r.ntab)
+        r.fn(r.chains, r.ws, gs, r.bufs, r.bws, bgs, r.bbufs, r.hps, plain_args, norm_args, tensors)
         return True
 
 

@@ -9,11 +9,15 @@ synchronizes with the device (docs/math.md, "Skipped steps and the guard").
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from lightning_gsgd.step.chain_step import apply_chain, prepare_chain
 from lightning_gsgd.step.inputs import StepArgs
+from lightning_gsgd.step.normalized import normalized_items
+from lightning_gsgd.step.passes import Item, bulk
 from lightning_gsgd.step.readings import collect_readings, update_after
 from lightning_gsgd.step.readings import supported as readings_supported
 from lightning_gsgd.step.single import all_finite, bn_heuristic_layer_step, keep, minmax, plain_sgd_step, write
@@ -45,6 +49,9 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
             factors.extend(prep.factor_check_values())
     inputs.extend(minmax(p.grad) for p, _ in args.plain)
     inputs.extend(minmax(layer.weight.grad) for layer in args.bn_layers)
+    alone, alone_grads, alone_norms = normalized_items(args.normalized, args.hp_of, state)
+    inputs.extend(alone_grads)
+    factors.extend(alone_norms)
     inputs_ok = all_finite(inputs, device)
     ok = inputs_ok & all_finite(factors, device)
     skipped = args.counters.get("skipped_steps", device)
@@ -73,6 +80,8 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
                 write(s.param, s.target, where_ok)
             if s.buf_target is not None:
                 state[s.owner]["momentum_buffer"] = keep(s.buf_target, s.buf, where_ok)
+    if alone:
+        _step_alone(alone, state, where_ok)
     for layer in args.bn_layers:
         bn_heuristic_layer_step(layer, args.hp_of[id(layer.weight)][0], state, where_ok)
     for p, hp in args.plain:
@@ -82,6 +91,23 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
         skipped += (~where_ok).long()
         collapsed += (inputs_ok & ~where_ok).long()
     return collect_readings(prepared, chain_of, updates, where_ok) if want else None
+
+
+def _step_alone(items: list[Item], state: Any, where_ok: Tensor | None) -> None:
+    """The S2 layers outside chains: the passes of the chain step with ``s = |w_k|`` per row."""
+    slots = [it.slot for it in items]
+    for s in slots:
+        if where_ok is not None:
+            s.target = s.param.clone()
+            s.buf_target = None if s.buf is None else s.buf.clone()
+        else:
+            s.buf_target = s.buf
+    bulk(items)
+    for s in slots:
+        if where_ok is not None:
+            write(s.param, s.target, where_ok)
+        if s.buf_target is not None:
+            state[s.owner]["momentum_buffer"] = keep(s.buf_target, s.buf, where_ok)
 
 
 def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:

@@ -49,8 +49,10 @@ from lightning_gsgd.step.graph_chain import (
     GraphChain,
     compile_step,
     math_dtype,
+    normalized_f,
     piece,
 )
+from lightning_gsgd.step.normalized import row_scale
 
 
 def _prepare(
@@ -62,6 +64,7 @@ def _prepare(
     bgs: list[list[Tensor | None]],
     hps: list[Tensor],
     extra: list[Tensor],
+    extra_factors: list[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Phase one over every chain: returns ``(ok, inputs_ok, hits, vecs)``.
 
@@ -69,7 +72,8 @@ def _prepare(
     momentum buffer (``None``: no momentum), ``bws``/``bgs`` the hidden biases and their gradients
     (``None``: no bias, or one without gradient, and always for output layers), ``hps[c]`` the ``[2L,
     7]`` hyper-parameter table (weights, then biases). ``extra`` are the gradients of the parameters
-    outside chains: ``ok`` needs them finite too. ``inputs_ok`` says whether the gradients checked
+    outside chains: ``ok`` needs them finite too, and ``extra_factors`` (the row norms of the S2
+    layers outside chains). ``inputs_ok`` says whether the gradients checked
     directly (those outside chains, each chain's output layers) were finite: a step that is not ``ok``
     although they were is counted as a collapse. ``vecs[c]``
     is ``[F, 1 / F, 1 / rho]`` over the chain's rows, then ``B``, ``1 / B``, the new tau weight and the
@@ -77,14 +81,14 @@ def _prepare(
     counts clamped free tau values (0 when the step is not ``ok``).
     """
     inputs = [torch.stack(torch.aminmax(g)).reshape(2).to(ws[0][0].dtype) for g in extra]
-    checks: list[Tensor] = []
+    checks: list[Tensor] = [f.reshape(-1).to(ws[0][0].dtype) for f in extra_factors]
     hits = []
     vecs = []
     for c, ch in enumerate(chains):
         L, H = ch.n_layers, ch.hidden
         sel = [piece(ch.ints, spec) for spec in ch.ispec[:L]]
-        walk_bf, walk_g_rows, tau_take, sig_take, free, first_free, nxt, free_pos, free_nodes, tau_layer, col_node = (
-            piece(ch.ints, spec) for spec in ch.ispec[L:]
+        (walk_bf, walk_g_rows, tau_take, sig_take, free, first_free, nxt, free_pos, free_nodes, tau_layer, col_node) = (
+            piece(ch.ints, spec) for spec in ch.ispec[L:-1]
         )
         w2 = [w.view(s) for w, s in zip(ws[c], ch.shape2)]
         g2 = [g.view(s) for g, s in zip(gs[c], ch.shape2)]
@@ -109,6 +113,10 @@ def _prepare(
         base = torch.cat([base_h, sw.new_zeros(n_last + 1)])
         bf = skel[walk_bf].prod(1)
         B, F = bf[:H], bf[H + 1 :]
+        ones_last = sw.new_ones(n_last)
+        F_last = ones_last
+        if ch.normalized:
+            F, F_last = normalized_f(ch, w2, B, F, one, col_node, piece(ch.ints, ch.ispec[-1]))
         gamma = base[walk_g_rows].sum(1)
         tab = hp[tau_layer]  # a node's tau edge lies in layer tau_layer: that weight's row
         w_tau, g_tau, m_tau = skel[tau_take].unbind(0)
@@ -128,8 +136,7 @@ def _prepare(
         ratio = torch.where(hit, min_ratio, ratio)
         rho = torch.cat([ratio, one])[first_free]
         w_tau_new = w_tau * ratio / torch.cat([rho, one])[nxt]
-        ones_last = sw.new_ones(n_last)
-        F_rows = torch.cat([F, ones_last])
+        F_rows = torch.cat([F, F_last])
         r_rows = torch.reciprocal(F_rows)
         rhoinv = torch.cat([torch.reciprocal(rho), ones_last])
         q = r_rows * rhoinv
@@ -243,17 +250,29 @@ def _step(
     bbufs: list[list[Tensor | None]],
     hps: list[Tensor],
     plain: tuple[list[Tensor], list[Tensor], list[Tensor | None], Tensor],
+    norm: tuple[list[Tensor], list[Tensor], list[Tensor | None], Tensor],
     counters: list[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
-    """Both phases, then SGD on the parameters outside chains; returns ``(ok, vecs)``.
+    """Both phases, then the S2 layers outside chains and SGD on the other parameters outside chains;
+    returns ``(ok, vecs)``.
 
     ``plain = (params, grads, buffers, table)`` holds the parameters outside chains, with one
     table row each (torch's SGD rule: ``d = g + wd p``, the buffer and direction as above,
-    ``p' = p - lr dir``). ``counters = [steps, skipped_steps, guard_hits, collapsed_steps]`` are added to.
+    ``p' = p - lr dir``); ``norm``, in the same form, the weights of the S2 layers outside chains
+    (the path-space rule with ``s = |w_k|`` per row, :mod:`lightning_gsgd.step.normalized`).
+    ``counters = [steps, skipped_steps, guard_hits, collapsed_steps]`` are added to.
     """
     ps, pgs, pbufs, ptab = plain
-    ok, inputs_ok, hits, vecs = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs)
+    ns, ngs, nbufs, ntab = norm
+    scales = [row_scale(w) for w in ns]
+    ok, inputs_ok, hits, vecs = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs + ngs, [q for q, _ in scales])
     _update(chains, ws, gs, bufs, bws, bgs, bbufs, hps, vecs, ok)
+    for i, (w, g, buf) in enumerate(zip(ns, ngs, nbufs)):
+        q, inv = scales[i]
+        new_w, nb = _new_values(w, g, buf, q, inv, None, ntab[i].to(math_dtype(w.dtype)))
+        if nb is not None and buf is not None:
+            buf.copy_(torch.where(ok, nb, buf))
+        w.copy_(torch.where(ok, new_w, w))
     for i, (p, g, buf) in enumerate(zip(ps, pgs, pbufs)):
         # torch's SGD rule is the path-space rule with s = f = 1 and no rescale
         new_p, nb = _new_values(p, g, buf, 1.0, 1.0, None, ptab[i].to(math_dtype(p.dtype)))
@@ -295,12 +314,14 @@ class ChainGraphs:
         bgs: list[list[Tensor | None]],
         bbufs: list[list[Tensor | None]],
         pbufs: list[Tensor | None],
+        nbufs: list[Tensor | None],
     ) -> Any:
         """The compiled :func:`_step` for this structure (compiled on first use, then reused)."""
         key = (
             tuple(id(ch) for ch in chains),
             tuple(b is None for lists in (bufs, bws, bgs, bbufs) for chain in lists for b in chain),
             tuple(b is None for b in pbufs),
+            tuple(b is None for b in nbufs),
         )
         entry = self.compiled.get(key)
         if entry is None:

@@ -35,6 +35,7 @@ INDEX_NAMES = (
     "free_nodes",
     "tau_layer",
     "col_node",
+    "row_end",
 )
 
 
@@ -57,6 +58,7 @@ class GraphChain:
         fspec: Per layer ``(sig_k, tau_k)`` offsets in ``floats`` (-1 where there is none): the entry
             ``k`` of row ``b``'s sigma weight (``[n_out]``, hidden layers), and the row whose free
             tau weight is entry ``k``, else -1 (``[K]``, layers that hold free tau edges).
+        normalized: The chain's S2 layers (``ChainPlan.normalized``).
         ints: The int64 index tensors, flattened and concatenated.
         floats: float32: ``0, 1, 2, ...`` (``max K, n_out`` entries), then the ``fspec`` vectors.
     """
@@ -71,6 +73,7 @@ class GraphChain:
     koff: tuple[int, ...]
     ispec: tuple[tuple[int, tuple[int, ...]], ...]
     fspec: tuple[tuple[int, int], ...]
+    normalized: tuple[int, ...]
     ints: Tensor
     floats: Tensor
 
@@ -118,8 +121,9 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
             k_total += K
         fspec.append((sig, tau))
     empty = torch.zeros(0, dtype=torch.long)
-    parts = [*plan.sel] + [getattr(plan, name) for name in INDEX_NAMES[:-1]]
+    parts = [*plan.sel] + [getattr(plan, name) for name in INDEX_NAMES[:-2]]
     parts.append((torch.cat(col_node) if col_node else empty).to(plan.device))
+    parts.append(plan.row_end)
     ispec = []
     i_at = 0
     for t in parts:
@@ -138,9 +142,29 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
         tuple(koff),
         tuple(ispec),
         tuple(fspec),
+        plan.normalized,
         ints,
         torch.cat(floats).to(plan.device),
     )
+
+
+def normalized_f(
+    ch: GraphChain, w2: list[Tensor], B: Tensor, F: Tensor, one: Tensor, col_node: Tensor, row_end: Tensor
+) -> tuple[Tensor, Tensor]:
+    """S2 (docs/math.md, "BatchNorm segments: S1 and S2"): ``F`` of the hidden rows and of the output
+    rows, each divided by ``sqrt(n)`` of the S2 row where its tau chain ends (``n_k = sum (w B)^2``
+    over the row; 1 for rows that no BatchNorm normalizes)."""
+    b_ent = torch.cat([B, one])[col_node]  # B of the input node of every entry of the layers reading hidden nodes
+    parts = []
+    for l in sorted(range(ch.n_layers), key=lambda l: ch.row_off[l]):
+        n_out, K = ch.shape2[l]
+        if l not in ch.normalized:
+            parts.append(w2[l].new_ones(n_out))
+            continue
+        w = w2[l] * b_ent[ch.koff[l] : ch.koff[l] + K] if ch.reads_hidden[l] else w2[l]
+        parts.append(w.square().sum(1))
+    q_end = torch.cat(parts)[row_end].sqrt()
+    return F / q_end[: ch.hidden], torch.reciprocal(q_end[ch.hidden :])
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -108,6 +108,7 @@ class StepArgs:
     Attributes:
         chains: The topology's chains.
         bn_layers: BN-heuristic layers that have a gradient.
+        normalized: S2 layers outside chains that have a gradient (:mod:`lightning_gsgd.step.normalized`).
         hp_of: Per parameter id, its hyper-parameters and its parameter group.
         plain: Parameters outside chains that have a gradient, with their hyper-parameters.
         param_groups: The optimizer's parameter groups.
@@ -122,6 +123,7 @@ class StepArgs:
 
     chains: tuple[Chain, ...]
     bn_layers: list[ChainLayer]
+    normalized: list[ChainLayer]
     hp_of: dict[int, tuple[Hyper, dict[str, Any]]]
     plain: list[tuple[Tensor, Hyper]]
     param_groups: list[dict[str, Any]]
@@ -194,6 +196,7 @@ def collect_step_args(
     return StepArgs(
         chains=topology.chains,
         bn_layers=[layer for layer in topology.bn_layers if layer.weight.grad is not None],
+        normalized=[layer for layer in topology.normalized if layer.weight.grad is not None],
         hp_of=hp_of,
         plain=plain,
         param_groups=param_groups,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_gsgd.topology.index import chain_index
+from lightning_gsgd.topology.index import chain_index, row_ends
 from lightning_gsgd.topology.types import Chain
 
 
@@ -69,6 +69,9 @@ class ChainPlan:
         tau_take: ``[3, H]`` skeleton-block positions of node h's tau weight, gradient and buffer
             (a sigma position where the tau edge is not free).
         sig_take: ``[2, H]`` skeleton-block positions of node h's sigma weight and gradient.
+        normalized: The chain's S2 layers (output layers whose rows BatchNorm normalizes).
+        row_end: ``[R]`` per row, the output row where its tau chain ends (the S2 factor of a row is
+            that of its end row: docs/math.md, "BatchNorm segments: S1 and S2").
     """
 
     n_layers: int
@@ -96,6 +99,8 @@ class ChainPlan:
     walk_g_rows: Tensor
     tau_take: Tensor
     sig_take: Tensor
+    normalized: tuple[int, ...]
+    row_end: Tensor
 
     @property
     def one(self) -> int:
@@ -128,7 +133,7 @@ class ChainPlan:
             self.tau_layer,
             self.first_free,
         ]
-        tensors += [self.walk_bf, self.walk_g_rows, self.tau_take, self.sig_take]
+        tensors += [self.walk_bf, self.walk_g_rows, self.tau_take, self.sig_take, self.row_end]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -264,4 +269,6 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
         walk_g_rows=dev(walk_g_rows),
         tau_take=dev(tau_take),
         sig_take=dev(sig_take),
+        normalized=tuple(chain.normalized),
+        row_end=dev(row_ends(index)),
     )

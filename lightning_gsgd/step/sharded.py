@@ -29,7 +29,7 @@ from lightning_gsgd.step.inputs import StepArgs
 from lightning_gsgd.step.passes import Item, bulk
 from lightning_gsgd.step.single import all_finite, keep, minmax, plain_sgd_step, sgd_update_, write
 from lightning_gsgd.step.slots import Prepared, Slot
-from lightning_gsgd.topology.shard import is_dtensor
+from lightning_gsgd.topology.shard import is_dtensor, refuse_sharded_dags
 from lightning_gsgd.topology.types import Chain, ChainLayer, Topology, TopologyError
 
 
@@ -44,8 +44,10 @@ def check_row_sharded(topology: Topology, who: str) -> tuple[Any, torch.dtype]:
 
     Raises:
         TopologyError: A chain parameter is not sharded on dim 0 over one 1-D mesh shared by every chain,
-            or chains differ in dtype (``who`` names the optimizer in the message).
+            or chains differ in dtype (``who`` names the optimizer in the message); or the topology has
+            DAG chains or BatchNorm segments (:func:`lightning_gsgd.topology.shard.refuse_sharded_dags`).
     """
+    refuse_sharded_dags(topology, who)
     tensors = [t for c in topology.chains for layer in c.layers for t in (layer.weight, layer.bias) if t is not None]
     mesh = None
     for layer in (layer for c in topology.chains for layer in c.layers):

@@ -31,6 +31,9 @@ class ChainWork:
     * ``ratio`` (``v' / v`` at free tau edges) and ``rho`` over hidden nodes, each followed by a 1;
     * the per-row sums ``sum(w * g)`` followed by a 0.
 
+    Chains with S2 layers (``plan.normalized``) also hold ``n_rows``: ``n`` of the S2 layers' rows
+    (``sum (w B)^2``; 1 elsewhere), whose square root at each row's end divides ``F``.
+
     Args:
         plan: The chain's index plan.
         dtype: Parameter dtype.
@@ -78,11 +81,14 @@ class ChainWork:
         self.sg_l = [self.sg[sl] for sl in sel]
         self.sbuf_l = [self.sbuf[sl] for sl in sel]
         # rows per chunk of every hidden layer's [n_out, K] view, for the row sums (0: not hidden)
-        hidden = plan.is_hidden
+        # (and of every S2 layer, for the row norms)
+        hidden = [h or l in plan.normalized for l, h in enumerate(plan.is_hidden)]
         self.chunk_rows = [max(1, CHUNK // plan.row_size[l]) if hidden[l] else 0 for l in range(L)]
         width = max(
             (min(plan.n_out[l], self.chunk_rows[l]) * plan.row_size[l] for l in range(L) if hidden[l]), default=0
         )
+        self.n_rows = torch.ones(R, dtype=dtype, device=device)
+        self.n_rows_l = [self.n_rows[sl] for sl in rows]
         self.scratch = torch.empty(width, dtype=dtype, device=device)
         # layers that fit in one chunk: a ready [n_out, n_in, taps] view of the scratch
         self.whole = [
@@ -101,6 +107,21 @@ class ChainWork:
     def nbytes(self) -> int:
         """Memory held by the work area."""
         return (self.vec.numel() + self.ones_h.numel() + self.scratch.numel()) * self.vec.element_size()
+
+    def row_norms_(self, l: int, w: Tensor, b_cols: Tensor | None) -> None:
+        """``n_rows`` of layer ``l``: ``sum over each row of (w B)^2`` (``b_cols``: ``[1, n_in, 1]``, or
+        ``None`` for a ``B`` of ones), chunk by chunk like :meth:`row_sums_`."""
+        out = self.n_rows_l[l]
+        n, n_in, taps = w.shape
+        step = self.chunk_rows[l]
+        for i in range(0, n, step):
+            j = min(n, i + step)
+            tmp = self.scratch[: (j - i) * n_in * taps].view(j - i, n_in, taps)
+            if b_cols is None:
+                torch.mul(w[i:j], w[i:j], out=tmp)
+            else:
+                torch.mul(w[i:j], b_cols, out=tmp).square_()
+            torch.sum(tmp, (1, 2), out=out[i:j])
 
     def row_sums_(self, l: int, w: Tensor, g: Tensor) -> None:
         """``base_rows[l] = sum over each row of w * g`` (``[n_out, n_in, taps]`` views), chunk by chunk."""

@@ -242,3 +242,36 @@ def chain_gamma(
         assert idx.sig_is_tau is not None and idx.sig_src is not None
         gamma[idx.rows] = gam + torch.where(idx.sig_is_tau, gamma[idx.sig_src], 0.0)
     return gamma
+
+
+def row_ends(index: list[LayerIndex]) -> Tensor:
+    """Per row of the chain (hidden nodes, then the output layers' rows): the output row where its tau
+    chain ends (an output row ends at itself). One reverse walk over the tau edges, like ``F``."""
+    R = max(idx.row_off + idx.n_out for idx in index)
+    end = torch.arange(R, device=index[0].col_node.device)
+    for idx in reversed(index):
+        if idx.tau_rows is not None:
+            end[idx.tau_nodes] = end[idx.row_off + idx.tau_rows]
+    return end
+
+
+def normalized_row_norms(
+    weights: list[Tensor], B: list[Tensor], index: list[LayerIndex], normalized: tuple[int, ...]
+) -> Tensor:
+    """``n`` of every row of a chain: ``n_k = sum over the edges into k of (w B)^2`` of the S2 row ``k``
+    where the row's tau chain ends, 1 where it ends at a row that no BatchNorm normalizes
+    (docs/math.md, "BatchNorm segments: S1 and S2"). The S2 step divides every row's ``F`` by
+    ``sqrt(n)``: G-SGD on the slice ``n_k = 1``.
+
+    Args:
+        weights: The layers' weights as ``[n_out, n_in, taps]`` views.
+        B: ``B`` of every layer's input columns (:func:`chain_backbone`).
+        index: The layers' sigma/tau indices.
+        normalized: The chain's S2 layers (``Chain.normalized``).
+    """
+    w0 = weights[0]
+    R = max(idx.row_off + idx.n_out for idx in index)
+    n_rows = torch.ones(R, dtype=w0.dtype, device=w0.device)
+    for l in normalized:
+        n_rows[index[l].rows] = (weights[l] * B[l].view(1, -1, 1)).square().sum((1, 2))
+    return n_rows[row_ends(index)]

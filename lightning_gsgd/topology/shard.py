@@ -54,12 +54,19 @@ def is_sharded(topology: Topology) -> bool:
 
 
 def refuse_sharded_dags(topology: Topology, who: str) -> None:
-    """Refuse a topology with DAG chains for sharded training (the sharded steps handle sequences only)."""
+    """Refuse a topology with DAG chains or BatchNorm segments for sharded training (the sharded steps
+    handle sequence chains of Linear/Conv layers only)."""
     dags = [chain.name for chain in topology.chains if not chain.is_sequence]
     if dags:
         raise TopologyError(
             f"{who}: {len(dags)} chain(s) with fan-out or concatenation ({', '.join(dags[:3])}); sharded "
             "steps support sequence chains only for now: detect with exclude= on those layers, or do not shard"
+        )
+    bn = [c.name for c in topology.chains if c.normalized or c.affine_units] + [x.name for x in topology.normalized]
+    if bn:
+        raise TopologyError(
+            f"{who}: {len(bn)} BatchNorm segment(s) ({', '.join(bn[:3])}); sharded steps do not support "
+            "bn_mode='exact' yet: detect with bn_mode='sgd', or do not shard"
         )
 
 

@@ -1,0 +1,174 @@
+"""Exact G-SGD on BatchNorm segments in the engine (docs/math.md, "BatchNorm segments: S1 and S2"):
+``GSGD`` on a topology with S2 layers (``Chain.normalized``, ``Topology.normalized``) against the
+brute-force oracle (tests/oracle_bn.py: SGD on path values, each S2 block retracted onto ``n_k = 1``)
+and the reference step (tests/reference_bn.py), and equivariant under S1 and S2 jointly.
+
+Models: tests/bn_models.py (float64, BatchNorm eps = 1e-30, training mode).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_gsgd import GSGD, init_skeleton_
+from lightning_gsgd.step.graph import ChainGraphs
+from tests.bn_exact import exact_topology
+from tests.bn_models import BN_MODELS, make_bn
+from tests.oracle_bn import BnOracle, normalized_path_values, oracle_run, rescale_bn_
+from tests.reference_bn import ReferenceBnSGD
+
+NAMES = list(BN_MODELS)
+HYPERS = [
+    dict(lr=0.02),
+    dict(lr=0.02, momentum=0.9, weight_decay=0.01),
+    dict(lr=0.02, momentum=0.5, dampening=0.3, weight_decay=0.001),
+    dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=0.01),
+]
+
+
+def _setup(name: str, rescaled: bool = True):
+    """Model with its skeleton at 1, then S1- and S2-rescaled (B != 1, rows of any norm); input, target."""
+    model, x = make_bn(name)
+    init_skeleton_(model.spec().topology)
+    if rescaled:
+        rescale_bn_(model.spec(), spread=0.5, seed=7)
+    y = torch.randn(model(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return model, x, y
+
+
+def _engine(compiled: bool = False, **hp):
+    def make(m):
+        opt = GSGD(m.parameters(), topology=exact_topology(m.spec()), compiled=compiled, **hp)
+        if compiled:
+            opt._graphs = ChainGraphs(backend="eager", fullgraph=True)
+        return opt
+
+    return make
+
+
+def _run(model, x, y, make, steps: int):
+    opt = make(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    return opt
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+CASES = [(n, h, False) for n in NAMES for h in (HYPERS[1], HYPERS[3])]
+CASES += [("basic", h, False) for h in (HYPERS[0], HYPERS[2])] + [(n, HYPERS[1], True) for n in ("basic", "vgg_bn")]
+
+
+@pytest.mark.parametrize("name,hyper,compiled", CASES)
+def test_engine_matches_oracle(name, hyper, compiled):
+    """Three steps of the engine equal the oracle's (SGD on path values, blocks retracted onto n = 1):
+    the same training-mode function and the same normalized path values, to 1e-10, from a start with
+    B != 1 and rows of any norm (the oracle's weights are its retracted ones, so they are compared
+    through these invariants)."""
+    model, x, y = _setup(name)
+    ours = copy.deepcopy(model)
+    opt = _run(ours, x, y, _engine(compiled, **hyper), steps=3)
+    assert int(opt.guard_hits) == 0, "guard acted: the oracle does not model it"
+    assert int(opt.skipped_steps) == 0
+    theirs = copy.deepcopy(model)
+    theirs.load_state_dict(
+        oracle_run(model, model.spec(), x, lambda o: ((o - y) ** 2).mean(), 3, **hyper), strict=False
+    )
+    assert _rel(ours(x), model(x)) > 1e-3, "the step did nothing: the comparison would be vacuous"
+    assert _rel(ours(x), theirs(x)) <= 1e-10
+    for a, b in zip(normalized_path_values(ours, ours.spec()), normalized_path_values(theirs, theirs.spec())):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_engine_matches_reference_step(name):
+    """The engine's parameters and momentum buffers equal the reference step's (buffer in normalized
+    coordinates: torch's SGD on the slice) over five Nesterov steps."""
+    model, x, y = _setup(name)
+    hp = HYPERS[3]
+    ours, ref = copy.deepcopy(model), copy.deepcopy(model)
+    opt = _run(ours, x, y, _engine(**hp), steps=5)
+    _run(ref, x, y, lambda m: ReferenceBnSGD(m, m.spec(), **hp), steps=5)
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-12 * q.abs().max().item()), n
+    assert int(opt.steps) == 5
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_equivariance_s1_s2(name, compiled):
+    """From a copy rescaled by random S1 and S2 factors (spread exp(U(-1, 1))), five steps with momentum
+    and weight decay give the same training-mode function to 1e-8 relative; SGD does not."""
+    model, x, y = _setup(name, rescaled=False)
+    twin = copy.deepcopy(model)
+    rescale_bn_(twin.spec(), spread=1.0, seed=5)
+    hp = HYPERS[1]
+    a, b = copy.deepcopy(model), copy.deepcopy(twin)
+    _run(a, x, y, _engine(compiled, **hp), steps=5)
+    _run(b, x, y, _engine(compiled, **hp), steps=5)
+    assert _rel(a(x), model(x)) > 1e-3
+    assert _rel(b(x), a(x)) <= 1e-8
+    a, b = copy.deepcopy(model), copy.deepcopy(twin)
+    _run(a, x, y, lambda m: torch.optim.SGD(m.parameters(), **hp), steps=5)
+    _run(b, x, y, lambda m: torch.optim.SGD(m.parameters(), **hp), steps=5)
+    assert _rel(b(x), a(x)) > 1e-3
+
+
+ADAM_CASES = [
+    (n, opt, hp, False)
+    for n in NAMES
+    for opt, hp in (("GAdam", dict(lr=0.01, weight_decay=0.01)), ("GAdamW", dict(lr=0.01, weight_decay=0.1)))
+]
+ADAM_CASES += [("basic", "GAdam", dict(lr=0.01, amsgrad=True), False)]
+ADAM_CASES += [(n, "GAdamW", dict(lr=0.01, weight_decay=0.1), True) for n in ("basic", "vgg_bn")]
+
+
+@pytest.mark.parametrize("name,kind,hyper,compiled", ADAM_CASES)
+def test_gadam_matches_oracle(name, kind, hyper, compiled):
+    """G-space Adam/AdamW on BatchNorm segments is torch's Adam/AdamW on the path values with every S2
+    block retracted onto n = 1 (the oracle with Adam): the same function and normalized path values
+    after three steps, to 1e-9, eager and compiled."""
+    from lightning_gsgd import GAdam, GAdamW
+    from lightning_gsgd.step.adam_graph import AdamGraphs
+
+    cls = {"GAdam": GAdam, "GAdamW": GAdamW}[kind]
+    torch_cls = {"GAdam": torch.optim.Adam, "GAdamW": torch.optim.AdamW}[kind]
+
+    def make(m):
+        opt = cls(m.parameters(), topology=exact_topology(m.spec()), compiled=compiled, **hyper)
+        if compiled:
+            opt._compiled_step.graphs = AdamGraphs(backend="eager", fullgraph=True)
+        return opt
+
+    model, x, y = _setup(name)
+    ours = copy.deepcopy(model)
+    opt = _run(ours, x, y, make, steps=3)
+    assert int(opt.skipped_steps) == 0 and int(opt.guard_hits) == 0
+    theirs = copy.deepcopy(model)
+    loss = lambda o: ((o - y) ** 2).mean()  # noqa: E731
+    theirs.load_state_dict(oracle_run(model, model.spec(), x, loss, 3, torch_cls, **hyper), strict=False)
+    assert _rel(ours(x), model(x)) > 1e-3
+    assert _rel(ours(x), theirs(x)) <= 1e-9
+    # The biases before a BatchNorm have a gradient of rounding noise only (about 1e-16 of the
+    # others): Adam divides it by its own scale, so those biases move by noise that differs between
+    # two float computations of the same gradient. They change nothing in the function (checked
+    # above) and are compared loosely; everything else to 1e-9.
+    noise = {layer.name + ".bias" for layer in model.spec().s2 if layer.bias is not None}
+    assert noise
+    biases = [ours.get_parameter(n).detach() for n in noise]
+
+    def is_noise(leaf: torch.Tensor) -> bool:  # the leaf of an S2 bias holds that bias as it is
+        return any(leaf.shape == b.shape and torch.equal(leaf.detach(), b) for b in biases)
+
+    a_pp, b_pp = BnOracle(ours, ours.spec()).pp, BnOracle(theirs, theirs.spec()).pp
+    assert sum(is_noise(a) for a in a_pp.leaves) == len(noise)
+    for a, b in zip(a_pp.leaves, b_pp.leaves):
+        tol = 1e-6 if is_noise(a) else 1e-9
+        assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2 * b.abs().max().item())
