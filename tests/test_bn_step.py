@@ -172,3 +172,29 @@ def test_gadam_matches_oracle(name, kind, hyper, compiled):
     for a, b in zip(a_pp.leaves, b_pp.leaves):
         tol = 1e-6 if is_noise(a) else 1e-9
         assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["stack_deep", "basic"])
+def test_diagnostics_read_normalized_path_values(name):
+    """With S2 layers the diagnostics read the normalized path values: the gradient norm, the path norm,
+    the skeleton values and the relative update of a step are the same on an S1- and S2-rescaled twin
+    (1e-9); the optimizer does not take the readings request (its step would read unnormalized values)."""
+    from lightning_gsgd.diagnostics.metrics import PathDiagnostics
+
+    model, x, y = _setup(name, rescaled=False)
+    twin = copy.deepcopy(model)
+    rescale_bn_(twin.spec(), spread=1.0, seed=5)
+    got = []
+    for m in (model, twin):
+        topo = exact_topology(m.spec())
+        opt = GSGD(m.parameters(), topology=topo, compiled=False, **HYPERS[1])
+        diag = PathDiagnostics(topo)
+        opt.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        before = diag.before_step(opt)
+        assert before, "the optimizer took the request: the readings would come from the step"
+        opt.step()
+        got.append({**before, **diag.after_step(opt)})
+    for k in ("path_grad_norm", "basis_path_norm", "skeleton_abs_min", "skeleton_abs_max", "relative_update"):
+        assert abs(got[0][k] - got[1][k]) <= 1e-9 * abs(got[1][k]), k
+    assert got[0]["relative_update"] > 1e-4

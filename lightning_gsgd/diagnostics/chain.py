@@ -112,6 +112,7 @@ def read_chain(
     bias_grads: list[Tensor | None],
     index: list[LayerIndex],
     flat: list[FlatIndex],
+    normalized: tuple[int, ...] = (),
 ) -> tuple[ChainReading, PathValues]:
     """Path-space norms, skeleton values and imbalance terms of one chain, and its path values.
 
@@ -134,8 +135,10 @@ def read_chain(
         bias_grads: Bias gradients per layer (``None`` where there is no bias).
         index: Sigma/tau indices per layer (:func:`chain_index`).
         flat: Sigma and free-tau entries per layer (:func:`flat_index`).
+        normalized: The chain's S2 layers: the readings are then of the normalized path values (on
+            the slice ``n = 1``, invariant under S1 and S2; docs/math.md, "BatchNorm segments: S1 and S2").
     """
-    B, F = chain_backbone(weights, index)
+    B, F = chain_backbone(weights, index, normalized)
     gamma = chain_gamma(weights, grads, biases, bias_grads, index)
     H = index[0].n_hidden
     grad_sq = torch.zeros((), dtype=weights[0].dtype, device=weights[0].device)
@@ -188,14 +191,15 @@ def update_sq(
     biases: list[Tensor | None],
     index: list[LayerIndex],
     flat: list[FlatIndex],
+    normalized: tuple[int, ...] = (),
 ) -> Tensor:
-    """``||v_now - v_kept||**2`` over the basis paths of one chain.
+    """``||v_now - v_kept||**2`` over the basis paths of one chain (normalized path values with S2 layers).
 
     Per layer: the scale matrix, ``v_now`` into it, the difference and one reduction. ``v_now`` is
     rounded exactly as ``kept`` was (a fused ``kept - w * scale`` would not round the product), so
     weights that did not change give exactly 0.
     """
-    B, F = chain_backbone(weights, index)
+    B, F = chain_backbone(weights, index, normalized)
     total = torch.zeros((), dtype=weights[0].dtype, device=weights[0].device)
     for l, (w3, k, fi) in enumerate(zip(weights, kept[0], flat)):
         d = _scale(F[l], B[l], w3.shape[2]).mul_(_flat(w3)).sub_(k)

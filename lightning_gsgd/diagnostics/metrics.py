@@ -86,7 +86,8 @@ def topology_summary(topology: Topology) -> dict[str, float]:
         (share of parameters in chains, in [0, 1]), ``covered_params`` and ``plain_params`` (the
         parameters outside every chain, i.e. the ones the topology lists as excluded). Note that
         the optimizer also gives each chain's *output bias* plain SGD; it is counted as covered,
-        as :attr:`Topology.coverage` does.
+        as :attr:`Topology.coverage` does. ``s1_units`` and ``s2_rows``: BatchNorm channels that are
+        units, and rows whose scale BatchNorm frees (docs/math.md, "BatchNorm segments: S1 and S2").
     """
     return {
         "chains": float(len(topology.chains)),
@@ -95,6 +96,8 @@ def topology_summary(topology: Topology) -> dict[str, float]:
         "coverage": float(topology.coverage),
         "covered_params": float(topology.covered_params),
         "plain_params": float(topology.total_params - topology.covered_params),
+        "s1_units": float(topology.s1_units),
+        "s2_rows": float(topology.s2_rows),
     }
 
 
@@ -208,7 +211,7 @@ class PathDiagnostics:
         index, flat = self._indices(ci, chain)
         if self._sharded:
             return read_chain_sharded(chain, index, flat)
-        return read_chain(*chain_tensors(chain), index, flat)
+        return read_chain(*chain_tensors(chain), index, flat, chain.normalized)
 
     @torch.no_grad()
     def after_step(self, optimizer: Any = None) -> dict[str, Tensor]:
@@ -244,7 +247,7 @@ class PathDiagnostics:
                     d2 = sharded_update_sq(chain, kept[ci], index, flat)
                 else:
                     weights, _, biases, _ = chain_tensors(chain, grads=False)
-                    d2 = update_sq(kept[ci], weights, biases, index, flat)
+                    d2 = update_sq(kept[ci], weights, biases, index, flat, chain.normalized)
                 diff_sq.append(d2)
                 if self.per_chain:
                     out[f"chain{ci}/relative_update"] = torch.sqrt(d2 / self._kept_sq[ci])

@@ -363,11 +363,13 @@ class GSGD(Optimizer):
         Returns:
             Whether the request was taken: ``False`` (and nothing requested) unless the step can read
             every chain (float32 or float64 parameters, and hyper-parameters that
-            :func:`lightning_gsgd.step.readings.supported` covers) or when no topology is bound.
+            :func:`lightning_gsgd.step.readings.supported` covers, no S2 layers) or when no topology is bound.
         """
         self._readings = None
         self._readings_request = False
         if self.topology is None or self._sharded is not None:  # sharded: no readings yet
+            return False
+        if any(chain.normalized for chain in self.topology.chains):  # read directly: normalized path values
             return False
         hp_of = {id(p): hyper(g) for g in self.param_groups for p in g["params"]}
         for chain in self.topology.chains:

@@ -137,7 +137,8 @@ def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:
     min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
     work = args.caches.chain_work(ci, chain)
     bias_params = None
-    if args.readings and readings_supported([s.hp for s in [*weights, *biases] if s is not None], work.dtype):
+    hypers = [s.hp for s in [*weights, *biases] if s is not None]
+    if args.readings and readings_supported(hypers, work.dtype):
         bias_params = [None if layer.bias is None else layer.bias.detach() for layer in layers]
     unit_b = None if args.host_reads else False
     return prepare_chain(work, weights, biases, min_ratio, unit_b=unit_b, bias_params=bias_params)

@@ -186,12 +186,17 @@ def columns(node_values: Tensor, idx: LayerIndex) -> Tensor:
     return node_values[idx.col_node]
 
 
-def chain_backbone(weights: list[Tensor], index: list[LayerIndex]) -> tuple[list[Tensor], list[Tensor]]:
+def chain_backbone(
+    weights: list[Tensor], index: list[LayerIndex], normalized: tuple[int, ...] = ()
+) -> tuple[list[Tensor], list[Tensor]]:
     """The sigma-chain products ``B`` and tau-chain products ``F`` of every node.
 
     Args:
         weights: The layers' weights as ``[n_out, n_in, taps]`` views, in chain order.
         index: The layers' sigma/tau indices (:func:`chain_index`).
+        normalized: The chain's S2 layers (``Chain.normalized``): then every row's ``F`` is divided by
+            ``sqrt(n)`` of its end row (:func:`normalized_row_norms`), so that ``w B F`` are the
+            *normalized* path values, the coordinates on the slice ``n = 1``.
 
     Returns:
         ``(B, F)``: ``B[l]`` holds B of the input columns of layer ``l`` (1 for columns from outside
@@ -210,6 +215,8 @@ def chain_backbone(weights: list[Tensor], index: list[LayerIndex]) -> tuple[list
         if idx.tau_rows is not None:
             f_rows[idx.tau_nodes] = tau_entries(w, idx) * f_rows[idx.row_off + idx.tau_rows]
     B = [columns(b_nodes, idx) for idx in index]
+    if normalized:
+        f_rows = f_rows / normalized_row_norms(weights, B, index, normalized).sqrt()
     F = [f_rows[idx.rows] for idx in index]
     return B, F
 
