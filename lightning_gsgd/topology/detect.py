@@ -63,7 +63,7 @@ def build_graph(model: nn.Module, example_input: Any, method: str = "auto") -> O
     """
     if method not in _METHODS:
         raise ValueError(f"detect_topology: method must be one of {_METHODS}, got {method!r}")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each submodule's own flag (a frozen BatchNorm too)
     model.eval()
     try:
         if method in ("auto", "fx"):
@@ -79,7 +79,8 @@ def build_graph(model: nn.Module, example_input: Any, method: str = "auto") -> O
                 )
         return record_forward(model, example_input)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -3,8 +3,9 @@
 S2 (docs/math.md, "BatchNorm segments: S1 and S2") holds only in training mode and only as
 BatchNorm's ``eps -> 0`` (with ``eps = 1e-5`` a row rescaling moves the output by about 1e-4
 relative; with ``eps = 1e-30`` in float64 by about 1e-15). So the check runs on a **deep copy** of
-the model in float64, in eval mode except for its BatchNorms (training mode, ``eps = 1e-30``;
-dropout and other training-time randomness stay off), with the random generator forked and seeded
+the model in float64, in eval mode except for its BatchNorms (training mode, ``eps = 1e-30``, unless
+the model trains and the BatchNorm is kept in eval mode; dropout and other training-time randomness
+stay off), with the random generator forked and seeded
 for each forward pass: it multiplies every claimed S2 row (weight row and bias) by a random factor
 ``exp(U(-1, 1))`` and compares the outputs. The user's model (parameters, buffers such as running
 statistics, training flags) is never touched. If the outputs move by more than the tolerance, each
@@ -48,10 +49,12 @@ class _TrainCopy:
 
     def __init__(self, model: nn.Module, example_input: Any, layers: list[ChainLayer]) -> None:
         names = {id(p): n for n, p in model.named_parameters()}
+        # a BatchNorm that the user keeps in eval mode inside a model in training mode stays frozen
+        modes = [not model.training or m.training for m in model.modules()]
         self.model = copy.deepcopy(model).double().eval()
-        for m in self.model.modules():
+        for m, mode in zip(self.model.modules(), modes):
             if isinstance(m, BATCHNORM):
-                m.train()
+                m.train(mode)
                 m.eps = EPS
         self.x = _float64(example_input)
         own = dict(self.model.named_parameters())
