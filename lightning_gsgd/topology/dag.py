@@ -268,7 +268,7 @@ def _why(graph: OpGraph, a: int, flow: Flow, exact: bool = False) -> tuple[Why, 
     spoils = [s for s in every if not s.norm] if exact else every
     read = flow.read_nodes.get(a, set())
     n = flow.labelled[a]
-    if exact and not spoils:
+    if exact and every and not spoils:
         return _mixed(n, read, flow.norm_nodes.get(a, set())), None
     at: dict[int, Spoil] = {}
     for s in every:

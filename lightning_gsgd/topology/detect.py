@@ -179,7 +179,7 @@ def find_chains(
     problems = _weight_problems(graph, usage)
     bns, grouped = _segment_ops(graph, usage, problems) if exact else ({}, set())
     names = [op.qualname for op in ops if is_weight_layer(op) or op.index in bns]
-    what = "Linear/Conv/BatchNorm" if exact else "Linear/Conv"
+    what = "Linear/Conv/BatchNorm" if bns else "Linear/Conv"
     for kind, patterns in (("include", include or ()), ("exclude", exclude)):
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
