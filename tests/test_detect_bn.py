@@ -323,3 +323,26 @@ def test_functional_batch_norm_is_not_an_s2_normalizer():
     topo = detect_topology(Functional().double(), torch.randn(3, 3, 6, 6, dtype=torch.float64), allow_empty=True)
     assert not topo.normalized
     assert "batch_norm" in {e.name: e.reason for e in topo.excluded}["conv.weight"]
+
+
+def test_a_batchnorm_that_feeds_only_batchnorms_says_so():
+    """DenseNet's first BatchNorm: its channels reach only the dense layers' BatchNorms (through the cats)."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn0, self.bn1, self.fc = (
+                nn.Conv2d(3, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.BatchNorm2d(4),
+                nn.Linear(4, 2),
+            )
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn1(F.relu(self.bn0(self.conv(x))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    topo = detect_topology(Twice().double(), torch.randn(3, 3, 6, 6, dtype=torch.float64))
+    reasons = {e.name: e.reason for e in topo.excluded}
+    assert "its units go only into BatchNorms" in reasons["bn0.weight"]
+    assert _names(topo) == [(("bn1", "fc"), ())] and [layer.name for layer in topo.normalized] == ["conv"]

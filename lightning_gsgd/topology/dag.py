@@ -256,6 +256,11 @@ def _mixed(n: int, read: set[int], normed: set[int]) -> Why:
             "neither hidden units (every route must end at a layer) nor S2 rows (every route at a BatchNorm)",
             "its units go both into a BatchNorm and to a layer",
         )
+    if normed and len(normed) == n:
+        return Why(
+            "its units go only into BatchNorms, which normalize them (no layer reads them as units)",
+            "its units go only into BatchNorms",
+        )
     return _unread(n, read | normed)
 
 
