@@ -72,7 +72,7 @@ def claims_error(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
     gen = torch.Generator().manual_seed(seed)
     rescale_hidden_units_(topo, random_unit_factors(topo, 1.0, gen))
     for layer in _s2_layers(topo):
-        c = torch.exp((2 * torch.rand(layer.n_out, generator=gen, dtype=torch.float64) - 1))
+        c = torch.exp(2 * torch.rand(layer.n_out, generator=gen, dtype=torch.float64) - 1)
         layer.weight.view(layer.n_out, -1).mul_(c.view(-1, 1))
         if layer.bias is not None:
             layer.bias.mul_(c)

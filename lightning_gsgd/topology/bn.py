@@ -18,12 +18,11 @@ import math
 from collections.abc import Callable
 
 from torch import nn
-from torch.nn.modules import module as module_mod
 from torch.nn.utils import parametrize
 
 from lightning_gsgd.topology.graph import Op, OpGraph
 from lightning_gsgd.topology.reasons import Why, group_of
-from lightning_gsgd.topology.rules import BATCHNORM, CONVS, computation_problem, conv_centre
+from lightning_gsgd.topology.rules import BATCHNORM, CONVS, computation_problem, conv_centre, hook_problem
 from lightning_gsgd.topology.types import ChainLayer
 
 BN_MODES = ("exact", "sgd", "authors_heuristic")
@@ -50,16 +49,7 @@ def plain_bn_problem(module: nn.Module) -> Why | None:
         )
     if parametrize.is_parametrized(module):
         return Why(f"{cls.__name__} has a parametrization", "a BatchNorm has a parametrization")
-    for what, own, glob in (
-        ("forward pre-hook", module._forward_pre_hooks, module_mod._global_forward_pre_hooks),
-        ("forward hook", module._forward_hooks, module_mod._global_forward_hooks),
-    ):
-        if own or glob:
-            return Why(
-                f"{cls.__name__} has a {what} that may change its computation",
-                f"a BatchNorm has a {what}",
-            )
-    return None
+    return hook_problem(module)
 
 
 def normalizer(model: nn.Module) -> Callable[[Op], Why | None]:
