@@ -1,14 +1,11 @@
 """Exact BatchNorm segments through Lightning (issue 15): the callback detects them by default, a fit
 equals GSGD driven by hand, a resume from a checkpoint is bit-identical, DDP keeps the replicas
-identical (SyncBatchNorm: equal to one process on the global batch), bf16-mixed runs."""
+identical, SyncBatchNorm is a BatchNorm, bf16-mixed runs."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from lightning_gsgd import GSGD, GSGDCallback
 from tests import ddp_script
@@ -22,7 +19,7 @@ from tests.lightning_models import (
     make_loader,
     train_by_hand,
 )
-from tests.test_ddp import _global_batches, clean_distributed  # noqa: F401  (a fixture)
+from tests.test_ddp import clean_distributed  # noqa: F401  (a fixture)
 
 HP = dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
 
@@ -54,50 +51,57 @@ def test_callback_detects_segments_and_fit_equals_by_hand():
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_resume_from_checkpoint_is_bit_identical(tmp_path, compiled):
-    """Six steps straight equal three, a checkpoint, and three more from it (buffers in normalized
-    coordinates, counters, BatchNorm running statistics), bit for bit."""
-    data = make_dataset()
+    """Eight steps straight equal four (one epoch), a checkpoint, and four more from it (buffers in
+    normalized coordinates, counters, BatchNorm running statistics), bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def fit(steps, ckpt=None, save=None):
-        torch.manual_seed(0)
-        model = BNModule(**HP)
-        trainer = cpu_trainer(max_steps=steps, callbacks=[GSGDCallback(compiled=compiled)])
-        trainer.fit(model, make_loader(data, 8), ckpt_path=ckpt)
-        if save:
-            trainer.save_checkpoint(save)
-        return model, trainer
+    loader = make_loader(make_dataset(), 8)  # 4 batches per epoch
 
-    straight, _ = fit(6)
-    fit(3, save=str(tmp_path / "half.ckpt"))
-    resumed, trainer = fit(6, ckpt=str(tmp_path / "half.ckpt"))
+    def model(seed):
+        torch.manual_seed(seed)
+        return BNModule(**HP)
+
+    straight = model(0)
+    cpu_trainer(max_epochs=2, callbacks=[GSGDCallback(compiled=compiled)]).fit(straight, loader)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    callbacks = [GSGDCallback(compiled=compiled), saver]
+    cpu_trainer(max_epochs=1, callbacks=callbacks, enable_checkpointing=True).fit(model(0), loader)
+    resumed = model(123)  # another init: only the checkpoint can make the runs agree
+    trainer = cpu_trainer(max_epochs=2, callbacks=[GSGDCallback(compiled=compiled)])
+    trainer.fit(resumed, loader, ckpt_path=tmp_path / "last.ckpt")
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
-    assert int(trainer.optimizers[0].steps) == 6
+    assert int(trainer.optimizers[0].steps) == 8
 
 
-@pytest.mark.parametrize("sync", [False, True], ids=["batchnorm", "syncbatchnorm"])
-def test_ddp_replicas_identical(tmp_path, clean_distributed, sync):  # noqa: F811
-    """Under DDP the replicas stay bit-identical and the step adds no collective; with SyncBatchNorm
-    (statistics over the global batch) the result equals one process on the global batch."""
+def test_ddp_replicas_identical(tmp_path, clean_distributed):  # noqa: F811
+    """Under DDP the replicas stay bit-identical (their BatchNorm statistics are per rank; DDP
+    broadcasts the buffers) and the step adds no collective."""
     strategy = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
     torch.manual_seed(ddp_script.SEED)
-    model = BNModule(sync=sync, **HP)
-    ref = clone(model)
+    model = BNModule(**HP)
+    names = [n for n, _ in model.named_parameters()]
     callbacks = [GSGDCallback(), NoCollectivesInStep(), SaveParams(str(tmp_path))]
     trainer = cpu_trainer(strategy=strategy, devices=2, max_steps=ddp_script.STEPS, callbacks=callbacks)
     trainer.fit(model, make_loader(make_dataset(), ddp_script.PER_RANK_BATCH))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    names = [n for n, _ in ref.named_parameters()]
     for name in names:
         assert torch.equal(rank0[name], rank1[name]), f"replicas differ in {name}"
-    if sync:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        plain = BNModule(sync=False, **HP)
-        plain.load_state_dict(ref.state_dict())
-        train_by_hand(plain, _global_batches(int(os.environ.get("PL_GLOBAL_SEED", 0))), **HP)
-        for name, p in plain.named_parameters():
-            torch.testing.assert_close(rank0[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_syncbatchnorm_is_a_batchnorm():
+    """SyncBatchNorm gives the same segments as BatchNorm and, in one process (where it is
+    BatchNorm), the same steps bit for bit. (Under DDP torch runs SyncBatchNorm on GPUs only.)"""
+    torch.manual_seed(0)
+    plain = BNModule(**HP)
+    sync = BNModule(sync=True, **HP)
+    sync.load_state_dict(plain.state_dict())
+    batches = list(make_loader(make_dataset(), 8))[:3]
+    a = train_by_hand(plain, batches, **HP)
+    b = train_by_hand(sync, batches, **HP)
+    assert b.topology.s1_units == a.topology.s1_units == 16 and b.topology.s2_rows == a.topology.s2_rows == 16
+    for (n, p), q in zip(plain.named_parameters(), sync.parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_bf16_mixed_fit_runs():

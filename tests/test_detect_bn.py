@@ -346,3 +346,18 @@ def test_a_batchnorm_that_feeds_only_batchnorms_says_so():
     reasons = {e.name: e.reason for e in topo.excluded}
     assert "its units go only into BatchNorms" in reasons["bn0.weight"]
     assert _names(topo) == [(("bn1", "fc"), ())] and [layer.name for layer in topo.normalized] == ["conv"]
+
+
+def test_s2_check_with_a_constant_example_input_keeps_the_claims(caplog):
+    """A constant example input (Lightning users often pass zeros) gives BatchNorm channels without
+    variance, where BatchNorm divides rounding noise by sqrt(eps): the S2 check says it cannot test
+    the claims (a warning naming the BatchNorm) instead of dropping true ones."""
+    from tests.lightning_models import BNModule
+
+    torch.manual_seed(0)
+    model = BNModule()
+    with caplog.at_level(logging.WARNING):
+        topo = detect_topology(model, torch.zeros(2, 4))
+    assert topo.s2_rows == 16 and topo.coverage == 1.0
+    assert "without variance" in caplog.text and "net.1" in caplog.text
+    assert detect_topology(model, torch.randn(4, 4)).s2_rows == 16

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-30  # BatchNorm eps in the copy: S2 is exact as eps -> 0
 TOLERANCE = 1e-9  # relative, float64
+# A channel whose batch variance is below this share of its mean square is degenerate on the example
+# input: BatchNorm then divides rounding noise by sqrt(eps) and the check would measure that noise.
+DEGENERATE = 1e-10
 GROUP = "the S2 self-check found that rescaling its rows changed the training-mode output"
 
 
@@ -63,6 +66,21 @@ class _TrainCopy:
             for layer in layers
         ]
         self.saved = [[p.detach().clone() for p in (w, b) if p is not None] for _, w, b in self.rows]
+        #: Training-mode BatchNorms that saw a channel without variance in the last forward pass.
+        self.degenerate: list[str] = []
+        for name, m in self.model.named_modules():
+            if isinstance(m, BATCHNORM) and m.training:
+                m.register_forward_pre_hook(self._variance_hook(name))
+
+    def _variance_hook(self, name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            dims = [d for d in range(x.dim()) if d != 1]
+            var = x.var(dims, unbiased=False)
+            if bool((var <= DEGENERATE * x.square().mean(dims)).any()):
+                self.degenerate.append(name)
+
+        return hook
 
     @torch.no_grad()
     def run(self) -> Any:
@@ -106,6 +124,12 @@ def s2_errors(
     try:
         twin = _TrainCopy(model, example_input, layers)
         ref = twin.run()
+        if twin.degenerate:
+            return (
+                f"on example_input, BatchNorm '{twin.degenerate[0]}' sees a channel without variance "
+                "(a constant input such as zeros?), where BatchNorm amplifies rounding noise: pass a random "
+                "example input to test the claims"
+            )
         err = output_deviation(ref, twin.rescaled(list(range(len(layers))), spread, gen))
         if err <= tolerance:
             return err, []
