@@ -153,6 +153,11 @@ def _source_text(chain: Any, src: Any) -> str:
     return f"'{prod.name}'[{r.start}:{r.stop}{step}]"
 
 
+def _s2(chain: Any, l: int) -> str:
+    """The mark of a chain layer whose rows BatchNorm normalizes."""
+    return ", rows normalized by BatchNorm (S2)" if l in chain.normalized else ""
+
+
 def chain_lines(chain: Any, i: int, verbose: bool) -> list[str]:
     """A chain's lines in ``Topology.summary``: a sequence as its widths and layers; a DAG chain as
     its layer and hidden-unit counts, each layer marked hidden or output, and (``verbose``) what each
@@ -163,14 +168,14 @@ def chain_lines(chain: Any, i: int, verbose: bool) -> list[str]:
             f"  chain {i}: {chain.name}  widths {widths}  hidden units {chain.hidden_units}  "
             f"basis paths {chain.basis_paths}"
         )
-        return [head] + [_layer_line(layer) for layer in chain.layers]
+        return [head] + [_layer_line(layer) + _s2(chain, l) for l, layer in enumerate(chain.layers)]
     lines = [
         f"  DAG chain {i}: {chain.name}  {len(chain.layers)} layers ({len(chain.hidden_layers)} hidden), "
         f"hidden units {chain.hidden_units}  basis paths {chain.basis_paths}"
     ]
     shown = chain.layers if verbose else chain.layers[:_SHORT_LAYERS]
     for l, layer in enumerate(shown):
-        line = _layer_line(layer) + (" hidden" if chain.hidden[l] else " output")
+        line = _layer_line(layer) + (" hidden" if chain.hidden[l] else " output") + _s2(chain, l)
         if verbose:
             srcs = chain.sources[l]
             texts = [_source_text(chain, s) for s in srcs[:_SHORT_SOURCES]]
@@ -180,3 +185,61 @@ def chain_lines(chain: Any, i: int, verbose: bool) -> list[str]:
     if len(shown) < len(chain.layers):
         lines.append(f"    ... {len(chain.layers) - len(shown)} more layer(s) (summary(verbose=True) lists them)")
     return lines
+
+
+_SHORT_CHAINS = 8  # chains (and BN-heuristic layers) that summary() lists by default
+_SHORT_EXCLUDED = 12  # excluded parameters that summary() lists one per line by default
+
+
+def summary_text(topo: Any, verbose: bool) -> str:
+    """``Topology.summary``: the topology as readable lines (see that method)."""
+    via = f" [data flow from {topo.method}]" if topo.method else ""
+    lines = [
+        f"G-SGD topology: {len(topo.chains)} chain(s), {topo.hidden_units} hidden units, "
+        f"{topo.basis_paths} basis paths, coverage {100 * topo.coverage:.1f}% "
+        f"({topo.covered_params} of {topo.total_params} parameters){via}"
+    ]
+    if topo.s1_units or topo.s2_rows:
+        alone = sum(layer.n_out for layer in topo.normalized)
+        lines.append(
+            f"  BatchNorm segments: {topo.s1_units} BatchNorm channels as units (S1), {topo.s2_rows} rows "
+            f"normalized by BatchNorm (S2; {alone} of them in {len(topo.normalized)} layer(s) outside chains)"
+        )
+        shown_alone = topo.normalized if verbose else topo.normalized[:_SHORT_CHAINS]
+        if shown_alone:
+            names = ", ".join(layer.name for layer in shown_alone)
+            rest = len(topo.normalized) - len(shown_alone)
+            lines.append(f"  S2 layers outside chains: {names}" + (f", ... ({rest} more)" if rest else ""))
+    more = " (summary(verbose=True) lists them)"
+    shown = topo.chains if verbose else topo.chains[:_SHORT_CHAINS]
+    for i, chain in enumerate(shown):
+        lines += chain_lines(chain, i, verbose)
+    if len(shown) < len(topo.chains):
+        lines.append(f"  ... {len(topo.chains) - len(shown)} more chain(s){more}")
+    if topo.untested:
+        names = topo.untested if verbose or len(topo.untested) <= 3 else topo.untested[:3] + ("...",)
+        lines.append(
+            f"  not tested by the self-check ({len(topo.untested)} layer(s): their units did not affect the "
+            f"output on example_input; claimed as plain Linear/Conv layers): {', '.join(names)}"
+        )
+    if topo.bn_layers:
+        share = 100 * topo.bn_heuristic_params / topo.total_params if topo.total_params else 0.0
+        lines.append(
+            f"  BatchNorm heuristic of the G-SGD authors (not exact G-SGD): "
+            f"{len(topo.bn_layers)} layer(s), {topo.bn_heuristic_params} parameters ({share:.1f}%)"
+        )
+        bn_shown = topo.bn_layers if verbose else topo.bn_layers[:_SHORT_CHAINS]
+        for layer in bn_shown:
+            kind = "x".join(str(s) for s in layer.weight.shape)
+            lines.append(f"    {layer.name}: {kind} ({layer.n_out} <- {layer.n_in} channels x {layer.taps} taps)")
+        if len(bn_shown) < len(topo.bn_layers):
+            lines.append(f"    ... {len(topo.bn_layers) - len(bn_shown)} more{more}")
+    if topo.excluded and (verbose or len(topo.excluded) <= _SHORT_EXCLUDED):
+        lines.append("  left to plain SGD:")
+        for e in topo.excluded:
+            lines.append(f"    {e.name} ({e.numel} params): {e.reason}")
+    elif topo.excluded:
+        values = sum(e.numel for e in topo.excluded)
+        lines.append(f"  left to plain SGD: {len(topo.excluded)} parameter tensors ({values} values), by reason{more}:")
+        lines += ["  " + line for line in group_lines(topo.excluded, 1200)]
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_gsgd.topology.report import chain_lines, group_lines
+from lightning_gsgd.topology.report import summary_text
 
 
 class TopologyError(ValueError):
@@ -36,10 +36,6 @@ class TopologyError(ValueError):
     def excluded(self) -> tuple[Excluded, ...]:
         """Every parameter left to plain SGD, with its reason (empty without a topology)."""
         return () if self.topology is None else self.topology.excluded
-
-
-_SHORT_CHAINS = 8  # chains (and BN-heuristic layers) that summary() lists by default
-_SHORT_EXCLUDED = 12  # excluded parameters that summary() lists one per line by default
 
 
 @dataclass(frozen=True, eq=False)
@@ -377,53 +373,7 @@ class Topology:
                 parameters one per line only up to 12 of them, else grouped by reason with a count
                 and examples each.
         """
-        via = f" [data flow from {self.method}]" if self.method else ""
-        lines = [
-            f"G-SGD topology: {len(self.chains)} chain(s), {self.hidden_units} hidden units, "
-            f"{self.basis_paths} basis paths, coverage {100 * self.coverage:.1f}% "
-            f"({self.covered_params} of {self.total_params} parameters){via}"
-        ]
-        if self.s1_units or self.s2_rows:
-            alone = sum(layer.n_out for layer in self.normalized)
-            lines.append(
-                f"  BatchNorm segments: {self.s1_units} BatchNorm channels as units (S1), {self.s2_rows} rows "
-                f"normalized by BatchNorm (S2; {alone} of them in {len(self.normalized)} layer(s) outside chains)"
-            )
-        more = " (summary(verbose=True) lists them)"
-        shown = self.chains if verbose else self.chains[:_SHORT_CHAINS]
-        for i, chain in enumerate(shown):
-            lines += chain_lines(chain, i, verbose)
-        if len(shown) < len(self.chains):
-            lines.append(f"  ... {len(self.chains) - len(shown)} more chain(s){more}")
-        if self.untested:
-            names = self.untested if verbose or len(self.untested) <= 3 else self.untested[:3] + ("...",)
-            lines.append(
-                f"  not tested by the self-check ({len(self.untested)} layer(s): their units did not affect the "
-                f"output on example_input; claimed as plain Linear/Conv layers): {', '.join(names)}"
-            )
-        if self.bn_layers:
-            share = 100 * self.bn_heuristic_params / self.total_params if self.total_params else 0.0
-            lines.append(
-                f"  BatchNorm heuristic of the G-SGD authors (not exact G-SGD): "
-                f"{len(self.bn_layers)} layer(s), {self.bn_heuristic_params} parameters ({share:.1f}%)"
-            )
-            bn_shown = self.bn_layers if verbose else self.bn_layers[:_SHORT_CHAINS]
-            for layer in bn_shown:
-                kind = "x".join(str(s) for s in layer.weight.shape)
-                lines.append(f"    {layer.name}: {kind} ({layer.n_out} <- {layer.n_in} channels x {layer.taps} taps)")
-            if len(bn_shown) < len(self.bn_layers):
-                lines.append(f"    ... {len(self.bn_layers) - len(bn_shown)} more{more}")
-        if self.excluded and (verbose or len(self.excluded) <= _SHORT_EXCLUDED):
-            lines.append("  left to plain SGD:")
-            for e in self.excluded:
-                lines.append(f"    {e.name} ({e.numel} params): {e.reason}")
-        elif self.excluded:
-            values = sum(e.numel for e in self.excluded)
-            lines.append(
-                f"  left to plain SGD: {len(self.excluded)} parameter tensors ({values} values), by reason{more}:"
-            )
-            lines += ["  " + line for line in group_lines(self.excluded, 1200)]
-        return "\n".join(lines)
+        return summary_text(self, verbose)
 
     def __repr__(self) -> str:
         return self.summary()
