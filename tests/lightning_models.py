@@ -138,6 +138,10 @@ class MixinMLP(GSGDMixin, MLPModule):
     """The same MLP with G-SGD built in."""
 
 
+class MixinBN(GSGDMixin, BNModule):
+    """The BatchNorm MLP with G-SGD built in."""
+
+
 class TanhModule(MLPModule):
     """No ReLU chain: every hidden non-linearity is tanh."""
 

@@ -11,6 +11,7 @@ from lightning_gsgd import GSGD, GSGDCallback
 from tests import ddp_script
 from tests.lightning_models import (
     BNModule,
+    MixinBN,
     NoCollectivesInStep,
     SaveParams,
     clone,
@@ -114,3 +115,14 @@ def test_bf16_mixed_fit_runs():
     opt = trainer.optimizers[0]
     assert int(opt.steps) == 4 and int(opt.skipped_steps) == 0
     assert any(not torch.equal(p, start[n]) for n, p in _params(model).items())
+
+
+def test_mixin_trains_bn_segments_exactly():
+    """The mixin's callback uses the exact mode by default: the bound GSGD steps the S2 rows."""
+    torch.manual_seed(0)
+    model = MixinBN(**HP)
+    trainer = cpu_trainer(max_steps=2)
+    trainer.fit(model, make_loader(make_dataset(), 8))
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, GSGD) and opt.topology.s2_rows == 16 and opt.topology.s1_units == 16
+    assert int(opt.steps) == 2

@@ -313,6 +313,8 @@ def test_summary_equals_topology_counts():
         "coverage": covered / (covered + 10),
         "covered_params": float(covered),
         "plain_params": 10.0,
+        "s1_units": 0.0,
+        "s2_rows": 0.0,
     }
     assert s["plain_params"] == sum(e.numel for e in topo.excluded)
     assert PathDiagnostics(topo).summary() == s

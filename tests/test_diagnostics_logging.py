@@ -27,7 +27,17 @@ from tests.models import two_chains
 
 STEP_KEYS = tuple(f"gsgd/{k}" for k in BEFORE_KEYS + AFTER_KEYS)
 SUMMARY_KEYS = tuple(
-    f"gsgd/{k}" for k in ("chains", "hidden_units", "basis_paths", "coverage", "covered_params", "plain_params")
+    f"gsgd/{k}"
+    for k in (
+        "chains",
+        "hidden_units",
+        "basis_paths",
+        "coverage",
+        "covered_params",
+        "plain_params",
+        "s1_units",
+        "s2_rows",
+    )
 )
 
 

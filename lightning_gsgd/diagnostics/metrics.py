@@ -60,7 +60,16 @@ from lightning_gsgd.topology.shard import is_sharded
 from lightning_gsgd.topology.types import Chain, Topology
 
 #: Keys of :func:`topology_summary`.
-SUMMARY_KEYS = ("chains", "hidden_units", "basis_paths", "coverage", "covered_params", "plain_params")
+SUMMARY_KEYS = (
+    "chains",
+    "hidden_units",
+    "basis_paths",
+    "coverage",
+    "covered_params",
+    "plain_params",
+    "s1_units",
+    "s2_rows",
+)
 #: Keys that :meth:`PathDiagnostics.before_step` returns (without per-chain keys).
 BEFORE_KEYS = (
     "path_grad_norm",
