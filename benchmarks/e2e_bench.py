@@ -2,12 +2,13 @@
 
 Usage (from the repository root)::
 
-    PYTHONPATH=$PWD python benchmarks/e2e_bench.py [--reps 60] [--warmup 10] [--batch 128]
+    PYTHONPATH=$PWD python benchmarks/e2e_bench.py [--reps 60] [--warmup 10] [--batch 128] [--model NAME]
 
-MLP 784-1024-1024-1024-10 (skeleton-initialized), cross-entropy on a fixed random batch, momentum 0.9
-and weight decay 5e-4 for every optimizer. The optimizers run round-robin on their own copies of the
-model, so the overhead is a paired ratio within each round. Target (issue 6): <= 6% over the faster
-torch SGD.
+MLP 784-1024-1024-1024-10 by default, or any model of ``tests/models.py``'s ``BENCH_MODELS``
+(``--model "resnet18 BN 32x32"``: BatchNorm segments; skeleton-initialized), cross-entropy on a
+fixed random batch, momentum 0.9 and weight decay 5e-4 for every optimizer. The optimizers run
+round-robin on their own copies of the model, so the overhead is a paired ratio within each round.
+Target (issue 6): <= 6% over the faster torch SGD.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks._common import build, header, interleaved, median, paired_ratio
+from benchmarks._common import MODELS, build, header, interleaved, median, paired_ratio
 from lightning_gsgd import GSGD, detect_topology
 
 MODEL = "mlp 784-1024x3-10"
@@ -33,11 +34,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--model", default=MODEL, choices=list(MODELS))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, _, x, y = build(MODEL)
+    model, _, x, y = build(args.model)
     x = torch.randn(args.batch, *x.shape[1:], generator=torch.Generator().manual_seed(5))
     y = torch.randint(0, 10, (args.batch,), generator=torch.Generator().manual_seed(6))
     hyper = dict(lr=args.lr, momentum=0.9, weight_decay=5e-4)
@@ -65,7 +67,7 @@ def main() -> None:
 
         return run
 
-    print(header(f"training step (forward + backward + step), {MODEL}, batch {args.batch}, cpu float32"))
+    print(header(f"training step (forward + backward + step), {args.model}, batch {args.batch}, cpu float32"))
     t = interleaved({n: train_step(n) for n in models}, args.reps, args.warmup, lambda: None)
     best = "sgd" if median(t["sgd"]) <= median(t["sgd_foreach"]) else "sgd_foreach"
     ratio = paired_ratio(t["gsgd"], t[best])
