@@ -9,7 +9,7 @@ so that S2 is exact, training mode), on one fixed batch ``randn(4, 3, 32, 32)`` 
 target: ``detect_topology`` (default ``bn_mode="exact"``), the skeleton init, then a twin rescaled by
 random S1 factors (every hidden unit: BatchNorm affines and Linear/Conv units) and S2 factors (every
 row of every S2 layer and its bias), ``exp(U(-1, 1))`` each. Both take five steps of the optimizer
-(momentum 0.9, weight decay 1e-4, lr 0.01; dropout masks seeded per step); printed: the relative
+(momentum 0.9, weight decay 1e-4, the lr of ``LR``; dropout masks seeded per step); printed: the relative
 difference of the training-mode outputs after the steps (``max|y' - y| / max|y|``), and how far the
 run moved the output. Controls: ``torch.optim.SGD`` (must fail) and the authors' heuristic
 (``bn_mode="authors_heuristic"``).
@@ -34,7 +34,10 @@ from lightning_gsgd import GSGD, detect_topology, init_skeleton_  # noqa: E402
 from lightning_gsgd.topology.skeleton import random_unit_factors, rescale_hidden_units_  # noqa: E402
 
 MODELS = ("resnet18", "vgg11_bn", "densenet121")
-HP = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
+HP = dict(momentum=0.9, weight_decay=1e-4)
+# Per model, an lr at which no run clamps a path value (the guard: a clamp decided by rounding on one
+# side only would make the comparison measure the guard's sensitivity, not the step's equivariance).
+LR = {"resnet18": 0.01, "vgg11_bn": 1e-4, "densenet121": 1e-4}
 STEPS = 5
 
 
@@ -66,14 +69,16 @@ def _forward(m: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     return m(x)
 
 
-def _train(m: nn.Module, x, y, make) -> torch.Tensor:
+def _train(m: nn.Module, x, y, make) -> tuple[torch.Tensor, str]:
+    """The output after the steps, and the guard's clamps (G-SGD only)."""
     opt = make(m)
     for k in range(STEPS):
         opt.zero_grad()
         ((_forward(m, x, k) - y) ** 2).mean().backward()
         opt.step()
     with torch.no_grad():
-        return _forward(m, x, STEPS)
+        out = _forward(m, x, STEPS)
+    return out, f", guard {int(opt.guard_hits)}" if isinstance(opt, GSGD) else ""
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,16 +107,16 @@ def run(name: str) -> None:
         pristine = (copy.deepcopy(model), copy.deepcopy(twin))
 
         def gsgd(t):
-            return lambda m: GSGD(m.parameters(), topology=t, compiled=False, **HP)
+            return lambda m: GSGD(m.parameters(), topology=t, compiled=False, lr=LR[name], **HP)
 
         pairs = [("GSGD", gsgd(topo), gsgd(twin_topo))]
         if mode == "exact":
-            pairs.append(("SGD", *[lambda m: torch.optim.SGD(m.parameters(), **HP)] * 2))
+            pairs.append(("SGD", *[lambda m: torch.optim.SGD(m.parameters(), lr=LR[name], **HP)] * 2))
         for label, make_a, make_b in pairs:
             # the topologies hold the parameters of model and twin themselves
             a, b = (model, twin) if label == "GSGD" else pristine
-            out_a, out_b = _train(a, x, y, make_a), _train(b, x, y, make_b)
-            rows.append(f"{label}: {_rel(out_b, out_a):.1e} (moved {_rel(out_a, start):.1e})")
+            (out_a, ga), (out_b, gb) = _train(a, x, y, make_a), _train(b, x, y, make_b)
+            rows.append(f"{label}: {_rel(out_b, out_a):.1e} (moved {_rel(out_a, start):.1e}{ga}{gb})")
         print(
             f"| {name} | {mode} | s1 {topo.s1_units} s2 {topo.s2_rows} cov {100 * topo.coverage:.1f}% | "
             f"twin before {same:.1e} | {' | '.join(rows)} | {time.perf_counter() - t0:.0f} s |",
@@ -121,7 +126,7 @@ def run(name: str) -> None:
 
 def main() -> None:
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, float64, BatchNorm eps 1e-30, {STEPS} steps, {HP}")
+    print(f"torch {torch.__version__}, float64, BatchNorm eps 1e-30, {STEPS} steps, {HP}, lr {LR}")
     for name in sys.argv[1:] or MODELS:
         run(name)
 
