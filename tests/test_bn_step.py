@@ -233,3 +233,33 @@ def test_resume_is_bit_identical(kind, compiled):
     plain = make(b, b.spec().topology)  # the same chains without S2 marks
     with pytest.raises(TopologyError):
         plain.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("kind", ["GSGD", "GAdam"])
+def test_sync_free_path_equals_host_read_path(kind):
+    """The path that accelerators take (``host_reads = False``: copies applied with ``torch.where``, no
+    host read) gives the same steps as the CPU path on BatchNorm segments, layers alone included, and
+    skips a step with a non-finite gradient in the same way."""
+    from lightning_gsgd import GAdam
+
+    model, x, y = _setup("stack")
+    runs = []
+    for host_reads in (True, False):
+        m = copy.deepcopy(model)
+        topo = exact_topology(m.spec())
+        if kind == "GSGD":
+            opt = GSGD(m.parameters(), topology=topo, compiled=False, **HYPERS[1])
+        else:
+            opt = GAdam(m.parameters(), topology=topo, compiled=False, lr=0.01, weight_decay=0.01)
+        opt.host_reads = host_reads
+        for k in range(4):
+            opt.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            if k == 2:
+                m.c0.weight.grad[0, 0, 0, 0] = float("nan")  # a layer alone: the whole step is skipped
+            opt.step()
+        runs.append((m, opt))
+    (a, oa), (b, ob) = runs
+    assert int(oa.skipped_steps) == int(ob.skipped_steps) == 1
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14), n

@@ -17,7 +17,7 @@ from torch import Tensor
 from lightning_gsgd.step.chain_step import apply_chain, prepare_chain
 from lightning_gsgd.step.inputs import StepArgs
 from lightning_gsgd.step.normalized import normalized_items
-from lightning_gsgd.step.passes import Item, bulk
+from lightning_gsgd.step.passes import bulk
 from lightning_gsgd.step.readings import collect_readings, update_after
 from lightning_gsgd.step.readings import supported as readings_supported
 from lightning_gsgd.step.single import all_finite, bn_heuristic_layer_step, keep, minmax, plain_sgd_step, write
@@ -65,23 +65,17 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
     updates: list[Tensor] = []
     for prep in prepared:
         slots = prep.slots()
-        for s in slots:
-            if where_ok is not None:
-                s.target = s.param.clone()
-                s.buf_target = None if s.buf is None else s.buf.clone()
-            else:
-                s.buf_target = s.buf
+        _aim(slots, where_ok)
         chain_hits = apply_chain(prep)
         hits += chain_hits if where_ok is None else chain_hits * where_ok
         if want:
             updates.append(update_after(prep))
-        for s in slots:
-            if where_ok is not None:
-                write(s.param, s.target, where_ok)
-            if s.buf_target is not None:
-                state[s.owner]["momentum_buffer"] = keep(s.buf_target, s.buf, where_ok)
-    if alone:
-        _step_alone(alone, state, where_ok)
+        _land(slots, state, where_ok)
+    if alone:  # the S2 layers outside chains: the chain step's passes with s = |w_k| per row
+        slots = [it.slot for it in alone]
+        _aim(slots, where_ok)
+        bulk(alone)
+        _land(slots, state, where_ok)
     for layer in args.bn_layers:
         bn_heuristic_layer_step(layer, args.hp_of[id(layer.weight)][0], state, where_ok)
     for p, hp in args.plain:
@@ -93,16 +87,18 @@ def eager_step(args: StepArgs) -> dict[int, ChainReading] | None:
     return collect_readings(prepared, chain_of, updates, where_ok) if want else None
 
 
-def _step_alone(items: list[Item], state: Any, where_ok: Tensor | None) -> None:
-    """The S2 layers outside chains: the passes of the chain step with ``s = |w_k|`` per row."""
-    slots = [it.slot for it in items]
+def _aim(slots: list[Slot], where_ok: Tensor | None) -> None:
+    """Point the slots' targets at the parameters and buffers, or at copies when the step may not be taken."""
     for s in slots:
         if where_ok is not None:
             s.target = s.param.clone()
             s.buf_target = None if s.buf is None else s.buf.clone()
         else:
             s.buf_target = s.buf
-    bulk(items)
+
+
+def _land(slots: list[Slot], state: Any, where_ok: Tensor | None) -> None:
+    """Write the copies back where the step is taken, and store the buffers in the optimizer's state."""
     for s in slots:
         if where_ok is not None:
             write(s.param, s.target, where_ok)
