@@ -191,7 +191,7 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     torch.prod(work.skel.take(plan.walk_bf), 1, out=work.bf)
     B, F = work.B, work.F_h
     if plan.normalized:
-        _normalize_rows(prep)
+        _normalize_rows(prep, unit_b)
     gamma = work.base.take(plan.walk_g_rows).sum(1)
 
     # ---- free tau edges: path-space SGD step with the Gamma correction, then the guard.
@@ -265,7 +265,7 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     prep.tau_buf = buf_tau is not None
 
 
-def _normalize_rows(prep: Prepared) -> None:
+def _normalize_rows(prep: Prepared, unit_b: bool | None) -> None:
     """S2 (docs/math.md, "BatchNorm segments: S1 and S2"): divide every row's ``F`` by ``sqrt(n)`` of
     the S2 row where its tau chain ends, so that the rest of the step is G-SGD on the slice ``n = 1``
     (output rows, whose ``F`` is 1, get ``1 / sqrt(n)``). A zero S2 row makes ``F`` infinite: the
@@ -273,9 +273,15 @@ def _normalize_rows(prep: Prepared) -> None:
     work = prep.work
     plan = work.plan
     H = plan.hidden
+    # with every B at 1 (the skeleton init's gamma = 1, which never moves: a sigma weight) the norms
+    # are plain row norms: one read of the weight, no temporary
+    unit = torch.equal(work.B, work.ones_h) if unit_b is None else unit_b
     for l in plan.normalized:
-        b_cols = plan.cols(work.B_ext, l).view(1, -1, 1) if plan.reads_hidden[l] else None
-        work.row_norms_(l, prep.weights[l].param, b_cols)
+        w = prep.weights[l].param
+        if plan.reads_hidden[l] and not unit:
+            work.row_norms_(l, w, plan.cols(work.B_ext, l).view(1, -1, 1))
+        else:
+            torch.linalg.vector_norm(w.view(w.shape[0], -1), dim=1, out=work.n_rows_l[l]).square_()
     q_end = work.n_rows.take(plan.row_end).sqrt_()
     work.F_h.div_(q_end[:H])
     torch.reciprocal(q_end[H:], out=work.F[H:])
