@@ -4,7 +4,7 @@
 # Each experiment resumes from its store (the methods already run are read back, not retrained).
 # Usage (repository root): bash experiments/study/run_more.sh OUT STAGE...   (OUT default results/study)
 #   adam-skeleton  Adam and AdamW from the skeleton init on the MLP (30 epochs) and the CNN (10 epochs)
-#   bn-pre         BN ResNet (MNIST-1D, 20 epochs) and ResNet-18 (width 16, 5 epochs): sgd, gsgd-heuristic
+#   bn-pre         BN ResNet (MNIST-1D, 20 epochs) and ResNet-18 (width 8, 8 epochs): sgd, gsgd-heuristic
 #   bn-exact       the same two settings: gsgd-exact and sgd+skeleton (needs detect_topology(bn_mode="exact"))
 #   bn-invariance  the BN ResNet from S1+S2-rescaled starts, s = 1e-6, 1, 3
 set -u
@@ -28,10 +28,10 @@ for stage in "$@"; do
       run $E mnist-cnn $COMMON --epochs 10 ;;
     bn-pre)
       run $E bn-exact $COMMON --epoch-scale 0.5 --methods sgd,gsgd-heuristic
-      run $E mnist-resnet18 $COMMON --epochs 5 --methods sgd,gsgd-heuristic ;;
+      run $E mnist-resnet18 $COMMON --epoch-scale 0.5 --methods sgd,gsgd-heuristic ;;
     bn-exact)
       run $E bn-exact $COMMON --epoch-scale 0.5
-      run $E mnist-resnet18 $COMMON --epochs 5 ;;
+      run $E mnist-resnet18 $COMMON --epoch-scale 0.5 ;;
     bn-invariance)
       run $E bn-invariance $COMMON --epoch-scale 0.5 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
