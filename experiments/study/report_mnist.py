@@ -2,7 +2,8 @@
 
     python -m experiments.study.report_mnist --results results/study
 
-reads ``<results>/mnist-{mlp,width,cnn,invariance}/`` (``summary.json``, ``runs.csv``, ``curves.csv``)
+reads ``<results>/mnist-{mlp,width,cnn,invariance,resnet18}/`` and ``<results>/bn-{exact,invariance}/``
+(``summary.json``, ``runs.csv``, ``curves.csv``)
 and ``<results>/mnist-timing/timing.json`` and prints one table per experiment, the per-seed test
 accuracies, the invariance distances and the timing table.
 """
@@ -26,8 +27,13 @@ LABELS = {
     "gadam": "GAdam",
     "adamw": "AdamW (wd 0.01)",
     "gadamw": "GAdamW (wd 0.01)",
+    "adam+skeleton": "Adam + skeleton init",
+    "adamw+skeleton": "AdamW (wd 0.01) + skeleton init",
+    "gsgd-heuristic": "G-SGD, authors' BN heuristic",
+    "gsgd-exact": "G-SGD, exact BN mode",
 }
 SETTING_KEYS = ("model", "width", "rescale_spread")
+EXPERIMENTS = ("mnist-mlp", "mnist-width", "mnist-cnn", "mnist-invariance", "bn-exact", "bn-invariance", "mnist-resnet18")
 
 
 def _setting(row: dict[str, Any], spread: bool) -> str:
@@ -118,13 +124,13 @@ def timing_table(path: Path) -> str:
 def report(results: Path) -> str:
     """All tables that have result files, as Markdown."""
     out = []
-    for name in ("mnist-mlp", "mnist-width", "mnist-cnn", "mnist-invariance"):
+    for name in EXPERIMENTS:
         folder = results / name
         if not (folder / "summary.json").exists():
             continue
         out += [f"### {name} (`{folder}/`)", "", summary_table(folder), "", "Per seed (test accuracy %):", ""]
         out += [per_seed(folder), ""]
-        if name == "mnist-invariance":
+        if "invariance" in name:
             out += [invariance_table(load_runs(folder), load_curves(folder)), ""]
     timing = results / "mnist-timing" / "timing.json"
     if timing.exists():
