@@ -112,6 +112,28 @@ class MLPModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class BNModule(MLPModule):
+    """The MLP with BatchNorm after each hidden Linear (``sync``: SyncBatchNorm): the first Linear is an
+    S2 layer alone, each BatchNorm's channels are units (S1) of a chain whose next Linear is S2, or
+    (the last) ends at the model output."""
+
+    def __init__(self, sync: bool = False, **kwargs: Any) -> None:
+        self.sync = sync
+        super().__init__(**kwargs)
+
+    def build_net(self, hidden: int) -> nn.Module:
+        norm = nn.SyncBatchNorm if self.sync else nn.BatchNorm1d
+        return nn.Sequential(
+            nn.Linear(N_IN, hidden),
+            norm(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            norm(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, N_OUT),
+        )
+
+
 class MixinMLP(GSGDMixin, MLPModule):
     """The same MLP with G-SGD built in."""
 

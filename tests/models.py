@@ -170,12 +170,43 @@ def bench_fire() -> nn.Sequential:
     )
 
 
+class _Basic(nn.Module):
+    """torchvision's ResNet BasicBlock: conv-BN-ReLU-conv-BN, plus the identity or a 1x1 conv-BN projection."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def bench_resnet18() -> nn.Sequential:
+    """torchvision's ResNet-18 layout (BasicBlocks [2, 2, 2, 2], widths 64-512, BatchNorm, a 1000-way
+    head replaced by 10) with a CIFAR stem (3x3 conv, no max-pool) for 3x32x32 inputs (11.2M parameters)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_Basic(cin, cout, stride), _Basic(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10))
+
+
 #: The benchmarks' models (``benchmarks/``): name -> (builder, input shape).
 BENCH_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mlp 784-1024x3-10": (bench_mlp, (128, 1, 28, 28)),
     "mlp6 784-1200-600-1000-300-800-10": (bench_mlp6, (128, 1, 28, 28)),
     "cnn 4x conv64 16x16": (bench_cnn, (64, 3, 16, 16)),
     "fire dag 2x Fire 16x16": (bench_fire, (64, 3, 16, 16)),
+    "resnet18 BN 32x32": (bench_resnet18, (32, 3, 32, 32)),
 }
 
 

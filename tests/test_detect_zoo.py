@@ -29,13 +29,15 @@ def test_zoo_chains_and_coverage(name, method):
     topo = detect_topology(model, x, allow_empty=True, method=method)
     got = [tuple(layer.name for layer in chain.layers) for chain in topo.chains]
     assert got == entry.chains
-    assert topo.coverage == pytest.approx(_coverage(model, entry.chains), abs=1e-12)
+    assert sorted(layer.name for layer in topo.normalized) == sorted(entry.alone)
+    assert topo.coverage == pytest.approx(_coverage(model, entry.chains + [entry.alone]), abs=1e-12)
     # the detector restores everything it touched
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     excluded = {e.name: e.reason for e in topo.excluded}
-    assert set(excluded) == {n for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in sum(got, ())}
+    inside = sum(got, ()) + entry.alone
+    assert set(excluded) == {n for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in inside}
     for pname, fragment in entry.notes.items():
         assert fragment in excluded[pname], (pname, excluded[pname])
 

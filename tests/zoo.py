@@ -271,6 +271,7 @@ class ZooModel:
     example: Callable[[], Any]
     chains: list[tuple[str, ...]]
     notes: dict[str, str] = field(default_factory=dict)  # parameter name -> substring of its reason
+    alone: tuple[str, ...] = ()  # layers with S2 rows in no chain (bn_mode="exact")
 
 
 def _t(*shape: int) -> torch.Tensor:
@@ -291,17 +292,23 @@ ZOO: dict[str, ZooModel] = {
         [(f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2") for s in (1, 2) for b in (0, 1)],
         {"conv1.weight": "consumers", "layer2.0.shortcut.0.weight": "'layer2.0.shortcut.0' is in no ReLU chain"},
     ),
-    "plainnet_bn": ZooModel(
+    "plainnet_bn": ZooModel(  # BatchNorm segments (bn_mode="exact"): each BN affine starts a chain
         lambda: PlainNet(bn=True),
         lambda: _t(4, 3, 8, 8),
-        [],
-        {"body.3.weight": "BatchNorm2d 'body.4' normalizes its outputs", "body.4.weight": "BatchNorm2d"},
+        [("body.1", "body.3"), ("body.4", "body.6"), ("body.7", "body.9"), ("body.10", "body.12"), ("body.13", "fc")],
+        alone=("body.0",),
     ),
-    "resnet_bn": ZooModel(
+    "resnet_bn": ZooModel(  # the BNs before a sum stay outside; each branch's BN1 -> conv2 is a chain
         lambda: ResNet(bn=True),
         lambda: _t(4, 3, 8, 8),
-        [],
-        {"layer1.0.conv1.weight": "BatchNorm2d 'layer1.0.bn1' normalizes its outputs"},
+        [(f"layer{s}.{b}.bn1", f"layer{s}.{b}.conv2") for s in (1, 2) for b in (0, 1)],
+        {
+            "bn1.weight": "'bn1' (BatchNorm): its channels are no hidden units",
+            "layer1.0.bn2.weight": "add sums it with another tensor",
+            "layer2.0.shortcut.1.bias": "add sums it with another tensor",
+            "fc.weight": "model output",
+        },
+        alone=("conv1", "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.shortcut.0", "layer2.1.conv1"),
     ),
     "gelu_mlp": ZooModel(GeluMLP, lambda: _t(4, 5), [], {"fc1.weight": "gelu"}),
     "layernorm_mlp": ZooModel(

@@ -87,7 +87,9 @@ class GSGDCallback(Callback):
             may be in chains. Passed to :func:`~lightning_gsgd.detect_topology`.
         exclude: Module-name patterns of layers to leave to plain SGD. Passed to
             :func:`~lightning_gsgd.detect_topology`.
-        bn_mode: Layers followed by BatchNorm: ``"sgd"`` leaves them to plain SGD; ``"authors_heuristic"``
+        bn_mode: BatchNorm segments: ``"exact"`` (default) finds BatchNorm channels that are hidden
+            units (S1) and layers whose rows feed only training-mode BatchNorm (S2 rows);
+            ``"sgd"`` leaves layers followed by BatchNorm to plain SGD; ``"authors_heuristic"``
             updates them with the G-SGD authors' heuristic (not exact G-SGD). Passed to
             :func:`~lightning_gsgd.detect_topology`.
         self_check: After detection, rescale every hidden unit at random and check that the model's
@@ -124,7 +126,7 @@ class GSGDCallback(Callback):
         min_coverage: float = 0.0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
-        bn_mode: Literal["sgd", "authors_heuristic"] = "sgd",
+        bn_mode: Literal["exact", "sgd", "authors_heuristic"] = "exact",
         self_check: bool = True,
         diagnostics: bool = True,
         per_chain: bool = False,
@@ -140,8 +142,8 @@ class GSGDCallback(Callback):
             raise ValueError(f"GSGDCallback: min_ratio={min_ratio} must be in (0, 1)")
         if not 0.0 <= min_coverage <= 1.0:
             raise ValueError(f"GSGDCallback: min_coverage={min_coverage} must be in [0, 1]")
-        if bn_mode not in ("sgd", "authors_heuristic"):
-            raise ValueError(f"GSGDCallback: bn_mode={bn_mode!r} must be 'sgd' or 'authors_heuristic'")
+        if bn_mode not in ("exact", "sgd", "authors_heuristic"):
+            raise ValueError(f"GSGDCallback: bn_mode={bn_mode!r} must be 'exact', 'sgd' or 'authors_heuristic'")
         if compiled is not None and not isinstance(compiled, bool):
             raise TypeError(f"GSGDCallback: compiled={compiled!r} must be True, False or None")
         if skip_warning_fraction is not None and not 0.0 <= skip_warning_fraction < 1.0:

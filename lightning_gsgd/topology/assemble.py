@@ -11,19 +11,22 @@ layer, and the chain splits where nothing else holds it together.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from torch import nn
 
+from lightning_gsgd.topology.bn import bn_chain_layer
 from lightning_gsgd.topology.dag import Flow, decode
 from lightning_gsgd.topology.graph import OpGraph
-from lightning_gsgd.topology.rules import CONVS, conv_centre
+from lightning_gsgd.topology.rules import BATCHNORM, CONVS, conv_centre
 from lightning_gsgd.topology.types import Chain, ChainLayer, Source
 
 
 def chain_layer(name: str, mod: nn.Module, n_in: int | None, taps: int | None) -> ChainLayer:
     """The chain layer of module ``mod``; ``n_in``/``taps`` as it reads its hidden inputs (``None``: it reads
-    none, so its input channels/features are its input nodes)."""
+    none, so its input channels/features are its input nodes). A BatchNorm is its affine, ``[C, 1, 1]``."""
+    if isinstance(mod, BATCHNORM):
+        return bn_chain_layer(name, mod)
     if isinstance(mod, CONVS):
         k = tuple(mod.kernel_size)
         n = mod.in_channels if n_in is None else n_in
@@ -58,9 +61,9 @@ def runs(reads: Iterable[tuple[int, int]]) -> tuple[Source, ...]:
     )
 
 
-def _make(layers: list[ChainLayer], sources: list[tuple[Source, ...]]) -> Chain:
-    chain = Chain(tuple(layers), tuple(sources))
-    return Chain(tuple(layers)) if chain.is_sequence else chain
+def _make(layers: list[ChainLayer], sources: list[tuple[Source, ...]], normalized: tuple[int, ...] = ()) -> Chain:
+    chain = Chain(tuple(layers), tuple(sources), normalized)
+    return Chain(tuple(layers), normalized=normalized) if chain.is_sequence else chain
 
 
 def _components(nodes: Iterable[int], edges: Iterable[tuple[int, int]]) -> list[list[int]]:
@@ -82,8 +85,9 @@ def _components(nodes: Iterable[int], edges: Iterable[tuple[int, int]]) -> list[
     return sorted(comps.values(), key=min)
 
 
-def assemble(graph: OpGraph, flow: Flow, hidden: set[int]) -> list[Chain]:
-    """The chains: each hidden layer with the layers that read it, by connected component, in execution order."""
+def assemble(graph: OpGraph, flow: Flow, hidden: set[int], s2: Collection[int] = ()) -> list[Chain]:
+    """The chains: each hidden layer with the layers that read it, by connected component, in execution order;
+    the output layers among ``s2`` (layers with S2 rows) are listed in ``Chain.normalized``."""
     ops = graph.ops
     readers: dict[int, set[int]] = {}
     for b, read in flow.reads.items():
@@ -106,14 +110,15 @@ def assemble(graph: OpGraph, flow: Flow, hidden: set[int]) -> list[Chain]:
             else:
                 layers.append(chain_layer(ops[o].qualname, mod, None, None))
                 sources.append((Source(-1, range(layers[-1].n_in)),))
-        chains.append(_make(layers, sources))
+        chains.append(_make(layers, sources, tuple(pos[o] for o in comp if o in s2)))
     return chains
 
 
 def demote(chain: Chain, drop: set[int], modules: dict[str, nn.Module]) -> tuple[list[Chain], list[int]]:
     """The chains left when the hidden layers ``drop`` (indices) become output layers: their readers
     read those nodes as from outside; a layer that then reads no hidden node reads its input
-    channels/features as its nodes. Returns the chains and the indices of the layers left alone."""
+    channels/features as its nodes; output layers keep their S2 mark (``Chain.normalized``). Returns
+    the chains and the indices of the layers left alone."""
     keep = {l for l in chain.hidden_layers if l not in drop}
     edges = [(s.layer, l) for l, srcs in enumerate(chain.sources) for s in srcs if s.layer in keep]
     out, alone = [], []
@@ -141,5 +146,5 @@ def demote(chain: Chain, drop: set[int], modules: dict[str, nn.Module]) -> tuple
                     new.append(Source(-1, range(len(s.nodes))))
             layers.append(layer)
             sources.append(tuple(new))
-        out.append(_make(layers, sources))
+        out.append(_make(layers, sources, tuple(pos[l] for l in comp if l in chain.normalized)))
     return out, alone

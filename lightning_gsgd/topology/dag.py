@@ -9,15 +9,22 @@ it (a *spoil*: an add, a non-homogeneous op, a BatchNorm, an excluded layer, the
 with the reason). :func:`verdicts` then decides per layer: its units are hidden when no label of it
 was spoiled and every one of its nodes is read by some layer; otherwise the reason names the first
 route that failed (docs/detection.md, "DAG chains").
+
+With ``bn_mode="exact"`` (:mod:`lightning_gsgd.topology.bn`) BatchNorm affines are labelled too (their
+channels may be hidden units, S1), grouped convolutions are labelled for S2 only, and a label that
+ends at the input of a training-mode BatchNorm, per channel, is recorded as normalized
+(``Flow.norm_nodes``): a layer all of whose nodes end there, and nowhere else, has S2 rows
+(:func:`s2_layers`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from lightning_gsgd.topology.graph import JOINS, METADATA, Op, OpGraph
 from lightning_gsgd.topology.reasons import CONCAT, Why, combines, group_of
-from lightning_gsgd.topology.rules import accepts, is_batchnorm, is_weight_layer, output_layout
+from lightning_gsgd.topology.rules import BATCHNORM, Layout, accepts, is_batchnorm, is_weight_layer, output_layout
 from lightning_gsgd.topology.units import SHIFT, SPLITS, Transition, Units, fresh, join, split, step
 
 _NODE = (1 << SHIFT) - 1
@@ -51,6 +58,8 @@ class Flow:
         reads: Per weight layer that reads labelled units, what it reads.
         read_nodes: Per labelled layer, the nodes some weight layer reads.
         spoils: Per labelled layer, every op (in execution order) its units may not pass.
+        norm_nodes: Per labelled layer, its nodes that reach a training-mode BatchNorm per channel
+            (exact mode only).
     """
 
     labelled: dict[int, int] = field(default_factory=dict)
@@ -58,6 +67,7 @@ class Flow:
     reads: dict[int, Read] = field(default_factory=dict)
     read_nodes: dict[int, set[int]] = field(default_factory=dict)
     spoils: dict[int, list[Spoil]] = field(default_factory=dict)
+    norm_nodes: dict[int, set[int]] = field(default_factory=dict)
 
 
 def decode(ids: list[int]) -> list[tuple[int, int]]:
@@ -65,11 +75,21 @@ def decode(ids: list[int]) -> list[tuple[int, int]]:
     return [(v >> SHIFT, v & _NODE) if v >= 0 else (-1, -1) for v in ids]
 
 
+Normalizer = Callable[[Op], "Why | None"]
+
+
 class _Walk:
-    def __init__(self, graph: OpGraph, problems: dict[int, Why | None], transition: Transition) -> None:
+    def __init__(
+        self,
+        graph: OpGraph,
+        problems: dict[int, Why | None],
+        transition: Transition,
+        normalizer: Normalizer | None = None,
+    ) -> None:
         self.ops = graph.ops
         self.problems = problems
         self.transition = transition
+        self.normalizer = normalizer
         self.units: dict[int, Units] = {}
         self.items: dict[int, list[Units | None]] = {}
         self.flow = Flow()
@@ -152,10 +172,41 @@ class _Walk:
             self.units[op.index] = res
             return
         per_channel = u.flat and u.dim == 1 and u.inner == 1 and len(in_shape) >= 2
-        self.spoil([u], op.index, res, is_batchnorm(op) and per_channel)
+        if self.normalizer is None or not is_batchnorm(op):
+            self.spoil([u], op.index, res, is_batchnorm(op) and per_channel)
+            return
+        not_s2 = (
+            self.normalizer(op)
+            if per_channel
+            else Why(
+                f"{op.describe()} does not normalize its units per channel here", f"{op.name} does not act per channel"
+            )
+        )
+        if not_s2 is not None:
+            self.spoil([u], op.index, not_s2)
+            return
+        self.spoil([u], op.index, Why(f"{op.describe()} normalizes it (S2)", f"{op.name} normalizes it (S2)"), True)
+        for p, node in decode(u.ids.tolist()):
+            if p >= 0:
+                self.flow.norm_nodes.setdefault(p, set()).add(node)
 
 
-def propagate(graph: OpGraph, problems: dict[int, Why | None], transition: Transition) -> Flow:
+def _own_layout(op: Op, graph: OpGraph) -> Layout | None:
+    """Where the output units of a labelled op are: a weight layer's, or a BatchNorm's channels (dim 1)."""
+    if isinstance(op.module, BATCHNORM):
+        ok = op.shape is not None and len(op.shape) >= 2 and op.shape[1] == op.module.num_features
+        return Layout(1, op.module.num_features) if ok else None
+    in_shape = graph.ops[op.data_input].shape if op.data_input >= 0 else None
+    return output_layout(op, in_shape)
+
+
+def propagate(
+    graph: OpGraph,
+    problems: dict[int, Why | None],
+    transition: Transition,
+    extra: Collection[int] = (),
+    normalizer: Normalizer | None = None,
+) -> Flow:
     """Follow the units of every chain-eligible weight layer (``problems[op] is None``) forward.
 
     Args:
@@ -163,15 +214,19 @@ def propagate(graph: OpGraph, problems: dict[int, Why | None], transition: Trans
         problems: Per weight-layer op, why it cannot be a chain layer (``None``: it can).
         transition: The per-op rule for ops that keep one tensor's units on one dim
             (:func:`lightning_gsgd.topology.rules.transition`).
+        extra: Further ops whose output units are labelled (``bn_mode="exact"``: BatchNorm affines,
+            and grouped convolutions, which may have S2 rows but are never read as chain layers).
+        normalizer: ``bn_mode="exact"``: for a BatchNorm op, ``None`` when it normalizes the units
+            that reach it in training mode (they end there as normalized, ``Flow.norm_nodes``), else why
+            not. ``None`` (the other modes): every BatchNorm ends the units with ``Spoil.norm`` set.
     """
-    walk = _Walk(graph, problems, transition)
+    walk = _Walk(graph, problems, transition, normalizer)
     for op in graph.ops:
         mine = [s for s in dict.fromkeys(op.inputs) if s >= 0 and (s in walk.units or s in walk.items)]
         if mine and not (op.kind == "call" and op.name in METADATA):  # x.size(0) reads no values
             walk.visit(op, mine)
-        if is_weight_layer(op) and problems.get(op.index) is None:
-            in_shape = graph.ops[op.data_input].shape if op.data_input >= 0 else None
-            layout = output_layout(op, in_shape)
+        if (is_weight_layer(op) and problems.get(op.index) is None) or op.index in extra:
+            layout = _own_layout(op, graph)
             if layout is None:
                 walk.flow.unlocated.add(op.index)
             else:
@@ -193,15 +248,35 @@ def _unread(n: int, read: set[int]) -> Why:
     )
 
 
-def _why(graph: OpGraph, a: int, flow: Flow) -> tuple[Why, Op | None]:
+def _mixed(n: int, read: set[int], normed: set[int]) -> Why:
+    """Why units that end only at layers and at training-mode BatchNorms are neither hidden nor S2."""
+    if read and normed:
+        return Why(
+            f"{len(normed)} of its {n} units go into a BatchNorm and {len(read)} to a layer that reads them: "
+            "neither hidden units (every route must end at a layer) nor S2 rows (every route at a BatchNorm)",
+            "its units go both into a BatchNorm and to a layer",
+        )
+    if normed and len(normed) == n:
+        return Why(
+            "its units go only into BatchNorms, which normalize them (no layer reads them as units)",
+            "its units go only into BatchNorms",
+        )
+    return _unread(n, read | normed)
+
+
+def _why(graph: OpGraph, a: int, flow: Flow, exact: bool = False) -> tuple[Why, Op | None]:
     """Why layer ``a``'s units are not hidden, walking its route up to the first fork: the reason,
-    and the BatchNorm that normalizes them per channel when a single route ends there."""
+    and the BatchNorm that normalizes them per channel when a single route ends there (``exact``:
+    routes that end at a training-mode BatchNorm are no failure, the reason names another)."""
     ops = graph.ops
-    spoils = flow.spoils.get(a, [])
+    every = flow.spoils.get(a, [])
+    spoils = [s for s in every if not s.norm] if exact else every
     read = flow.read_nodes.get(a, set())
     n = flow.labelled[a]
+    if exact and every and not spoils:
+        return _mixed(n, read, flow.norm_nodes.get(a, set())), None
     at: dict[int, Spoil] = {}
-    for s in spoils:
+    for s in every:
         at.setdefault(s.op, s)
     cur = ops[a]
     while True:
@@ -215,7 +290,7 @@ def _why(graph: OpGraph, a: int, flow: Flow) -> tuple[Why, Op | None]:
                 f"several consumers, one route: {group_of(r)}",
             ), None
         u = ops[cur.users[0]]
-        if u.index in at:
+        if u.index in at and not (exact and at[u.index].norm):
             s = at[u.index]
             return s.reason, (u if s.norm else None)
         if is_weight_layer(u) or u.kind == "output":
@@ -223,8 +298,17 @@ def _why(graph: OpGraph, a: int, flow: Flow) -> tuple[Why, Op | None]:
         cur = u
 
 
-def verdicts(graph: OpGraph, flow: Flow) -> tuple[set[int], dict[int, Why], dict[int, Op]]:
+def verdicts(
+    graph: OpGraph, flow: Flow, exact: bool = False, never_hidden: Collection[int] = ()
+) -> tuple[set[int], dict[int, Why], dict[int, Op]]:
     """Per eligible layer: hidden or not, and why not.
+
+    Args:
+        graph: The model's op graph.
+        flow: What :func:`propagate` found.
+        exact: ``bn_mode="exact"``: routes that end at a training-mode BatchNorm are not named as the
+            reason (they make S2 rows, :func:`s2_layers`).
+        never_hidden: Labelled ops whose units are never hidden (grouped convolutions: S2 only).
 
     Returns:
         ``(hidden, ends, normalized)``: the op indices of the layers whose units are hidden; for every
@@ -236,13 +320,26 @@ def verdicts(graph: OpGraph, flow: Flow) -> tuple[set[int], dict[int, Why], dict
     ends: dict[int, Why] = {}
     normalized: dict[int, Op] = {}
     for a, n in flow.labelled.items():
-        if not flow.spoils.get(a) and len(flow.read_nodes.get(a, ())) == n:
+        if a not in never_hidden and not flow.spoils.get(a) and len(flow.read_nodes.get(a, ())) == n:
             hidden.add(a)
             continue
-        why, norm = _why(graph, a, flow)
+        why, norm = _why(graph, a, flow, exact)
         ends[a] = why
         if norm is not None:
             normalized[a] = norm
     for a in flow.unlocated:
         ends[a] = Why("its output units cannot be located (unbatched input?)")
     return hidden, ends, normalized
+
+
+def s2_layers(flow: Flow, candidates: Collection[int]) -> set[int]:
+    """The ``candidates`` (labelled weight layers) whose every node reaches a training-mode BatchNorm
+    per channel and nothing else: no layer reads them, no other op sees them (S2 rows)."""
+    return {
+        a
+        for a in candidates
+        if a in flow.labelled
+        and not flow.read_nodes.get(a)
+        and all(s.norm for s in flow.spoils.get(a, []))
+        and len(flow.norm_nodes.get(a, ())) == flow.labelled[a]
+    }

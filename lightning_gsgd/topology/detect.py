@@ -25,7 +25,16 @@ from typing import Any
 from torch import nn
 
 from lightning_gsgd.topology.assemble import assemble, chain_layer
-from lightning_gsgd.topology.dag import propagate, verdicts
+from lightning_gsgd.topology.bn import (
+    BN_MODES,
+    alone_layer,
+    bn_param_reasons,
+    bn_unit_problem,
+    groups_only,
+    is_bn_module,
+    normalizer,
+)
+from lightning_gsgd.topology.dag import propagate, s2_layers, verdicts
 from lightning_gsgd.topology.exclusions import param_reasons
 from lightning_gsgd.topology.graph import Op, OpGraph
 from lightning_gsgd.topology.graph_fx import trace_fx
@@ -34,6 +43,8 @@ from lightning_gsgd.topology.prove import prove_topology
 from lightning_gsgd.topology.reasons import Why, group_of
 from lightning_gsgd.topology.report import refusal
 from lightning_gsgd.topology.rules import is_weight_layer, transition, weight_layer_problem
+from lightning_gsgd.topology.selfcheck_s2 import prove_s2
+from lightning_gsgd.topology.selfcheck_s2 import s2_layers as s2_claims
 from lightning_gsgd.topology.shard import refuse_sharded
 from lightning_gsgd.topology.types import ChainLayer, Excluded, Topology, TopologyError
 
@@ -52,7 +63,7 @@ def build_graph(model: nn.Module, example_input: Any, method: str = "auto") -> O
     """
     if method not in _METHODS:
         raise ValueError(f"detect_topology: method must be one of {_METHODS}, got {method!r}")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each submodule's own flag (a frozen BatchNorm too)
     model.eval()
     try:
         if method in ("auto", "fx"):
@@ -68,52 +79,79 @@ def build_graph(model: nn.Module, example_input: Any, method: str = "auto") -> O
                 )
         return record_forward(model, example_input)
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _weight_problems(graph: OpGraph, include: Sequence[str] | None, exclude: Sequence[str]) -> dict[int, Why | None]:
+class _Usage:
+    """How often each module is called and each parameter is read, for the shared/frozen/pattern rules."""
+
+    def __init__(self, graph: OpGraph, include: Sequence[str] | None, exclude: Sequence[str]) -> None:
+        self.uses: Counter[int] = Counter()
+        for op in graph:
+            for p in {id(p): p for p in op.params}.values():
+                self.uses[id(p)] += 1
+        self.calls = Counter(id(op.module) for op in graph if op.kind == "module")
+        self.include, self.exclude = include, exclude
+
+    def problem(self, op: Op) -> Why | None:
+        """Why a plain layer ``op`` (weight layer or BatchNorm) cannot be in a chain by its use."""
+        mod = op.module
+        assert mod is not None
+        own = [p for p in (mod.weight, getattr(mod, "bias", None)) if p is not None]
+        if self.calls[id(mod)] > 1:
+            return Why(
+                f"shared weight: module '{op.qualname}' is called {self.calls[id(mod)]} times",
+                "shared weight: the module is called more than once",
+            )
+        if any(self.uses[id(p)] > 1 for p in own):
+            return Why("shared weight: its parameters are also used by another op")
+        if any(not p.requires_grad for p in own):
+            return Why("frozen (requires_grad=False)")
+        if self.include is not None and not _matches(op.qualname, self.include):
+            return Why("not named in include=")
+        if _matches(op.qualname, self.exclude):
+            return Why("excluded by exclude=")
+        return None
+
+
+def _weight_problems(graph: OpGraph, usage: _Usage) -> dict[int, Why | None]:
     """For every weight-layer op: why it cannot be a chain layer (``None`` if it can)."""
-    uses: Counter[int] = Counter()
-    for op in graph:
-        for p in {id(p): p for p in op.params}.values():
-            uses[id(p)] += 1
-    calls = Counter(id(op.module) for op in graph if op.kind == "module")
     problems: dict[int, Why | None] = {}
     for op in graph:
         if not is_weight_layer(op):
             continue
         assert op.module is not None
-        mod = op.module
-        problem = weight_layer_problem(mod)
+        problem = weight_layer_problem(op.module)
         # read mod.weight only on a plain layer: a parametrization (spectral_norm) updates state on access
-        own = [p for p in (mod.weight, getattr(mod, "bias", None)) if p is not None] if problem is None else []
-        if problem is None and calls[id(mod)] > 1:
-            problem = Why(
-                f"shared weight: module '{op.qualname}' is called {calls[id(mod)]} times",
-                "shared weight: the module is called more than once",
-            )
-        elif problem is None and any(uses[id(p)] > 1 for p in own):
-            problem = Why("shared weight: its parameters are also used by another op")
-        elif problem is None and any(not p.requires_grad for p in own):
-            problem = Why("frozen (requires_grad=False)")
-        elif problem is None and include is not None and not _matches(op.qualname, include):
-            problem = Why("not named in include=")
-        elif problem is None and _matches(op.qualname, exclude):
-            problem = Why("excluded by exclude=")
-        problems[op.index] = problem
+        problems[op.index] = problem if problem is not None else usage.problem(op)
     return problems
+
+
+def _segment_ops(
+    graph: OpGraph, usage: _Usage, problems: dict[int, Why | None]
+) -> tuple[dict[int, Why | None], set[int]]:
+    """``bn_mode="exact"``: per BatchNorm op, why its channels cannot be units (``None``: they may be);
+    and the grouped convolutions that may have S2 rows (refused as chain layers only for ``groups``)."""
+    bns: dict[int, Why | None] = {}
+    for op in graph:
+        if is_bn_module(op):
+            bns[op.index] = bn_unit_problem(op) or usage.problem(op)
+    grouped = {
+        i
+        for i, p in problems.items()
+        if p is not None and groups_only(graph.ops[i].module) and usage.problem(graph.ops[i]) is None
+    }
+    return bns, grouped
 
 
 def _make_layer(op: Op, n_in: int | None, taps: int | None) -> ChainLayer:
     assert op.module is not None
     return chain_layer(op.qualname, op.module, n_in, taps)
-
-
-BN_MODES = ("sgd", "authors_heuristic")
 
 
 def find_chains(
@@ -122,7 +160,7 @@ def find_chains(
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    bn_mode: str = "sgd",
+    bn_mode: str = "exact",
 ) -> Topology:
     """The chains and exclusions of ``model`` from its op graph (no self-check).
 
@@ -136,19 +174,38 @@ def find_chains(
     if bn_mode not in BN_MODES:
         raise ValueError(f"detect_topology: bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     ops = graph.ops
-    problems = _weight_problems(graph, include, exclude)
-    names = [op.qualname for op in ops if is_weight_layer(op)]
+    exact = bn_mode == "exact"
+    usage = _Usage(graph, include, exclude)
+    problems = _weight_problems(graph, usage)
+    bns, grouped = _segment_ops(graph, usage, problems) if exact else ({}, set())
+    names = [op.qualname for op in ops if is_weight_layer(op) or op.index in bns]
+    what = "Linear/Conv/BatchNorm" if bns else "Linear/Conv"
     for kind, patterns in (("include", include or ()), ("exclude", exclude)):
         for p in patterns:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
-                raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no Linear/Conv layer ({shown})")
+                raise TopologyError(f"detect_topology: {kind}= pattern '{p}' matches no {what} layer ({shown})")
     # the module attribute, looked up now: tests stand in a faulty rule here to exercise the self-check
-    flow = propagate(graph, problems, lambda op, layout, shape: transition(op, layout, shape))
-    hidden, ends, normalized = verdicts(graph, flow)
-    chains = assemble(graph, flow, hidden)
-    covered = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
+    flow = propagate(
+        graph,
+        problems,
+        lambda op, layout, shape: transition(op, layout, shape),
+        extra={i for i, p in bns.items() if p is None} | grouped,
+        normalizer=normalizer(model) if exact else None,
+    )
+    hidden, ends, normalized = verdicts(graph, flow, exact, grouped)
+    s2 = s2_layers(flow, [i for i, p in problems.items() if p is None] + sorted(grouped)) if exact else set()
+    chains = assemble(graph, flow, hidden, s2)
+    in_chain = {layer.name for c in chains for layer in c.layers}
+    alone = [alone_layer(ops[i].qualname, ops[i].module) for i in sorted(s2) if ops[i].qualname not in in_chain]
+    covered = {
+        id(p)
+        for layer in [*(layer for c in chains for layer in c.layers), *alone]
+        for p in (layer.weight, layer.bias)
+        if p is not None
+    }
     reasons = param_reasons(graph, problems, ends)
+    reasons.update(bn_param_reasons(graph, bns, ends))
     bn_layers: list[ChainLayer] = []
     if bn_mode == "authors_heuristic":
         in_chain = {layer.name for c in chains for layer in c.layers}
@@ -171,7 +228,7 @@ def find_chains(
         if id(p) not in covered
         for why in [reasons.get(id(p), unused)]
     )
-    return Topology(tuple(chains), excluded, tuple(bn_layers), graph.method)
+    return Topology(tuple(chains), excluded, tuple(bn_layers), graph.method, normalized=tuple(alone))
 
 
 _EMPTY_FIX = "allow_empty=True to accept a model without chains (every parameter then gets plain SGD)"
@@ -202,7 +259,7 @@ def detect_topology(
     exclude: Sequence[str] = (),
     min_coverage: float = 0.0,
     self_check: bool = True,
-    bn_mode: str = "sgd",
+    bn_mode: str = "exact",
     method: str = "auto",
 ) -> Topology:
     """Find the ReLU chains of ``model`` that G-SGD treats exactly, and prove them.
@@ -222,9 +279,16 @@ def detect_topology(
         min_coverage: Raise unless at least this share of the parameters is in chains.
         self_check: Rescale every detected hidden unit at random and check that the outputs on
             ``example_input`` do not change (:func:`lightning_gsgd.check_invariance`).
-        bn_mode: What to do with layers whose outputs BatchNorm normalizes per channel (directly or
-            through ReLU/pooling/dropout). ``"sgd"`` (default): leave them to plain SGD and say so
-            in ``excluded``. ``"authors_heuristic"``: list them in ``Topology.bn_layers`` so that
+        bn_mode: What to do with BatchNorm and the layers whose outputs it normalizes per channel
+            (directly or through ReLU/pooling/concatenation). ``"exact"`` (default): BatchNorm
+            segments (docs/detection.md, "BatchNorm segments"): a BatchNorm affine whose channels
+            reach only chain layers through homogeneous ops is a hidden chain layer (S1 units), and
+            a layer whose every row goes only into training-mode BatchNorms has S2 rows
+            (``Chain.normalized`` for a chain's output layer, ``Topology.normalized`` for a layer
+            in no chain); ``include=``/``exclude=`` name BatchNorm modules too. The self-check
+            also tests the S2 claims (in training mode, on a float64 copy). ``"sgd"``: leave
+            layers followed by BatchNorm, and BatchNorm affines, to plain SGD and say so in
+            ``excluded``. ``"authors_heuristic"``: list them in ``Topology.bn_layers`` so that
             :class:`~lightning_gsgd.GSGD` updates their weights with the heuristic of the G-SGD
             authors' CIFAR code (:mod:`lightning_gsgd.step.bn_heuristic`; not exact G-SGD, no invariance
             guarantee, not covered by the self-check).
@@ -243,7 +307,7 @@ def detect_topology(
     refuse_sharded(model)
     graph = build_graph(model, example_input, method)
     topo = find_chains(model, graph, include=include, exclude=exclude, bn_mode=bn_mode)
-    if not topo.chains and not topo.bn_layers and not allow_empty and min_coverage <= 0:
+    if _empty(topo) and not allow_empty and min_coverage <= 0:
         _refuse_empty(model, topo)
     _check_coverage(topo, min_coverage)
     if self_check and topo.chains:
@@ -251,11 +315,20 @@ def detect_topology(
         # the graph's forward pass ran the model's own modules in eval mode: reuse its output
         topo, failure = prove_topology(model, topo, example_input, graph.output, modules)
         if failure is not None:
-            if not topo.chains and not topo.bn_layers and not allow_empty:
+            if _empty(topo) and not allow_empty:
                 raise TopologyError(
                     f"{failure}\nNo chain passes the self-check, so the whole model would get plain SGD "
                     "(pass allow_empty=True to accept that).",
                     topology=topo,
                 )
             _check_coverage(topo, min_coverage)
+    if self_check and s2_claims(topo):
+        topo = prove_s2(model, topo, example_input)
+        if _empty(topo) and not allow_empty and min_coverage <= 0:
+            _refuse_empty(model, topo)
+        _check_coverage(topo, min_coverage)
     return topo
+
+
+def _empty(topo: Topology) -> bool:
+    return not topo.chains and not topo.bn_layers and not topo.normalized

@@ -16,8 +16,9 @@ from typing import Any
 from torch import nn
 
 from lightning_gsgd.topology.assemble import demote
+from lightning_gsgd.topology.bn import alone_layer
 from lightning_gsgd.topology.selfcheck import interaction_failure, link_failure, self_check_errors
-from lightning_gsgd.topology.types import Chain, Excluded, Topology, TopologyError
+from lightning_gsgd.topology.types import Chain, ChainLayer, Excluded, Topology, TopologyError
 from lightning_gsgd.topology.untested import untested_layers
 
 log = logging.getLogger(__name__)
@@ -25,18 +26,20 @@ log = logging.getLogger(__name__)
 
 def _split(
     chains: list[Chain], links: list[tuple[int, int, float]], modules: dict[str, nn.Module], tol: float
-) -> tuple[list[Chain], dict[str, str]]:
+) -> tuple[list[Chain], dict[str, str], list[ChainLayer]]:
     """Make every failing hidden layer an output layer (a sequence is cut after it); layers left
-    without a hidden neighbour leave the topology.
+    without a hidden neighbour leave the topology, except those with S2 rows, which become S2 layers
+    alone.
 
     Returns:
-        The remaining chains and, per layer name that left, the reason.
+        The remaining chains, per layer name that left the reason, and the new S2 layers alone.
     """
     cuts: dict[int, dict[int, float]] = {}
     for ci, li, e in links:
         cuts.setdefault(ci, {})[li] = e
     out: list[Chain] = []
     gone: dict[str, str] = {}
+    alone_s2: list[ChainLayer] = []
     for ci, chain in enumerate(chains):
         if ci not in cuts:
             out.append(chain)
@@ -56,6 +59,9 @@ def _split(
         kept, alone = demote(chain, set(cuts[ci]), modules)
         out += kept
         for l in alone:
+            if l in chain.normalized:
+                alone_s2.append(alone_layer(layers[l].name, modules[layers[l].name]))
+                continue
             if l in cuts[ci]:  # the failing link after the layer, else one before it
                 a, b, e = l, chain.readers(l)[0][0], cuts[ci][l]
             else:
@@ -66,7 +72,7 @@ def _split(
                 f"the self-check found that rescaling the units between '{layers[a].name}' and '{layers[b].name}' "
                 f"changed the output by {e:.2e} (relative; tolerance {tol:.0e}); '{name}' is left in no chain"
             )
-    return out, gone
+    return out, gone, alone_s2
 
 
 def prove_topology(
@@ -82,11 +88,12 @@ def prove_topology(
             invariance while no single chain does.
     """
     chains = list(topo.chains)
+    normalized = list(topo.normalized)
     gone: dict[str, str] = {}  # layer name -> why it left
     first: str | None = None
     tol = 0.0
     for _ in range(2 + sum(len(c.layers) for c in chains)):  # every round removes a link or a chain
-        current = Topology(tuple(chains), topo.excluded, topo.bn_layers, topo.method)
+        current = Topology(tuple(chains), topo.excluded, topo.bn_layers, topo.method, normalized=tuple(normalized))
         err, tol, links, bad = self_check_errors(model, current, example_input, reference=reference)
         if err <= tol:
             break
@@ -101,8 +108,9 @@ def prove_topology(
                 "layer's do"
             )
         if links:
-            chains, lost = _split(chains, links, modules, tol)
+            chains, lost, more = _split(chains, links, modules, tol)
             gone.update(lost)
+            normalized += more
         else:
             drop = dict(bad)
             for ci, e in drop.items():
@@ -128,6 +136,7 @@ def prove_topology(
         group = "the self-check found that rescaling its units changed the output"
         covered = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
         covered |= {id(layer.weight) for layer in topo.bn_layers}
+        covered |= {id(p) for layer in normalized for p in (layer.weight, layer.bias) if p is not None}
         left = []
         for name, p in model.named_parameters():
             if id(p) in covered:
@@ -139,7 +148,7 @@ def prove_topology(
             else:
                 left.append(Excluded(name, p.numel(), "not used on example_input"))
         excluded = tuple(left)
-    proved = Topology(tuple(chains), excluded, topo.bn_layers, topo.method)
+    proved = Topology(tuple(chains), excluded, topo.bn_layers, topo.method, normalized=tuple(normalized))
     silent = untested_layers(model, proved, example_input, tolerance=tol or None, reference=reference)
     if silent:
         proved.untested = tuple(proved.chains[ci].layers[li].name for ci, li in silent)

@@ -77,11 +77,16 @@ _STOPS: tuple[tuple[frozenset[str], str, str], ...] = (
     ),
     (SOFTMAX, "{d} is not positively homogeneous and mixes units", "{n} is not positively homogeneous"),
     (AFFINE_DROPOUT, "{d} is affine in training, not positively homogeneous", "{n} is not positively homogeneous"),
-    (MIXING_NORMS, "{d} mixes units (it normalizes across them)", "{n} mixes units"),
+    (
+        MIXING_NORMS,
+        "{d} mixes units (it normalizes across them; segments ending at it are not supported yet)",
+        "{n} mixes units (not supported yet)",
+    ),
     (
         CHANNEL_NORMS,
-        "{d} normalizes each channel, so its output does not scale with the unit",
-        "{n} normalizes each channel",
+        "{d} normalizes each channel, so its output does not scale with the unit (segments ending at it are not "
+        "supported yet)",
+        "{n} normalizes each channel (not supported yet)",
     ),
     (
         ATTENTION,

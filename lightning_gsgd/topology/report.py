@@ -21,8 +21,8 @@ GROUP_CHARS = 110
 BUDGET = 1000  # characters of a whole refusal, as issue 14 asks
 FULL_LIST = "every parameter with its reason: the error's .topology.summary(verbose=True)"
 BN_FIX = (
-    'bn_mode="authors_heuristic" (layers before BatchNorm get the G-SGD authors\' heuristic, not exact G-SGD; '
-    'the default bn_mode="sgd" gives them plain SGD)'
+    'bn_mode="exact" (the default: BatchNorm channels as units and rows normalized by BatchNorm, exact G-SGD) '
+    'or bn_mode="authors_heuristic" (layers before BatchNorm get the G-SGD authors\' heuristic, not exact G-SGD)'
 )
 _ACTIVATION = re.compile(r"(?:^|: )(\w+) is not positively homogeneous")
 

@@ -137,7 +137,6 @@ def computation_problem(module: nn.Module) -> Why | None:
     Returns:
         ``None`` for a plain layer, else a short reason naming the class and the cause.
     """
-    from torch.nn.modules import module as module_mod
     from torch.nn.utils import parametrize
 
     cls = type(module)
@@ -158,6 +157,19 @@ def computation_problem(module: nn.Module) -> Why | None:
     if over:
         name = cls.__name__ if cls.__name__ != base.__name__ else f"{cls.__module__}.{cls.__qualname__}"
         return Why(f"{name} overrides {'/'.join(over)} (a subclass of nn.{base.__name__} whose computation may differ)")
+    problem = hook_problem(module)
+    if problem is not None:
+        return problem
+    if not isinstance(module.weight, nn.Parameter):
+        return Why(f"{cls.__name__}'s weight is a {type(module.weight).__name__}, not an nn.Parameter")
+    return None
+
+
+def hook_problem(module: nn.Module) -> Why | None:
+    """Why a forward hook or pre-hook on ``module``, or a global one, may change its computation (``None``: none)."""
+    from torch.nn.modules import module as module_mod
+
+    cls = type(module)
     for what, own, glob in (
         ("forward pre-hook", module._forward_pre_hooks, module_mod._global_forward_pre_hooks),
         ("forward hook", module._forward_hooks, module_mod._global_forward_hooks),
@@ -171,8 +183,6 @@ def computation_problem(module: nn.Module) -> Why | None:
         if glob:
             names = ", ".join(_hook_name(h) for h in glob.values())
             return Why(f"a global module {what} is registered ({names}) that may change every layer's computation")
-    if not isinstance(module.weight, nn.Parameter):
-        return Why(f"{cls.__name__}'s weight is a {type(module.weight).__name__}, not an nn.Parameter")
     return None
 
 

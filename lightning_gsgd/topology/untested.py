@@ -61,10 +61,10 @@ def _live_by_gradient(
         for layer in layers:
             mod = model.get_submodule(layer.name)
             gate = torch.ones(layer.n_out, dtype=layer.weight.dtype, device=layer.weight.device, requires_grad=True)
-            shape = (-1,) if isinstance(mod, nn.Linear) else (-1,) + (1,) * (layer.weight.dim() - 2)
+            last = isinstance(mod, nn.Linear)  # units on the last dim; convs and BatchNorms: on dim 1
 
-            def hook(m: nn.Module, args: Any, out: Tensor, gate: Tensor = gate, shape: tuple = shape) -> Tensor:
-                return out * gate.view(shape)
+            def hook(m: nn.Module, args: Any, out: Tensor, gate: Tensor = gate, last: bool = last) -> Tensor:
+                return out * gate.view((-1,) if last else (-1,) + (1,) * (out.dim() - 2))
 
             handles.append(mod.register_forward_hook(hook))
             gates.append(gate)
