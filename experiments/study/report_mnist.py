@@ -17,23 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.study.labels import LABELS
 from experiments.study.report import _num, _pm, invariance_table, load_curves, load_runs, load_summary
 
-LABELS = {
-    "sgd": "SGD",
-    "sgd+skeleton": "SGD + skeleton init",
-    "gsgd": "G-SGD",
-    "adam": "Adam",
-    "gadam": "GAdam",
-    "adamw": "AdamW (wd 0.01)",
-    "gadamw": "GAdamW (wd 0.01)",
-    "adam+skeleton": "Adam + skeleton init",
-    "adamw+skeleton": "AdamW (wd 0.01) + skeleton init",
-    "gsgd-heuristic": "G-SGD, authors' BN heuristic",
-    "gsgd-exact": "G-SGD, exact BN mode",
-}
 SETTING_KEYS = ("model", "width", "rescale_spread")
-EXPERIMENTS = ("mnist-mlp", "mnist-width", "mnist-cnn", "mnist-invariance", "bn-exact", "bn-invariance", "mnist-resnet18")
+EXPERIMENTS = (
+    "mnist-mlp",
+    "mnist-width",
+    "mnist-cnn",
+    "mnist-invariance",
+    "bn-exact",
+    "bn-invariance",
+    "mnist-resnet18",
+)
 
 
 def _setting(row: dict[str, Any], spread: bool) -> str:

@@ -2,10 +2,12 @@
 # The later stages of the issue-19 study (after run_mnist.sh), as run for docs/results.md: one stream,
 # one torch thread, nice 15 (the machine was shared: see the load averages in OUT/logs/more.log).
 # Each experiment resumes from its store (the methods already run are read back, not retrained).
-# Usage (repository root): bash experiments/study/run_more.sh OUT STAGE...   (OUT default results/study)
+# Usage (repository root): bash experiments/study/run_more.sh OUT STAGE...
+# As run: adam-skeleton, then bn-exact bn-invariance resnet18 (after merging main's exact BN detection).
 #   adam-skeleton  Adam and AdamW from the skeleton init on the MLP (30 epochs) and the CNN (10 epochs)
-#   bn-pre         BN ResNet (MNIST-1D, 20 epochs) and ResNet-18 (width 8, 8 epochs): sgd, gsgd-heuristic
-#   bn-exact       the same two settings: gsgd-exact and sgd+skeleton (needs detect_topology(bn_mode="exact"))
+#   bn-pre         (not used in the end: main had the exact detection before it ran) sgd and gsgd-heuristic only
+#   bn-exact       BN ResNet, all four methods (needs detect_topology(bn_mode="exact"))
+#   resnet18       ResNet-18, all four methods
 #   bn-invariance  the BN ResNet from S1+S2-rescaled starts, s = 1e-6, 1, 3
 set -u
 OUT=${1:-results/study}
@@ -30,7 +32,8 @@ for stage in "$@"; do
       run $E bn-exact $COMMON --epoch-scale 0.5 --methods sgd,gsgd-heuristic
       run $E mnist-resnet18 $COMMON --epoch-scale 0.5 --methods sgd,gsgd-heuristic ;;
     bn-exact)
-      run $E bn-exact $COMMON --epoch-scale 0.5
+      run $E bn-exact $COMMON --epoch-scale 0.5 ;;
+    resnet18)
       run $E mnist-resnet18 $COMMON --epoch-scale 0.5 ;;
     bn-invariance)
       run $E bn-invariance $COMMON --epoch-scale 0.5 ;;
