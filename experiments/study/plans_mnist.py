@@ -61,11 +61,11 @@ def mnist_experiments(e: Callable[[int], int]) -> tuple[Experiment, ...]:
 def bn_experiments(e: Callable[[int], int]) -> tuple[Experiment, ...]:
     """The BatchNorm experiments: the MNIST-1D study's BN ResNet (weight decay 5e-4 as in its section 4;
     ``e(40)`` epochs), its rescaled starts (S1 and S2 factors ``exp(U(-s, s))``), and a ResNet-18 of
-    base width :data:`RESNET18_WIDTH` on real MNIST (``e(16)`` epochs: 8 with ``--epoch-scale 0.5``)."""
+    base width :data:`RESNET18_WIDTH` on real MNIST (``e(10)`` epochs: 5 with ``--epoch-scale 0.5``)."""
     bn = Setting({"model": "bn_resnet"}, dataclasses.replace(base_config("bn_resnet", e(40)), weight_decay=5e-4))
     r18 = Setting(
         {"model": f"resnet18 width {RESNET18_WIDTH}"},
-        dataclasses.replace(base_config("resnet18", e(16), "mnist", width=RESNET18_WIDTH), weight_decay=5e-4),
+        dataclasses.replace(base_config("resnet18", e(10), "mnist", width=RESNET18_WIDTH), weight_decay=5e-4),
     )
     return (
         Experiment(

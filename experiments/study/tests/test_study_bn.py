@@ -56,7 +56,7 @@ def test_bn_methods_and_experiments_are_defined_as_documented():
     assert all(e.gsgd_kwargs == {"bn_mode": "exact"} for e in (bn, inv, r18))
     assert bn.settings[0].base.epochs == 20 and bn.settings[0].base.weight_decay == 5e-4
     assert r18.settings[0].base.dataset == "mnist" and dict(r18.settings[0].base.model_kwargs) == {"width": 8}
-    assert r18.settings[0].base.epochs == 8
+    assert r18.settings[0].base.epochs == 5
     cfg = RunConfig(method="gsgd-heuristic", lr=0.1, gsgd_kwargs=kw(bn_mode="exact"))
     (cb,) = _callbacks(cfg, METHODS["gsgd-heuristic"])
     assert cb.detect_options["bn_mode"] == "authors_heuristic" and not cb.skeleton_init
