@@ -92,7 +92,7 @@ def figures(results: Path, out: Path) -> list[Path]:
         made.append(plot_bars(rows, _seed_accs(runs), out / f"{prefix}_test_error.png", title))
         made.append(plot_curves(runs, curves, out / f"{prefix}_curves.png", title))
         made.append(plot_seed_curves(runs, curves, out / f"{prefix}_seeds.png", title))
-        made.append(plot_tuning(runs, out / f"{prefix}_tuning.png", lambda r, n=name: n, title + ": lr tuning"))
+        made.append(plot_tuning(runs, out / f"{prefix}_tuning.png", lambda r, n=name: n, "lr tuning, seed 0"))
     folder = results / "mnist-width"
     rows = load_summary(folder)
     if rows:
