@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,6 +100,35 @@ def per_seed(folder: Path) -> str:
     return "\n".join(out)
 
 
+def drift_table(
+    runs: dict[str, dict[str, str]], curves: dict[str, list[dict[str, float]]], epochs: Sequence[int] = (1, 2, 3, 5, 10)
+) -> str:
+    """Per method and spread s > 0: the relative change of the training loss (mean over the epoch's
+    steps) against the s = 0 run of the same method and seed, at the given epochs (median over seeds;
+    ``curves.csv`` keeps 6 significant digits, so changes below about 1e-6 read as 0)."""
+    final = {(r["method"], _num(r["rescale_spread"]), r["seed"]): k for k, r in runs.items() if r["phase"] == "final"}
+    head = ["method", "s"] + [f"epoch {e}" for e in epochs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    methods = [m for m in LABELS if any(k[0] == m for k in final)]
+    for m in methods:
+        for sp in sorted({s for mm, s, _ in final if mm == m and s > 0}):
+            per_epoch: list[list[float]] = [[] for _ in epochs]
+            for (mm, ss, seed), k in final.items():
+                if mm != m or ss != sp or (m, 0.0, seed) not in final:
+                    continue
+                a, b = curves.get(final[(m, 0.0, seed)], []), curves.get(k, [])
+                for i, e in enumerate(epochs):
+                    if e <= min(len(a), len(b)):
+                        x, y = a[e - 1]["train_loss"], b[e - 1]["train_loss"]
+                        per_epoch[i].append(abs(x - y) / abs(x))
+            cells = [
+                "n/a" if not v else f"{statistics.median(v):.1e}" if all(map(math.isfinite, v)) else "diverged"
+                for v in per_epoch
+            ]
+            lines.append("| " + " | ".join([LABELS[m], f"{sp:g}", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def timing_table(path: Path) -> str:
     """Seconds per epoch (median over rounds) and the median ratio to SGD of the same round."""
     data = json.loads(path.read_text())
@@ -127,7 +158,8 @@ def report(results: Path) -> str:
         out += [f"### {name} (`{folder}/`)", "", summary_table(folder), "", "Per seed (test accuracy %):", ""]
         out += [per_seed(folder), ""]
         if "invariance" in name:
-            out += [invariance_table(load_runs(folder), load_curves(folder)), ""]
+            runs, curves = load_runs(folder), load_curves(folder)
+            out += [invariance_table(runs, curves), "", drift_table(runs, curves), ""]
     timing = results / "mnist-timing" / "timing.json"
     if timing.exists():
         out += [f"### timing (`{timing}`)", "", timing_table(timing), ""]
