@@ -160,9 +160,10 @@ def report(results: Path) -> str:
         if "invariance" in name:
             runs, curves = load_runs(folder), load_curves(folder)
             out += [invariance_table(runs, curves), "", drift_table(runs, curves), ""]
-    timing = results / "mnist-timing" / "timing.json"
-    if timing.exists():
-        out += [f"### timing (`{timing}`)", "", timing_table(timing), ""]
+    for folder in ("mnist-timing", "bn-timing"):
+        timing = results / folder / "timing.json"
+        if timing.exists():
+            out += [f"### timing (`{timing}`)", "", timing_table(timing), ""]
     return "\n".join(out)
 
 
