@@ -7,8 +7,8 @@ every method of that experiment, ``rounds`` rounds of one ``epochs``-epoch run e
 Lightning, the run's validation pass included, as in the study), with the method order rotated from
 round to round so that a change of the machine's load falls on every method alike. Per run: fit
 seconds / epochs. Per setting and method: the median over rounds, and the median over rounds of the
-ratio to SGD's run of the same round. Writes ``<out>/<folder>/timing.csv`` and ``timing.json`` (``--folder``, default ``mnist-timing``);
-reruns measure again (timings are not resumed).
+ratio to SGD's run of the same round. Writes ``<out>/<folder>/timing.csv`` and ``timing.json``
+(``--folder``, default ``mnist-timing``); reruns measure again (timings are not resumed).
 """
 
 from __future__ import annotations
