@@ -38,7 +38,7 @@ from experiments.study.report import (
 SINGLE = {
     "mnist-mlp": ("mnist_mlp", "MLP 784-64x4-10 on real MNIST, 30 epochs"),
     "mnist-cnn": ("mnist_cnn", "Plain CNN (no BN) on real MNIST, 10 epochs"),
-    "mnist-resnet18": ("mnist_resnet18", "ResNet-18 (width 8) on real MNIST, 8 epochs"),
+    "mnist-resnet18": ("mnist_resnet18", "ResNet-18 (width 8) on real MNIST, 5 epochs"),
     "bn-exact": ("bn_exact", "BN ResNet on MNIST-1D, 20 epochs"),
 }
 SPREAD = {

@@ -3,12 +3,13 @@
 # one torch thread, nice 15 (the machine was shared: see the load averages in OUT/logs/more.log).
 # Each experiment resumes from its store (the methods already run are read back, not retrained).
 # Usage (repository root): bash experiments/study/run_more.sh OUT STAGE...
-# As run: adam-skeleton, then bn-exact bn-invariance resnet18 (after merging main's exact BN detection).
+# As run: adam-skeleton, then bn-exact bn-invariance resnet18 (after merging main's exact BN detection),
+# then bn-timing by hand (the same command as below, logged in OUT/logs/more.log).
 #   adam-skeleton  Adam and AdamW from the skeleton init on the MLP (30 epochs) and the CNN (10 epochs)
-#   bn-pre         (not used in the end: main had the exact detection before it ran) sgd and gsgd-heuristic only
 #   bn-exact       BN ResNet, all four methods (needs detect_topology(bn_mode="exact"))
 #   resnet18       ResNet-18, all four methods
 #   bn-invariance  the BN ResNet from S1+S2-rescaled starts, s = 1e-6, 1, 3
+#   bn-timing      seconds per epoch of the four BN methods, side by side (OUT/bn-timing)
 set -u
 OUT=${1:-results/study}
 shift
@@ -28,15 +29,15 @@ for stage in "$@"; do
     adam-skeleton)
       run $E mnist-mlp $COMMON --epoch-scale 0.5
       run $E mnist-cnn $COMMON --epochs 10 ;;
-    bn-pre)
-      run $E bn-exact $COMMON --epoch-scale 0.5 --methods sgd,gsgd-heuristic
-      run $E mnist-resnet18 $COMMON --epoch-scale 0.5 --methods sgd,gsgd-heuristic ;;
     bn-exact)
       run $E bn-exact $COMMON --epoch-scale 0.5 ;;
     resnet18)
       run $E mnist-resnet18 $COMMON --epoch-scale 0.5 ;;
     bn-invariance)
       run $E bn-invariance $COMMON --epoch-scale 0.5 ;;
+    bn-timing)
+      run experiments.study.timing --out "$OUT" --epochs 2 --rounds 2 --threads 1 \
+        --only bn-exact,mnist-resnet18 --folder bn-timing ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
