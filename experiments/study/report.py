@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.study.labels import COLOURS, LABELS
+
 METHOD_ORDER = ("gsgd", "sgd", "sgd+skeleton", "path-sgd")
-LABELS = {"gsgd": "G-SGD", "sgd": "SGD", "sgd+skeleton": "SGD + skeleton init", "path-sgd": "Path-SGD"}
-COLOURS = {"gsgd": "tab:red", "sgd": "tab:blue", "sgd+skeleton": "tab:green", "path-sgd": "tab:purple"}
 
 
 # ---------------------------------------------------------------- loading
@@ -217,7 +217,7 @@ def plot_error_vs(rows: Sequence[dict[str, Any]], key: str, path: Path, title: s
 
 def plot_bars(rows: Sequence[dict[str, Any]], seeds: dict[str, list[float]], path: Path, title: str) -> Path:
     """Test error per method for one setting: bars (mean, std error bars) and every final seed as a dot."""
-    fig, axes = _figure(1, size=(5.2, 3.9))
+    fig, axes = _figure(1, size=(max(5.2, 0.95 * len(rows)), 3.9 if len(rows) <= 4 else 4.6))
     ax = axes[0][0]
     ms = _ordered([r["method"] for r in rows])
     by = {r["method"]: r for r in rows}
@@ -235,7 +235,8 @@ def plot_bars(rows: Sequence[dict[str, Any]], seeds: dict[str, list[float]], pat
             markersize=4,
             label="one seed" if i == 0 else None,
         )
-    ax.set_xticks(list(x), [LABELS.get(m, m) for m in ms], rotation=15)
+    few = len(ms) <= 4
+    ax.set_xticks(list(x), [LABELS.get(m, m) for m in ms], rotation=15 if few else 30, ha="center" if few else "right")
     ax.set_ylabel("test error % (5 seeds)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)

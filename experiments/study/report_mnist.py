@@ -2,7 +2,8 @@
 
     python -m experiments.study.report_mnist --results results/study
 
-reads ``<results>/mnist-{mlp,width,cnn,invariance}/`` (``summary.json``, ``runs.csv``, ``curves.csv``)
+reads ``<results>/mnist-{mlp,width,cnn,invariance,resnet18}/`` and ``<results>/bn-{exact,invariance}/``
+(``summary.json``, ``runs.csv``, ``curves.csv``)
 and ``<results>/mnist-timing/timing.json`` and prints one table per experiment, the per-seed test
 accuracies, the invariance distances and the timing table.
 """
@@ -11,23 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.study.labels import LABELS
 from experiments.study.report import _num, _pm, invariance_table, load_curves, load_runs, load_summary
 
-LABELS = {
-    "sgd": "SGD",
-    "sgd+skeleton": "SGD + skeleton init",
-    "gsgd": "G-SGD",
-    "adam": "Adam",
-    "gadam": "GAdam",
-    "adamw": "AdamW (wd 0.01)",
-    "gadamw": "GAdamW (wd 0.01)",
-}
 SETTING_KEYS = ("model", "width", "rescale_spread")
+EXPERIMENTS = (
+    "mnist-mlp",
+    "mnist-width",
+    "mnist-cnn",
+    "mnist-invariance",
+    "bn-exact",
+    "bn-invariance",
+    "mnist-resnet18",
+)
 
 
 def _setting(row: dict[str, Any], spread: bool) -> str:
@@ -96,6 +100,35 @@ def per_seed(folder: Path) -> str:
     return "\n".join(out)
 
 
+def drift_table(
+    runs: dict[str, dict[str, str]], curves: dict[str, list[dict[str, float]]], epochs: Sequence[int] = (1, 2, 3, 5, 10)
+) -> str:
+    """Per method and spread s > 0: the relative change of the training loss (mean over the epoch's
+    steps) against the s = 0 run of the same method and seed, at the given epochs (median over seeds;
+    ``curves.csv`` keeps 6 significant digits, so changes below about 1e-6 read as 0)."""
+    final = {(r["method"], _num(r["rescale_spread"]), r["seed"]): k for k, r in runs.items() if r["phase"] == "final"}
+    head = ["method", "s"] + [f"epoch {e}" for e in epochs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    methods = [m for m in LABELS if any(k[0] == m for k in final)]
+    for m in methods:
+        for sp in sorted({s for mm, s, _ in final if mm == m and s > 0}):
+            per_epoch: list[list[float]] = [[] for _ in epochs]
+            for (mm, ss, seed), k in final.items():
+                if mm != m or ss != sp or (m, 0.0, seed) not in final:
+                    continue
+                a, b = curves.get(final[(m, 0.0, seed)], []), curves.get(k, [])
+                for i, e in enumerate(epochs):
+                    if e <= min(len(a), len(b)):
+                        x, y = a[e - 1]["train_loss"], b[e - 1]["train_loss"]
+                        per_epoch[i].append(abs(x - y) / abs(x))
+            cells = [
+                "n/a" if not v else f"{statistics.median(v):.1e}" if all(map(math.isfinite, v)) else "diverged"
+                for v in per_epoch
+            ]
+            lines.append("| " + " | ".join([LABELS[m], f"{sp:g}", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def timing_table(path: Path) -> str:
     """Seconds per epoch (median over rounds) and the median ratio to SGD of the same round."""
     data = json.loads(path.read_text())
@@ -118,17 +151,19 @@ def timing_table(path: Path) -> str:
 def report(results: Path) -> str:
     """All tables that have result files, as Markdown."""
     out = []
-    for name in ("mnist-mlp", "mnist-width", "mnist-cnn", "mnist-invariance"):
+    for name in EXPERIMENTS:
         folder = results / name
         if not (folder / "summary.json").exists():
             continue
         out += [f"### {name} (`{folder}/`)", "", summary_table(folder), "", "Per seed (test accuracy %):", ""]
         out += [per_seed(folder), ""]
-        if name == "mnist-invariance":
-            out += [invariance_table(load_runs(folder), load_curves(folder)), ""]
-    timing = results / "mnist-timing" / "timing.json"
-    if timing.exists():
-        out += [f"### timing (`{timing}`)", "", timing_table(timing), ""]
+        if "invariance" in name:
+            runs, curves = load_runs(folder), load_curves(folder)
+            out += [invariance_table(runs, curves), "", drift_table(runs, curves), ""]
+    for folder in ("mnist-timing", "bn-timing"):
+        timing = results / folder / "timing.json"
+        if timing.exists():
+            out += [f"### timing (`{timing}`)", "", timing_table(timing), ""]
     return "\n".join(out)
 
 

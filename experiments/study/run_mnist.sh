@@ -26,5 +26,5 @@ run mnist experiments.study.experiments mnist-cnn $COMMON --epochs 10
 run mnist experiments.study.experiments mnist-invariance $COMMON --epoch-scale 0.5
 run mnist experiments.study.timing --out "$OUT" --epochs 2 --rounds 2 --threads 1
 run mnist experiments.study.experiments mnist-width $COMMON --epochs 20 --only width=32,256
-# not run for docs/results.md (time): width 128, which this line adds to the width store
+# width 128, which this line adds to the width store (not in the first round of docs/results.md; run 2026-12-07 17:20)
 [ -e "$OUT/STOP_EXTRA" ] || run mnist experiments.study.experiments mnist-width $COMMON --epochs 20

