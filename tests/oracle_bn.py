@@ -18,6 +18,8 @@ chain is found by the oracle's own loops (``DagBasis.tau``).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -120,3 +122,22 @@ def rescale_bn_(spec: BnSpec, spread: float, seed: int, s1: bool = True, s2: boo
             layer.weight3d().mul_(c.view(-1, 1, 1))
             if layer.bias is not None:
                 layer.bias.mul_(c)
+
+
+def assert_matches_oracle(ours: nn.Module, model: nn.Module, x: Tensor, y: Tensor, steps: int, **sgd) -> None:
+    """``ours`` (``model`` after ``steps`` steps of the step under test, squared error to ``y``) equals
+    the oracle's run from ``model``: the same training-mode function and normalized path values, to
+    1e-10 (the oracle's weights are its retracted ones: compared through these invariants). The step
+    must have moved the function, or the comparison would be vacuous."""
+    theirs = copy.deepcopy(model)
+    theirs.load_state_dict(
+        oracle_run(model, model.spec(), x, lambda o: ((o - y) ** 2).mean(), steps, **sgd), strict=False
+    )
+
+    def rel(a: Tensor, b: Tensor) -> float:
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    assert rel(ours(x), model(x)) > 1e-3, "the step did nothing: the comparison would be vacuous"
+    assert rel(ours(x), theirs(x)) <= 1e-10
+    for a, b in zip(normalized_path_values(ours, ours.spec()), normalized_path_values(theirs, theirs.spec())):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max())
