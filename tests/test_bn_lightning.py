@@ -50,7 +50,7 @@ def test_callback_detects_segments_and_fit_equals_by_hand():
         torch.testing.assert_close(p, dict(ref.named_parameters())[name].detach(), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_resume_from_checkpoint_is_bit_identical(tmp_path, compiled):
     """Eight steps straight equal four (one epoch), a checkpoint, and four more from it (buffers in
     normalized coordinates, counters, BatchNorm running statistics), bit for bit."""

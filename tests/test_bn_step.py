@@ -63,7 +63,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = [(n, h, False) for n in NAMES for h in (HYPERS[1], HYPERS[3])]
-CASES += [("basic", h, False) for h in (HYPERS[0], HYPERS[2])] + [(n, HYPERS[1], True) for n in ("basic", "vgg_bn")]
+CASES += [("basic", h, False) for h in (HYPERS[0], HYPERS[2])] + [("basic", HYPERS[1], True)]
+CASES += [pytest.param("vgg_bn", HYPERS[1], True, marks=pytest.mark.slow)]  # compiled cases cost seconds each
 
 
 @pytest.mark.parametrize("name,hyper,compiled", CASES)
@@ -94,8 +95,12 @@ def test_engine_matches_reference_step(name):
     assert int(opt.steps) == 5
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize(
+    "name,compiled",
+    [(n, False) for n in NAMES]
+    + [("basic", True)]
+    + [pytest.param(n, True, marks=pytest.mark.slow) for n in NAMES if n != "basic"],
+)
 def test_equivariance_s1_s2(name, compiled):
     """From a copy rescaled by random S1 and S2 factors (spread exp(U(-1, 1))), five steps with momentum
     and weight decay give the same training-mode function to 1e-8 relative; SGD does not."""
@@ -120,7 +125,8 @@ ADAM_CASES = [
     for opt, hp in (("GAdam", dict(lr=0.01, weight_decay=0.01)), ("GAdamW", dict(lr=0.01, weight_decay=0.1)))
 ]
 ADAM_CASES += [("basic", "GAdam", dict(lr=0.01, amsgrad=True), False)]
-ADAM_CASES += [(n, "GAdamW", dict(lr=0.01, weight_decay=0.1), True) for n in ("basic", "vgg_bn")]
+ADAM_CASES += [("basic", "GAdamW", dict(lr=0.01, weight_decay=0.1), True)]
+ADAM_CASES += [pytest.param("vgg_bn", "GAdamW", dict(lr=0.01, weight_decay=0.1), True, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name,kind,hyper,compiled", ADAM_CASES)
@@ -193,7 +199,9 @@ def test_diagnostics_read_normalized_path_values(name):
     assert got[0]["relative_update"] > 1e-4
 
 
-@pytest.mark.parametrize("kind,compiled", [("GSGD", False), ("GSGD", True), ("GAdamW", False)])
+@pytest.mark.parametrize(
+    "kind,compiled", [("GSGD", False), pytest.param("GSGD", True, marks=pytest.mark.slow), ("GAdamW", False)]
+)
 def test_resume_is_bit_identical(kind, compiled):
     """Six steps straight equal three steps, a state_dict round trip into a new optimizer, and three
     more, bit for bit (the momentum buffers and moments of S2 rows in normalized coordinates, the
