@@ -31,7 +31,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_gsgd import GSGD, detect_topology, init_skeleton_  # noqa: E402
-from lightning_gsgd.topology.skeleton import random_unit_factors, rescale_hidden_units_  # noqa: E402
+from lightning_gsgd.topology.skeleton import (  # noqa: E402
+    random_unit_factors,
+    rescale_hidden_units_,
+    rescale_normalized_rows_,
+)
 
 MODELS = ("resnet18", "vgg11_bn", "densenet121")
 HP = dict(momentum=0.9, weight_decay=1e-4)
@@ -57,12 +61,7 @@ def _model(name: str) -> nn.Module:
 def _rescale(topo, seed: int) -> None:
     """Random S1 factors on every hidden unit, S2 factors on every S2 row (weight row and bias)."""
     rescale_hidden_units_(topo, random_unit_factors(topo, 1.0, torch.Generator().manual_seed(seed)))
-    gen = torch.Generator().manual_seed(seed + 1)
-    for layer in [c.layers[l] for c in topo.chains for l in c.normalized] + list(topo.normalized):
-        c = torch.exp(2 * torch.rand(layer.n_out, generator=gen, dtype=torch.float64) - 1)
-        layer.weight.view(layer.n_out, -1).mul_(c.view(-1, 1))
-        if layer.bias is not None:
-            layer.bias.mul_(c)
+    rescale_normalized_rows_(topo, 1.0, torch.Generator().manual_seed(seed + 1))
 
 
 def _forward(m: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:

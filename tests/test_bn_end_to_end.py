@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_gsgd import GSGD, detect_topology, init_skeleton_
-from lightning_gsgd.topology.skeleton import random_unit_factors, rescale_hidden_units_
+from lightning_gsgd.topology.skeleton import random_unit_factors, rescale_hidden_units_, rescale_normalized_rows_
 from tests import bn_detect_models as bm
 
 MODELS = {
@@ -47,12 +47,7 @@ def _rescale(model: nn.Module, x: torch.Tensor) -> None:
     """Random S1 factors on every detected unit, S2 factors on every detected S2 row (and its bias)."""
     topo = detect_topology(model, x)
     rescale_hidden_units_(topo, random_unit_factors(topo, 1.0, torch.Generator().manual_seed(5)))
-    gen = torch.Generator().manual_seed(6)
-    for layer in [c.layers[l] for c in topo.chains for l in c.normalized] + list(topo.normalized):
-        c = torch.exp(2 * torch.rand(layer.n_out, generator=gen, dtype=torch.float64) - 1)
-        layer.weight.view(layer.n_out, -1).mul_(c.view(-1, 1))
-        if layer.bias is not None:
-            layer.bias.mul_(c)
+    rescale_normalized_rows_(topo, 1.0, torch.Generator().manual_seed(6))
 
 
 def _fwd(model: nn.Module, x: torch.Tensor, k: int = 99) -> torch.Tensor:

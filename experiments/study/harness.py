@@ -30,6 +30,7 @@ from experiments.study.methods import Method, bn_mode_of, get_method, gsgd_callb
 from experiments.study.models import build_model
 from experiments.study.module import StudyModule
 from lightning_gsgd import Topology, detect_topology, init_skeleton_, random_unit_factors, rescale_hidden_units_
+from lightning_gsgd.topology.skeleton import rescale_normalized_rows_
 
 RESCALE_SEED_OFFSET = 1_000_003  # factors' generator seed = seed + offset (independent of the init stream)
 
@@ -116,20 +117,6 @@ def initial_model(cfg: RunConfig, splits: Splits) -> tuple[nn.Module, Topology |
         rescale_hidden_units_(scaled, random_unit_factors(scaled, cfg.rescale_spread, gen))
         rescale_normalized_rows_(scaled, cfg.rescale_spread, gen)
     return model, topology
-
-
-@torch.no_grad()
-def rescale_normalized_rows_(topology: Topology, spread: float, generator: torch.Generator) -> None:
-    """S2 rescaling: every row (and its bias) of every layer whose rows go only into a training-mode
-    BatchNorm (``Chain.normalized``, ``Topology.normalized``) times ``exp(U(-spread, spread))``, drawn
-    after the S1 factors. Nothing to do (no draws) for a topology without such layers."""
-    layers = [c.layers[l] for c in topology.chains for l in c.normalized] + list(topology.normalized)
-    for layer in layers:
-        u = torch.rand(layer.n_out, generator=generator, dtype=torch.float64)
-        c = torch.exp((2 * u - 1) * spread).to(layer.weight)
-        layer.weight3d().mul_(c.view(-1, 1, 1))
-        if layer.bias is not None:
-            layer.bias.mul_(c)
 
 
 def _callbacks(cfg: RunConfig, method: Method) -> list[L.Callback]:

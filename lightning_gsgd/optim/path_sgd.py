@@ -247,7 +247,7 @@ class PathSGD(Optimizer):
                 f"PathSGD: {len(dags)} chain(s) with fan-out or concatenation ({', '.join(dags[:3])}); PathSGD "
                 "handles sequence chains only: use GSGD, or detect_topology(..., exclude=[...]) on those layers"
             )
-        bn = [c.name for c in topology.chains if c.normalized or c.affine_units] + [x.name for x in topology.normalized]
+        bn = topology.bn_segment_names()
         if bn:
             raise TopologyError(
                 f"PathSGD: {len(bn)} BatchNorm segment(s) ({', '.join(bn[:3])}); PathSGD has no exact BatchNorm "

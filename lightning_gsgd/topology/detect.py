@@ -44,7 +44,6 @@ from lightning_gsgd.topology.reasons import Why, group_of
 from lightning_gsgd.topology.report import refusal
 from lightning_gsgd.topology.rules import is_weight_layer, transition, weight_layer_problem
 from lightning_gsgd.topology.selfcheck_s2 import prove_s2
-from lightning_gsgd.topology.selfcheck_s2 import s2_layers as s2_claims
 from lightning_gsgd.topology.shard import refuse_sharded
 from lightning_gsgd.topology.types import ChainLayer, Excluded, Topology, TopologyError
 
@@ -322,7 +321,7 @@ def detect_topology(
                     topology=topo,
                 )
             _check_coverage(topo, min_coverage)
-    if self_check and s2_claims(topo):
+    if self_check and topo.s2_layers():
         topo = prove_s2(model, topo, example_input)
         if _empty(topo) and not allow_empty and min_coverage <= 0:
             _refuse_empty(model, topo)

@@ -38,11 +38,6 @@ DEGENERATE = 1e-10
 GROUP = "the S2 self-check found that rescaling its rows changed the training-mode output"
 
 
-def s2_layers(topology: Topology) -> list[ChainLayer]:
-    """Every layer with S2 rows: the chains' normalized output layers, then the layers alone."""
-    return [c.layers[l] for c in topology.chains for l in c.normalized] + list(topology.normalized)
-
-
 def _float64(x: Any) -> Any:
     return tree_map(lambda t: t.double() if isinstance(t, Tensor) and t.is_floating_point() else t, x)
 
@@ -117,7 +112,7 @@ def s2_errors(
         or a message saying why the check could not run (the copy or its training-mode forward pass
         failed, e.g. a BatchNorm over one value per channel, or the output is random).
     """
-    layers = s2_layers(topology)
+    layers = topology.s2_layers()
     if not layers:
         return 0.0, []
     gen = torch.Generator().manual_seed(0)
@@ -155,7 +150,7 @@ def prove_s2(model: nn.Module, topology: Topology, example_input: Any) -> Topolo
     """
     res = s2_errors(model, topology, example_input)
     if isinstance(res, str):
-        if s2_layers(topology):
+        if topology.s2_layers():
             log.warning(
                 "detect_topology: the S2 self-check could not run (%s); the rows claimed as normalized by "
                 "BatchNorm rest on the structural rule alone",

@@ -62,7 +62,7 @@ def refuse_sharded_dags(topology: Topology, who: str) -> None:
             f"{who}: {len(dags)} chain(s) with fan-out or concatenation ({', '.join(dags[:3])}); sharded "
             "steps support sequence chains only for now: detect with exclude= on those layers, or do not shard"
         )
-    bn = [c.name for c in topology.chains if c.normalized or c.affine_units] + [x.name for x in topology.normalized]
+    bn = topology.bn_segment_names()
     if bn:
         raise TopologyError(
             f"{who}: {len(bn)} BatchNorm segment(s) ({', '.join(bn[:3])}); sharded steps do not support "

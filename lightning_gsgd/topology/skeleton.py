@@ -86,3 +86,23 @@ def random_unit_factors(
             per.append(torch.exp((2 * u - 1) * spread))
         out.append(per)
     return out
+
+
+@torch.no_grad()
+def rescale_normalized_rows_(topology: Topology, spread: float, generator: torch.Generator) -> None:
+    """S2 rescaling (docs/math.md, "BatchNorm segments: S1 and S2"): every row (and its bias) of every
+    layer whose rows go only into a training-mode BatchNorm (``Topology.s2_layers``) times
+    ``exp(U(-spread, spread))``, drawn from ``generator`` layer by layer. In training mode the function
+    does not change (up to BatchNorm's ``eps``). No draws for a topology without such layers.
+
+    Args:
+        topology: The model's topology.
+        spread: Half-width of the log-uniform factors.
+        generator: Where the factors are drawn (continue one that drew S1 factors, or a fresh one).
+    """
+    for layer in topology.s2_layers():
+        u = torch.rand(layer.n_out, generator=generator, dtype=torch.float64)
+        c = torch.exp((2 * u - 1) * spread).to(layer.weight)
+        layer.weight3d().mul_(c.view(-1, 1, 1))
+        if layer.bias is not None:
+            layer.bias.mul_(c)

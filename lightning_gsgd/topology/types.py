@@ -315,7 +315,16 @@ class Topology:
     @property
     def s2_rows(self) -> int:
         """Rows whose scale BatchNorm frees (S2): chain output layers and layers alone."""
-        return sum(c.normalized_rows for c in self.chains) + sum(layer.n_out for layer in self.normalized)
+        return sum(layer.n_out for layer in self.s2_layers())
+
+    def s2_layers(self) -> list[ChainLayer]:
+        """Every layer with S2 rows: the chains' normalized output layers, then the layers alone."""
+        return [c.layers[l] for c in self.chains for l in c.normalized] + list(self.normalized)
+
+    def bn_segment_names(self) -> list[str]:
+        """Names of the chains with BatchNorm units (S1) or S2 layers, then of the S2 layers alone: what a
+        step without the exact BatchNorm rule must refuse."""
+        return [c.name for c in self.chains if c.normalized or c.affine_units] + [x.name for x in self.normalized]
 
     @property
     def bn_heuristic_params(self) -> int:

@@ -11,10 +11,11 @@ import torch
 
 from experiments.study import experiments as ex
 from experiments.study.data import digits_splits
-from experiments.study.harness import RunConfig, _callbacks, initial_model, kw, rescale_normalized_rows_, run_one
+from experiments.study.harness import RunConfig, _callbacks, initial_model, kw, run_one
 from experiments.study.methods import METHODS, bn_mode_of
 from experiments.study.models import ResNet18, build_model
 from lightning_gsgd import detect_topology
+from lightning_gsgd.topology.skeleton import rescale_normalized_rows_
 
 
 def _has_exact() -> bool:
