@@ -91,7 +91,7 @@ class CompiledAdamStep:
         self.graphs: AdamGraphs | None = None
         self._plans: dict[int, ChainPlan] = {}
         self._graph_chains: dict[int, tuple[ChainPlan, GraphChain]] = {}
-        self._tables = HpTables()
+        self._tables = HpTables(N_HP)
         self.last: _Replay | None = None
 
     def reset(self, topology: Topology) -> None:
@@ -99,7 +99,7 @@ class CompiledAdamStep:
         compiled variants stay)."""
         self._plans = {ci: build_chain_plan(c, c.layers[0].weight.device) for ci, c in enumerate(topology.chains)}
         self._graph_chains = {}
-        self._tables = HpTables()
+        self._tables = HpTables(N_HP)
         self.last = None
 
     def _graph_chain(self, ci: int, chain: Chain) -> GraphChain:
@@ -193,9 +193,7 @@ class CompiledAdamStep:
         pnorm = (False,) * len(args.plain) + (True,) * len(args.normalized)
         plain = [_slot(state, p, p.grad, hp, made) for p, hp in outside]  # type: ignore[arg-type]
         prows = [_hp_row(hp, 0.0) for _, hp in outside]
-        ptab = (
-            self._tables.get(-1, prows, device) if prows else torch.zeros((0, N_HP), dtype=torch.float64, device=device)
-        )
+        ptab = self._tables.get(-1, prows, device)
         fn = self.graphs.compiled_for(graph_chains, bs, ws, plain, pnorm)
         ok, _ = fn(graph_chains, ws, bs, hps, plain, pnorm, ptab, args.counters.all_on(device))
         self.last = None

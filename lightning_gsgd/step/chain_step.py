@@ -190,6 +190,8 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     # ---- B and F of every hidden node (one gather and product), Gamma (one gather and sum)
     torch.prod(work.skel.take(plan.walk_bf), 1, out=work.bf)
     B, F = work.B, work.F_h
+    if unit_b is None:  # B is final here: decided once, for the S2 norms and the elementwise form
+        unit_b = torch.equal(B, work.ones_h)
     if plan.normalized:
         _normalize_rows(prep, unit_b)
     gamma = work.base.take(plan.walk_g_rows).sum(1)
@@ -244,8 +246,6 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     torch.reciprocal(work.F, out=work.r)
     torch.mul(work.r, work.rhoinv, out=work.q)
     torch.mul(work.r, work.q, out=work.q2)
-    if unit_b is None:
-        unit_b = torch.equal(B, work.ones_h)
 
     # ---- the new skeleton block: sigma weights unchanged (buffer 0), free tau entries updated
     # (the gathered block is not needed any more: it becomes the block to write back; the buffer
@@ -265,7 +265,7 @@ def _solve(prep: Prepared, min_ratio: float, unit_b: bool | None) -> None:
     prep.tau_buf = buf_tau is not None
 
 
-def _normalize_rows(prep: Prepared, unit_b: bool | None) -> None:
+def _normalize_rows(prep: Prepared, unit_b: bool) -> None:
     """S2 (docs/math.md, "BatchNorm segments: S1 and S2"): divide every row's ``F`` by ``sqrt(n)`` of
     the S2 row where its tau chain ends, so that the rest of the step is G-SGD on the slice ``n = 1``
     (output rows, whose ``F`` is 1, get ``1 / sqrt(n)``). A zero S2 row makes ``F`` infinite: the
@@ -275,10 +275,9 @@ def _normalize_rows(prep: Prepared, unit_b: bool | None) -> None:
     H = plan.hidden
     # with every B at 1 (the skeleton init's gamma = 1, which never moves: a sigma weight) the norms
     # are plain row norms: one read of the weight, no temporary
-    unit = torch.equal(work.B, work.ones_h) if unit_b is None else unit_b
     for l in plan.normalized:
         w = prep.weights[l].param
-        if plan.reads_hidden[l] and not unit:
+        if plan.reads_hidden[l] and not unit_b:
             work.row_norms_(l, w, plan.cols(work.B_ext, l).view(1, -1, 1))
         else:
             torch.linalg.vector_norm(w.view(w.shape[0], -1), dim=1, out=work.n_rows_l[l]).square_()

@@ -99,14 +99,22 @@ def hp_table(rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
 
 
 class HpTables:
-    """Each chain's hyper-parameter table (and ``-1``'s: the parameters outside chains), reused while
-    its numbers do not change, so that an unchanged step builds no table."""
+    """Each chain's hyper-parameter table (and negative keys': the tensors outside chains), reused while
+    its numbers do not change, so that an unchanged step builds no table.
 
-    def __init__(self) -> None:
+    Args:
+        width: Columns of a table (the step's number of hyper-parameters), for the empty table of no rows.
+    """
+
+    def __init__(self, width: int) -> None:
+        self.width = width
         self._tables: dict[int, tuple[list[list[float | Tensor]], Tensor]] = {}
 
     def get(self, ci: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
-        """The table of ``rows`` for chain ``ci``: the cached one when its rows are equal."""
+        """The table of ``rows`` for chain ``ci``: the cached one when its rows are equal (``[0, width]``
+        for no rows)."""
+        if not rows:
+            return torch.zeros((0, self.width), dtype=torch.float64, device=device)
         cached = self._tables.get(ci)
         if cached is not None and cached[0] == rows and cached[1].device == device:
             return cached[1]
@@ -128,13 +136,13 @@ class CompiledStep:
         self.caches = caches
         self.graphs: ChainGraphs | None = None
         self._graph_chains: dict[int, tuple[Any, GraphChain]] = {}
-        self._tables = HpTables()
+        self._tables = HpTables(N_HP)
         self.last: _Replay | None = None
 
     def reset(self) -> None:
         """Forget everything derived from the topology and its plans (the compiled variants stay)."""
         self._graph_chains = {}
-        self._tables = HpTables()
+        self._tables = HpTables(N_HP)
         self.last = None
 
     def __call__(self, args: StepArgs) -> dict[int, ChainReading] | None:
@@ -146,12 +154,6 @@ class CompiledStep:
         if not self._graph_step(args):
             return eager_step(args)
         return None
-
-    def _table(self, key: int, rows: list[list[float | Tensor]], device: torch.device) -> Tensor:
-        """The hyper-parameter table of ``rows`` (cached under ``key``), or an empty one."""
-        if not rows:
-            return torch.zeros((0, N_HP), dtype=torch.float64, device=device)
-        return self._tables.get(key, rows, device)
 
     def _graph_chain(self, ci: int, chain: Chain) -> GraphChain:
         plan = self.caches.plan(ci, chain)
@@ -227,7 +229,7 @@ class CompiledStep:
             buf, had = _buffer(state, p, hp, made)
             pbufs.append(buf)
             prows.append(_hp_row(hp, had, 0.0))
-        ptab = self._table(-1, prows, device)
+        ptab = self._tables.get(-1, prows, device)
         ns = [layer.weight for layer in args.normalized]
         nbufs: list[Tensor | None] = []
         nrows: list[list[float | Tensor]] = []
@@ -235,7 +237,7 @@ class CompiledStep:
             buf, had = _buffer(state, w, hp_of[id(w)][0], made)
             nbufs.append(buf)
             nrows.append(_hp_row(hp_of[id(w)][0], had, 0.0))
-        ntab = self._table(-2, nrows, device)
+        ntab = self._tables.get(-2, nrows, device)
         counters = args.counters.all_on(device)
         fn = self.graphs.compiled_for(graph_chains, bufs, bws, bgs, bbufs, pbufs, nbufs)
         plain_args = (ps, [p.grad for p in ps], pbufs, ptab)
