@@ -23,7 +23,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from tests.bn_models import BnSpec
+from lightning_gsgd import init_skeleton_
+from tests.bn_models import BnSpec, make_bn
 from tests.oracle_dag import DagBasis, DagPathParameterization, rescale_dag_units_
 
 
@@ -134,10 +135,33 @@ def assert_matches_oracle(ours: nn.Module, model: nn.Module, x: Tensor, y: Tenso
         oracle_run(model, model.spec(), x, lambda o: ((o - y) ** 2).mean(), steps, **sgd), strict=False
     )
 
-    def rel(a: Tensor, b: Tensor) -> float:
-        return ((a - b).abs().max() / b.abs().max()).item()
-
     assert rel(ours(x), model(x)) > 1e-3, "the step did nothing: the comparison would be vacuous"
     assert rel(ours(x), theirs(x)) <= 1e-10
     for a, b in zip(normalized_path_values(ours, ours.spec()), normalized_path_values(theirs, theirs.spec())):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * b.abs().max())
+
+
+def setup_bn(name: str, rescaled: bool = False) -> tuple[nn.Module, Tensor, Tensor]:
+    """Model ``name`` of tests/bn_models.py with its skeleton at 1 (gamma included), optionally S1- and
+    S2-rescaled (B != 1, rows of any norm); its input and a regression target."""
+    model, x = make_bn(name)
+    init_skeleton_(model.spec().topology)
+    if rescaled:
+        rescale_bn_(model.spec(), spread=0.5, seed=7)
+    y = torch.randn(model(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return model, x, y
+
+
+def train(model: nn.Module, x: Tensor, y: Tensor, make, steps: int = 5):
+    """``steps`` steps of the optimizer ``make(model)`` on the squared error to ``y``; the optimizer."""
+    opt = make(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+    return opt
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    """``max|a - b| / max|b|``."""
+    return ((a - b).abs().max() / b.abs().max()).item()

@@ -13,39 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gsgd import GSGD, detect_topology, init_skeleton_
+from lightning_gsgd import GSGD, detect_topology
 from lightning_gsgd.step.graph import ChainGraphs
-from tests.bn_models import BN_MODELS, make_bn
-from tests.oracle_bn import assert_matches_oracle, rescale_bn_
+from tests.bn_models import BN_MODELS
+from tests.oracle_bn import assert_matches_oracle, rel, rescale_bn_, setup_bn, train
 from tests.oracle_dag import DagBasis, _path_values, dag_oracle_run
 from tests.reference_bn import ReferenceBnSGD
 
 NAMES = list(BN_MODELS)
 HP = dict(lr=0.02, momentum=0.9, weight_decay=0.01)
-
-
-def _setup(name: str, rescaled: bool = False):
-    """Model with its skeleton at 1 (gamma included), optionally S1- and S2-rescaled (B != 1, rows
-    of any norm); input and a regression target."""
-    model, x = make_bn(name)
-    init_skeleton_(model.spec().topology)
-    if rescaled:
-        rescale_bn_(model.spec(), spread=0.5, seed=7)
-    y = torch.randn(model(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    return model, x, y
-
-
-def _run(model, x, y, make, steps: int = 5):
-    opt = make(model)
-    for _ in range(steps):
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
-    return opt
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _twin(model, s1: bool, s2: bool):
@@ -73,14 +49,14 @@ def test_segments_are_symmetries(name):
     """S1 (BatchNorm affines as units) and S2 (rows into a BatchNorm) leave the training-mode output
     unchanged; S1 leaves every chain's path values unchanged, S2 scales them; the bias of an S2 row
     has a zero gradient (BatchNorm subtracts the batch mean)."""
-    model, x, y = _setup(name)
+    model, x, y = setup_bn(name)
     out = model(x)
     values = [_path_values(DagBasis(c))[0] for c in model.spec().topology.chains]
     for s1, s2 in ((True, False), (False, True), (True, True)):
         twin = _twin(model, s1, s2)
-        assert _rel(twin(x), out) <= 1e-13
+        assert rel(twin(x), out) <= 1e-13
         moved = max(
-            _rel(u, v)
+            rel(u, v)
             for old, c in zip(values, twin.spec().topology.chains)
             for u, v in zip(_path_values(DagBasis(c))[0], old)
         )
@@ -96,12 +72,12 @@ def test_engine_steps_bn_affine_chains(name, compiled):
     """S1 needs nothing new: a BatchNorm affine written as a chain layer ``[C, 1, 1]`` (gamma is the
     sigma edge of its unit, beta its hidden bias) runs on today's GSGD, which equals the DAG oracle to
     1e-10 (S2 layers take torch's SGD in both); gamma never moves (a sigma weight)."""
-    model, x, y = _setup(name, rescaled=True)
+    model, x, y = setup_bn(name, rescaled=True)
     ours = copy.deepcopy(model)
-    opt = _run(ours, x, y, _engine(compiled, **HP), steps=3)
+    opt = train(ours, x, y, _engine(compiled, **HP), steps=3)
     assert int(opt.guard_hits) == 0
     ref = dag_oracle_run(model, model.spec().topology, x, lambda o: ((o - y) ** 2).mean(), 3, **HP)
-    assert _rel(ours(x), model(x)) > 1e-3
+    assert rel(ours(x), model(x)) > 1e-3
     for n, p in ours.named_parameters():
         assert torch.allclose(p, ref[n], rtol=1e-10, atol=1e-12 * ref[n].abs().max()), n
     for chain in ours.spec().topology.chains:
@@ -123,9 +99,9 @@ def test_reference_matches_oracle(name, hyper):
     """The reference step (per-row factor n, buffer in normalized coordinates) is torch's SGD on path
     values with each S2 block retracted onto n_k = 1: the same training-mode function, the same
     normalized path values, the same parameters outside the chains, to 1e-10."""
-    model, x, y = _setup(name, rescaled=True)
+    model, x, y = setup_bn(name, rescaled=True)
     ours = copy.deepcopy(model)
-    opt = _run(ours, x, y, _ref(**hyper), steps=3)
+    opt = train(ours, x, y, _ref(**hyper), steps=3)
     assert opt.guard_hits == 0, "guard acted: the oracle does not model it"
     assert_matches_oracle(ours, model, x, y, 3, **hyper)
 
@@ -134,16 +110,16 @@ def test_reference_matches_oracle(name, hyper):
 def test_reference_reduces_to_gsgd(name):
     """Without S2 rows the reference is today's G-SGD (the engine) to 1e-12; with them, one step moves
     the layers of segments that end at the model output exactly as the engine does."""
-    model, x, y = _setup(name, rescaled=True)
+    model, x, y = setup_bn(name, rescaled=True)
     hp = dict(HP, nesterov=True)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    _run(a, x, y, _ref(s2=False, **hp), steps=3)
-    _run(b, x, y, _engine(**hp), steps=3)
+    train(a, x, y, _ref(s2=False, **hp), steps=3)
+    train(b, x, y, _engine(**hp), steps=3)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-14 * q.abs().max().item()), n
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    _run(a, x, y, _ref(**hp), steps=1)
-    _run(b, x, y, _engine(**hp), steps=1)
+    train(a, x, y, _ref(**hp), steps=1)
+    train(b, x, y, _engine(**hp), steps=1)
     s2 = {id(layer.weight) for layer in a.spec().s2}
     out_chains = [c for c in a.spec().topology.chains if not any(id(layer.weight) in s2 for layer in c.layers)]
     same = {id(p) for c in out_chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
@@ -158,24 +134,24 @@ def test_equivariance_s1_s2(name):
     """From a copy rescaled by random S1 and S2 factors, five steps with momentum and weight decay give
     the same training-mode function (1e-8 relative) with the reference step, with either momentum
     buffer; SGD does not, and today's G-SGD only under S1 (the factor n is what S2 needs)."""
-    model, x, y = _setup(name)
+    model, x, y = setup_bn(name)
     both, only_s1 = _twin(model, True, True), _twin(model, True, False)
 
-    def rel(make, twin):
+    def gap(make, twin):
         a, b = copy.deepcopy(model), copy.deepcopy(twin)
-        _run(a, x, y, make)
-        _run(b, x, y, make)
-        assert _rel(a(x), model(x)) > 1e-3
-        return _rel(b(x), a(x)), a(x)
+        train(a, x, y, make)
+        train(b, x, y, make)
+        assert rel(a(x), model(x)) > 1e-3
+        return rel(b(x), a(x)), a(x)
 
-    r, out_norm = rel(_ref(**HP), both)
+    r, out_norm = gap(_ref(**HP), both)
     assert r <= 1e-8
-    r, out_path = rel(_ref(buffer="path", **HP), both)
+    r, out_path = gap(_ref(buffer="path", **HP), both)
     assert r <= 1e-8
-    assert _rel(out_path, out_norm) > 1e-6  # the two buffers are two algorithms
-    assert rel(lambda m: torch.optim.SGD(m.parameters(), **HP), both)[0] > 1e-3
-    assert rel(_engine(**HP), only_s1)[0] <= 1e-8
-    assert rel(_engine(**HP), both)[0] > 1e-3
+    assert rel(out_path, out_norm) > 1e-6  # the two buffers are two algorithms
+    assert gap(lambda m: torch.optim.SGD(m.parameters(), **HP), both)[0] > 1e-3
+    assert gap(_engine(**HP), only_s1)[0] <= 1e-8
+    assert gap(_engine(**HP), both)[0] > 1e-3
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -183,7 +159,7 @@ def test_authors_heuristic_commutes_with_neither(name):
     """Measured: the authors' heuristic (detect_topology(bn_mode="authors_heuristic") + GSGD) does not
     commute with S2 (5 steps from an S2-rescaled copy: 1e-1 to 1 relative on these models), nor with
     S1 (it leaves BatchNorm affines to SGD)."""
-    model, x, y = _setup(name)
+    model, x, y = setup_bn(name)
 
     def make(m):
         topo = detect_topology(m, x, bn_mode="authors_heuristic", allow_empty=True)
@@ -192,9 +168,9 @@ def test_authors_heuristic_commutes_with_neither(name):
 
     for s1, s2 in ((False, True), (True, False)):
         a, b = copy.deepcopy(model), _twin(model, s1, s2)
-        _run(a, x, y, make)
-        _run(b, x, y, make)
-        assert _rel(b(x), a(x)) > 1e-2
+        train(a, x, y, make)
+        train(b, x, y, make)
+        assert rel(b(x), a(x)) > 1e-2
 
 
 @pytest.mark.parametrize("momentum,exact", [(0.1, False), (None, True)])
@@ -203,7 +179,7 @@ def test_eval_mode(momentum, exact):
     optimizer never sees). From fresh statistics, the twins' eval-mode functions agree after five
     steps with a cumulative average (momentum=None), not with the default running average, whose
     initial values (mean 0, var 1) do not scale; S1 holds in eval mode either way."""
-    model, x, y = _setup("stack_deep")
+    model, x, y = setup_bn("stack_deep")
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = momentum
@@ -213,10 +189,10 @@ def test_eval_mode(momentum, exact):
         for m in t.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.reset_running_stats()
-        _run(t, x, y, _ref(**HP))
+        train(t, x, y, _ref(**HP))
         outs.append(t.eval()(x))
-    assert (_rel(outs[1], outs[0]) <= 1e-8) == exact
-    assert _rel(outs[2], outs[0]) <= 1e-8
+    assert (rel(outs[1], outs[0]) <= 1e-8) == exact
+    assert rel(outs[2], outs[0]) <= 1e-8
 
 
 @pytest.mark.parametrize("name", ["stack_deep", "vgg_bn"])
@@ -230,7 +206,7 @@ def test_cheap_form_is_one_per_row_factor(name):
     from tests.reference_bn import bn_chain_step, chain_factors
     from tests.reference_step import gsgd_chain_step
 
-    model, x, y = _setup(name, rescaled=True)
+    model, x, y = setup_bn(name, rescaled=True)
     ((model(x) - y) ** 2).mean().backward()
     hp = Hyper(0.02, 0.9, 0.3, 0.01, False)
     gen = torch.Generator().manual_seed(2)

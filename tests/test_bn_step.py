@@ -13,11 +13,11 @@ import copy
 import pytest
 import torch
 
-from lightning_gsgd import GSGD, init_skeleton_
+from lightning_gsgd import GSGD
 from lightning_gsgd.step.graph import ChainGraphs
 from tests.bn_exact import exact_topology
-from tests.bn_models import BN_MODELS, make_bn
-from tests.oracle_bn import BnOracle, assert_matches_oracle, oracle_run, rescale_bn_
+from tests.bn_models import BN_MODELS
+from tests.oracle_bn import BnOracle, assert_matches_oracle, oracle_run, rel, rescale_bn_, setup_bn, train
 from tests.reference_bn import ReferenceBnSGD
 
 NAMES = list(BN_MODELS)
@@ -29,16 +29,6 @@ HYPERS = [
 ]
 
 
-def _setup(name: str, rescaled: bool = True):
-    """Model with its skeleton at 1, then S1- and S2-rescaled (B != 1, rows of any norm); input, target."""
-    model, x = make_bn(name)
-    init_skeleton_(model.spec().topology)
-    if rescaled:
-        rescale_bn_(model.spec(), spread=0.5, seed=7)
-    y = torch.randn(model(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    return model, x, y
-
-
 def _engine(compiled: bool = False, **hp):
     def make(m):
         opt = GSGD(m.parameters(), topology=exact_topology(m.spec()), compiled=compiled, **hp)
@@ -47,19 +37,6 @@ def _engine(compiled: bool = False, **hp):
         return opt
 
     return make
-
-
-def _run(model, x, y, make, steps: int):
-    opt = make(model)
-    for _ in range(steps):
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
-    return opt
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 CASES = [(n, h, False) for n in NAMES for h in (HYPERS[1], HYPERS[3])]
@@ -73,9 +50,9 @@ def test_engine_matches_oracle(name, hyper, compiled):
     the same training-mode function and the same normalized path values, to 1e-10, from a start with
     B != 1 and rows of any norm (the oracle's weights are its retracted ones, so they are compared
     through these invariants)."""
-    model, x, y = _setup(name)
+    model, x, y = setup_bn(name, rescaled=True)
     ours = copy.deepcopy(model)
-    opt = _run(ours, x, y, _engine(compiled, **hyper), steps=3)
+    opt = train(ours, x, y, _engine(compiled, **hyper), steps=3)
     assert int(opt.guard_hits) == 0, "guard acted: the oracle does not model it"
     assert int(opt.skipped_steps) == 0
     assert_matches_oracle(ours, model, x, y, 3, **hyper)
@@ -85,11 +62,11 @@ def test_engine_matches_oracle(name, hyper, compiled):
 def test_engine_matches_reference_step(name):
     """The engine's parameters and momentum buffers equal the reference step's (buffer in normalized
     coordinates: torch's SGD on the slice) over five Nesterov steps."""
-    model, x, y = _setup(name)
+    model, x, y = setup_bn(name, rescaled=True)
     hp = HYPERS[3]
     ours, ref = copy.deepcopy(model), copy.deepcopy(model)
-    opt = _run(ours, x, y, _engine(**hp), steps=5)
-    _run(ref, x, y, lambda m: ReferenceBnSGD(m, m.spec(), **hp), steps=5)
+    opt = train(ours, x, y, _engine(**hp), steps=5)
+    train(ref, x, y, lambda m: ReferenceBnSGD(m, m.spec(), **hp), steps=5)
     for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-12 * q.abs().max().item()), n
     assert int(opt.steps) == 5
@@ -104,19 +81,19 @@ def test_engine_matches_reference_step(name):
 def test_equivariance_s1_s2(name, compiled):
     """From a copy rescaled by random S1 and S2 factors (spread exp(U(-1, 1))), five steps with momentum
     and weight decay give the same training-mode function to 1e-8 relative; SGD does not."""
-    model, x, y = _setup(name, rescaled=False)
+    model, x, y = setup_bn(name)
     twin = copy.deepcopy(model)
     rescale_bn_(twin.spec(), spread=1.0, seed=5)
     hp = HYPERS[1]
     a, b = copy.deepcopy(model), copy.deepcopy(twin)
-    _run(a, x, y, _engine(compiled, **hp), steps=5)
-    _run(b, x, y, _engine(compiled, **hp), steps=5)
-    assert _rel(a(x), model(x)) > 1e-3
-    assert _rel(b(x), a(x)) <= 1e-8
+    train(a, x, y, _engine(compiled, **hp), steps=5)
+    train(b, x, y, _engine(compiled, **hp), steps=5)
+    assert rel(a(x), model(x)) > 1e-3
+    assert rel(b(x), a(x)) <= 1e-8
     a, b = copy.deepcopy(model), copy.deepcopy(twin)
-    _run(a, x, y, lambda m: torch.optim.SGD(m.parameters(), **hp), steps=5)
-    _run(b, x, y, lambda m: torch.optim.SGD(m.parameters(), **hp), steps=5)
-    assert _rel(b(x), a(x)) > 1e-3
+    train(a, x, y, lambda m: torch.optim.SGD(m.parameters(), **hp), steps=5)
+    train(b, x, y, lambda m: torch.optim.SGD(m.parameters(), **hp), steps=5)
+    assert rel(b(x), a(x)) > 1e-3
 
 
 ADAM_CASES = [
@@ -146,15 +123,15 @@ def test_gadam_matches_oracle(name, kind, hyper, compiled):
             opt._compiled_step.graphs = AdamGraphs(backend="eager", fullgraph=True)
         return opt
 
-    model, x, y = _setup(name)
+    model, x, y = setup_bn(name, rescaled=True)
     ours = copy.deepcopy(model)
-    opt = _run(ours, x, y, make, steps=3)
+    opt = train(ours, x, y, make, steps=3)
     assert int(opt.skipped_steps) == 0 and int(opt.guard_hits) == 0
     theirs = copy.deepcopy(model)
     loss = lambda o: ((o - y) ** 2).mean()  # noqa: E731
     theirs.load_state_dict(oracle_run(model, model.spec(), x, loss, 3, torch_cls, **hyper), strict=False)
-    assert _rel(ours(x), model(x)) > 1e-3
-    assert _rel(ours(x), theirs(x)) <= 1e-9
+    assert rel(ours(x), model(x)) > 1e-3
+    assert rel(ours(x), theirs(x)) <= 1e-9
     # The biases before a BatchNorm have a gradient of rounding noise only (about 1e-16 of the
     # others): Adam divides it by its own scale, so those biases move by noise that differs between
     # two float computations of the same gradient. They change nothing in the function (checked
@@ -180,7 +157,7 @@ def test_diagnostics_read_normalized_path_values(name):
     (1e-9); the optimizer does not take the readings request (its step would read unnormalized values)."""
     from lightning_gsgd.diagnostics.metrics import PathDiagnostics
 
-    model, x, y = _setup(name, rescaled=False)
+    model, x, y = setup_bn(name)
     twin = copy.deepcopy(model)
     rescale_bn_(twin.spec(), spread=1.0, seed=5)
     got = []
@@ -217,10 +194,10 @@ def test_resume_is_bit_identical(kind, compiled):
             return opt
         return GAdamW(m.parameters(), topology=topo, compiled=compiled, lr=0.01, weight_decay=0.1)
 
-    model, x, y = _setup("stack_deep")
+    model, x, y = setup_bn("stack_deep", rescaled=True)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    _run(a, x, y, make, steps=6)
-    opt = _run(b, x, y, make, steps=3)
+    train(a, x, y, make, steps=6)
+    opt = train(b, x, y, make, steps=3)
     saved = copy.deepcopy(opt.state_dict())
     again = make(b)
     again.load_state_dict(saved)
@@ -243,7 +220,7 @@ def test_sync_free_path_equals_host_read_path(kind):
     skips a step with a non-finite gradient in the same way."""
     from lightning_gsgd import GAdam
 
-    model, x, y = _setup("stack")
+    model, x, y = setup_bn("stack", rescaled=True)
     runs = []
     for host_reads in (True, False):
         m = copy.deepcopy(model)
