@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gsgd import GSGD, detect_topology, init_skeleton_
+from lightning_gsgd import GSGD, GAdam, detect_topology, init_skeleton_
 from lightning_gsgd.step import auto_compile as auto
 from lightning_gsgd.step.graph import ChainGraphs
 
@@ -46,6 +46,32 @@ def test_large_chains_run_eager_without_a_compiler(caplog, monkeypatch):
     opt = _bound(256, caplog)
     assert opt.compiled is False
     assert "no C++ compiler was found" in caplog.text
+
+
+def test_batchnorm_models_run_eager_on_the_cpu(caplog, monkeypatch):
+    # on the CPU the compiled step of BatchNorm segments was slower than the eager one (ResNet-18)
+    monkeypatch.setattr(auto.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 256, 3, padding=1),
+        nn.BatchNorm2d(256),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
+    topo = detect_topology(model, torch.randn(4, 3, 8, 8))
+    assert sum(p.numel() for p in topo.chain_params()) >= auto.AUTO_MIN_PARAMS
+    with caplog.at_level(logging.INFO, logger="lightning_gsgd.optim.gsgd"):
+        opt = GSGD(model.parameters(), lr=0.01, topology=topo)
+    assert opt.compiled is False
+    assert "eager step (compiled=None): the model has 2 layers whose rows BatchNorm normalizes" in caplog.text
+    assert GSGD(model.parameters(), lr=0.01, topology=topo, compiled=True).compiled is True  # the override stays
+    # G-space Adam's compiled step was the faster form there: it still compiles
+    assert GAdam(model.parameters(), lr=1e-3, topology=topo).compiled is True
 
 
 @pytest.mark.parametrize("explicit", [True, False])

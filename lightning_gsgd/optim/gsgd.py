@@ -90,7 +90,8 @@ class GSGD(Optimizer):
             compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor.
             ``None`` (default) decides at :meth:`bind`: compiled when the chains hold at least 100,000
             parameters and a compiler is there (a C++ compiler on the CPU, Triton on CUDA), eager
-            otherwise, with the reason in the log (:mod:`lightning_gsgd.step.auto_compile`); if
+            otherwise and for BatchNorm segments on the CPU (measured slower compiled there), with
+            the reason in the log (:mod:`lightning_gsgd.step.auto_compile`); if
             compiling then fails, the eager step runs instead, with a warning. ``True`` / ``False``
             force one form. The first compiled step compiles the graph (seconds; logged), and a new
             variant when which tensors have gradients or buffers changes; hyper-parameters enter as a
@@ -184,7 +185,9 @@ class GSGD(Optimizer):
         self._saved.check_bind(topology)
         sharded = is_sharded(topology)
         if self._auto:
-            self._compiled, why = (False, "the chain weights are sharded") if sharded else auto_compile(topology)
+            self._compiled, why = (
+                (False, "the chain weights are sharded") if sharded else auto_compile(topology, batchnorm_on_cpu=False)
+            )
             log.info("GSGD: %s step (compiled=None): %s", "compiled" if self._compiled else "eager", why)
         elif sharded and self._compiled:
             raise TopologyError(_COMPILED_SHARDED)
