@@ -74,15 +74,16 @@ def _prepare(
     hps: list[Tensor],
     extra: list[Tensor],
     extra_factors: list[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """Phase one over every chain: ``(ok, inputs_ok, hits, vecs, scs)``.
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Phase one over every chain: ``(ok, inputs_ok, hits, vecs, scs, stored)``.
 
     ``ws[c][l]`` is layer ``l``'s weight slot, ``bs[c][l]`` its hidden bias slot (``None``: no bias, and
     always on output layers), ``hps[c]`` the ``[2L, N_HP]`` table; ``extra`` the gradients of the
     parameters outside chains. ``vecs[c]`` is ``[F, 1 / F, 1 / rho]`` over the chain's rows, then per entry
     ``k`` of the layers after the first, of its input node: ``B``, ``1 / B``, the new tau weight, exp_avg,
     exp_avg_sq (and max_exp_avg_sq when the tau layer has one). ``scs[c]`` is the chain's
-    :func:`_scalars` table (rows of biases without gradient are unused).
+    :func:`_scalars` table (rows of biases without gradient are unused). ``stored`` is what the graph
+    returns besides ``vecs`` for Inductor to store it once (as in :mod:`lightning_gsgd.step.graph`).
     """
     dtype = ws[0][0][0].dtype
     inputs = [torch.stack(torch.aminmax(g)).reshape(2).to(dtype) for g in extra]
@@ -90,6 +91,7 @@ def _prepare(
     hits = []
     vecs = []
     scs = []
+    stored: list[Tensor] = []
     for c, ch in enumerate(chains):
         L, H = ch.n_layers, ch.hidden
         sel = [piece(ch.ints, spec) for spec in ch.ispec[:L]]
@@ -128,7 +130,8 @@ def _prepare(
         ones_last = sw.new_ones(n_last)
         F_last = ones_last
         if ch.normalized:
-            F, F_last = normalized_f(ch, w2, B, F, one, col_node, piece(ch.ints, ch.ispec[-1]))
+            F, F_last, b_ent = normalized_f(ch, w2, B, F, one, col_node, piece(ch.ints, ch.ispec[-1]))
+            stored.append(b_ent)
         gamma = base[walk_g_rows].sum(1)
         tab, tsc = hpm[tau_layer], sc[tau_layer]  # a node's tau edge lies in layer tau_layer
         w_tau, g_tau = skel[tau_take[:2]].unbind(0)
@@ -171,7 +174,7 @@ def _prepare(
         vecs.append(torch.cat([F_rows, r_rows, rhoinv, per_node[:, col_node].reshape(-1)]))
     inputs_ok = torch.isfinite(torch.cat(inputs)).all()
     ok = inputs_ok & torch.isfinite(torch.cat(checks)).all()
-    return ok, inputs_ok, torch.stack(hits).sum() * ok, vecs, scs
+    return ok, inputs_ok, torch.stack(hits).sum() * ok, vecs, scs, stored
 
 
 def _amsgrad(ch: GraphChain, slots: list[Slot]) -> bool:
@@ -281,7 +284,7 @@ def _step(
     ``counters = [steps, skipped_steps, guard_hits, collapsed_steps]`` are added to. Returns ``(ok, vecs)``."""
     scales = {i: row_scale(p[0]) for i, p in enumerate(plain) if pnorm[i]}
     norms = [q for q, _ in scales.values()]
-    ok, inputs_ok, hits, vecs, scs = _prepare(chains, ws, bs, hps, [p[1] for p in plain], norms)  # type: ignore[misc]
+    ok, inputs_ok, hits, vecs, scs, stored = _prepare(chains, ws, bs, hps, [p[1] for p in plain], norms)  # type: ignore[misc]
     _update(chains, ws, bs, hps, vecs, scs, ok)
     if plain:
         dtype = plain[0][0].dtype
@@ -300,7 +303,7 @@ def _step(
     skipped.add_(torch.logical_not(ok).long())
     guard.add_(hits)
     collapsed.add_((inputs_ok & torch.logical_not(ok)).long())
-    return ok, vecs  # vecs is returned so that Inductor stores it once (see graph.py)
+    return ok, vecs + stored  # returned so that Inductor stores them once (see graph.py)
 
 
 class AdamGraphs:

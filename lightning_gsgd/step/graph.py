@@ -65,8 +65,8 @@ def _prepare(
     hps: list[Tensor],
     extra: list[Tensor],
     extra_factors: list[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """Phase one over every chain: returns ``(ok, inputs_ok, hits, vecs)``.
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """Phase one over every chain: returns ``(ok, inputs_ok, hits, vecs, stored)``.
 
     Per chain ``c``: ``ws[c][l]``, ``gs[c][l]``, ``bufs[c][l]`` are layer ``l``'s weight, gradient and
     momentum buffer (``None``: no momentum), ``bws``/``bgs`` the hidden biases and their gradients
@@ -78,12 +78,15 @@ def _prepare(
     although they were is counted as a collapse. ``vecs[c]``
     is ``[F, 1 / F, 1 / rho]`` over the chain's rows, then ``B``, ``1 / B``, the new tau weight and the
     new tau buffer entry of the input node of every entry ``k`` of the layers that read hidden nodes. ``hits``
-    counts clamped free tau values (0 when the step is not ``ok``).
+    counts clamped free tau values (0 when the step is not ``ok``). ``stored`` holds what the graph
+    must return besides ``vecs`` for Inductor to store it once (``B`` per entry of the chains with S2
+    layers, :func:`~lightning_gsgd.step.graph_chain.normalized_f`).
     """
     inputs = [torch.stack(torch.aminmax(g)).reshape(2).to(ws[0][0].dtype) for g in extra]
     checks: list[Tensor] = [f.reshape(-1).to(ws[0][0].dtype) for f in extra_factors]
     hits = []
     vecs = []
+    stored: list[Tensor] = []
     for c, ch in enumerate(chains):
         L, H = ch.n_layers, ch.hidden
         sel = [piece(ch.ints, spec) for spec in ch.ispec[:L]]
@@ -116,7 +119,8 @@ def _prepare(
         ones_last = sw.new_ones(n_last)
         F_last = ones_last
         if ch.normalized:
-            F, F_last = normalized_f(ch, w2, B, F, one, col_node, piece(ch.ints, ch.ispec[-1]))
+            F, F_last, b_ent = normalized_f(ch, w2, B, F, one, col_node, piece(ch.ints, ch.ispec[-1]))
+            stored.append(b_ent)
         gamma = base[walk_g_rows].sum(1)
         tab = hp[tau_layer]  # a node's tau edge lies in layer tau_layer: that weight's row
         w_tau, g_tau, m_tau = skel[tau_take].unbind(0)
@@ -154,7 +158,7 @@ def _prepare(
         vecs.append(torch.cat([F_rows, r_rows, rhoinv, per_node[:, col_node].reshape(-1)]))
     inputs_ok = torch.isfinite(torch.cat(inputs)).all()
     ok = inputs_ok & torch.isfinite(torch.cat(checks)).all()
-    return ok, inputs_ok, torch.stack(hits).sum() * ok, vecs
+    return ok, inputs_ok, torch.stack(hits).sum() * ok, vecs, stored
 
 
 def _update(
@@ -254,7 +258,7 @@ def _step(
     counters: list[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
     """Both phases, then the S2 layers outside chains and SGD on the other parameters outside chains;
-    returns ``(ok, vecs)``.
+    returns ``(ok, vecs + stored)`` (see :func:`_prepare`).
 
     ``plain = (params, grads, buffers, table)`` holds the parameters outside chains, with one
     table row each (torch's SGD rule: ``d = g + wd p``, the buffer and direction as above,
@@ -265,7 +269,7 @@ def _step(
     ps, pgs, pbufs, ptab = plain
     ns, ngs, nbufs, ntab = norm
     scales = [row_scale(w) for w in ns]
-    ok, inputs_ok, hits, vecs = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs + ngs, [q for q, _ in scales])
+    ok, inputs_ok, hits, vecs, stored = _prepare(chains, ws, gs, bufs, bws, bgs, hps, pgs + ngs, [q for q, _ in scales])
     _update(chains, ws, gs, bufs, bws, bgs, bbufs, hps, vecs, ok)
     for i, (w, g, buf) in enumerate(zip(ns, ngs, nbufs)):
         q, inv = scales[i]
@@ -284,7 +288,7 @@ def _step(
     skipped.add_(torch.logical_not(ok).long())
     guard.add_(hits)
     collapsed.add_((inputs_ok & torch.logical_not(ok)).long())
-    return ok, vecs  # vecs is returned so that Inductor stores it (see the module docstring)
+    return ok, vecs + stored  # returned so that Inductor stores them (see the module docstring)
 
 
 class ChainGraphs:
