@@ -90,15 +90,15 @@ class GSGD(Optimizer):
             compiled by ``torch.compile``: one pass over ``w``, ``grad`` and the buffer per tensor.
             ``None`` (default) decides at :meth:`bind`: compiled when the chains hold at least 100,000
             parameters and a compiler is there (a C++ compiler on the CPU, Triton on CUDA), eager
-            otherwise and for BatchNorm segments on the CPU (slower compiled there), with the reason
-            in the log (:mod:`lightning_gsgd.step.auto_compile`); if compiling then fails, the eager
-            step runs instead, with a warning. ``True`` / ``False`` force one form. The first compiled
-            step compiles the graph (seconds; logged), and a new variant when which tensors have
-            gradients or buffers changes; hyper-parameters enter as a tensor, so LR schedulers do not
-            recompile. The compiled step never reads a flag on the host, on any device. Steps that log
-            path diagnostics and models with a BN-heuristic layer take the eager step. Results agree
-            with the eager step to rounding, not bit for bit (also for parameters outside chains,
-            which the eager step updates exactly like ``torch.optim.SGD``).
+            otherwise, with the reason in the log (:mod:`lightning_gsgd.step.auto_compile`); if
+            compiling then fails, the eager step runs instead, with a warning. ``True`` / ``False``
+            force one form. The first compiled step compiles the graph (seconds; logged), and a new
+            variant when which tensors have gradients or buffers changes; hyper-parameters enter as a
+            tensor, so LR schedulers do not recompile. The compiled step never reads a flag on the
+            host, on any device. Steps that log path diagnostics and models with a BN-heuristic layer
+            take the eager step. Results agree with the eager step to rounding, not bit for bit (also
+            for parameters outside chains, which the eager step updates exactly like
+            ``torch.optim.SGD``).
 
     Example:
         >>> topo = detect_topology(model, example_input)  # doctest: +SKIP
@@ -184,8 +184,7 @@ class GSGD(Optimizer):
         self._saved.check_bind(topology)
         sharded = is_sharded(topology)
         if self._auto:
-            decided = (False, "the chain weights are sharded") if sharded else None
-            self._compiled, why = decided or auto_compile(topology, batchnorm_on_cpu=False)
+            self._compiled, why = (False, "the chain weights are sharded") if sharded else auto_compile(topology)
             log.info("GSGD: %s step (compiled=None): %s", "compiled" if self._compiled else "eager", why)
         elif sharded and self._compiled:
             raise TopologyError(_COMPILED_SHARDED)

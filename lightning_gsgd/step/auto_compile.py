@@ -1,13 +1,11 @@
 """Whether ``GSGD(compiled=None)``, the default, runs the compiled step: decided once, at ``bind``.
 
 The compiled step (:mod:`lightning_gsgd.step.graph`) is faster per step than the eager one on every
-BatchNorm-free model measured (``benchmarks/README.md``), but its first step compiles it, which takes seconds and
+model measured (``benchmarks/README.md``), but its first step compiles it, which takes seconds and
 needs a working compiler: a C++ compiler on the CPU, Triton on CUDA. So the default compiles when
 the chains hold at least :data:`AUTO_MIN_PARAMS` parameters (below that, the step costs little next to
 the forward and backward passes and the compile time would not be earned back in a short fit) and
-the compiler is there; otherwise it runs the eager step, and says why in the log. On the CPU,
-``GSGD`` on a model with BatchNorm segments (S2 rows) takes the eager step: there its compiled step
-was the slower of the two (ResNet-18, ``benchmarks/README.md``).
+the compiler is there; otherwise it runs the eager step, and says why in the log.
 """
 
 from __future__ import annotations
@@ -22,27 +20,14 @@ from lightning_gsgd.topology.types import Topology
 AUTO_MIN_PARAMS = 100_000
 
 
-def auto_compile(topology: Topology, *, batchnorm_on_cpu: bool = True) -> tuple[bool, str]:
-    """``(compile?, why)`` for ``compiled=None`` bound to ``topology``.
-
-    Args:
-        topology: The optimizer's topology.
-        batchnorm_on_cpu: Whether a model with BatchNorm segments (S2 rows) compiles on the CPU: ``False``
-            for ``GSGD``, whose compiled step was the slower form on ResNet-18 there (2.0x torch's SGD
-            against 1.8x eager); ``GAdam``'s compiled step was the faster (1.3x torch's Adam against 1.9x).
-    """
+def auto_compile(topology: Topology) -> tuple[bool, str]:
+    """``(compile?, why)`` for ``GSGD(compiled=None)`` bound to ``topology``."""
     params = topology.chain_params()
     n = sum(p.numel() for p in params)
     if n < AUTO_MIN_PARAMS:
         return False, f"the chains hold {n:,} parameters, fewer than {AUTO_MIN_PARAMS:,}: the eager step is cheap"
     device = params[0].device
     if device.type == "cpu":
-        s2 = len(topology.s2_layers())
-        if s2 and not batchnorm_on_cpu:
-            return False, (
-                f"the model has {s2} layers whose rows BatchNorm normalizes, and on the CPU the compiled step "
-                "of BatchNorm segments is slower than the eager one (benchmarks/README.md)"
-            )
         compiler = _cpp_compiler()
         if compiler is None:
             return False, "no C++ compiler was found for torch.compile (g++, c++, clang++ or $CXX)"
