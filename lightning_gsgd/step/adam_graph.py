@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.graph_chain import GraphChain, compile_step, math_dtype, normalized_f, piece
+from lightning_gsgd.step.graph_chain import GraphChain, compile_step, math_dtype, normalized_f, piece, row_sums
 from lightning_gsgd.step.normalized import row_scale
 
 # Columns of the hyper-parameter table.
@@ -115,7 +115,7 @@ def _prepare(
         for l in range(L):
             if not ch.is_hidden[l]:
                 continue
-            r = (w2[l] * g2[l]).sum(1)
+            r = row_sums(w2[l] * g2[l])
             b = bs[c][l]
             if b is not None and b[1] is not None:
                 r = r + b[0] * b[1]

@@ -51,6 +51,7 @@ from lightning_gsgd.step.graph_chain import (
     math_dtype,
     normalized_f,
     piece,
+    row_sums,
 )
 from lightning_gsgd.step.normalized import row_scale
 
@@ -105,7 +106,7 @@ def _prepare(
         for l in range(L):
             if not ch.is_hidden[l]:
                 continue
-            r = (w2[l] * g2[l]).sum(1)
+            r = row_sums(w2[l] * g2[l])
             bw, bg = bws[c][l], bgs[c][l]
             if bw is not None and bg is not None:
                 r = r + bw * bg

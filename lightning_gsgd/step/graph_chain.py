@@ -164,9 +164,20 @@ def normalized_f(
             parts.append(w2[l].new_ones(n_out))
             continue
         w = w2[l] * b_ent[ch.koff[l] : ch.koff[l] + K] if ch.reads_hidden[l] else w2[l]
-        parts.append(w.square().sum(1))
+        parts.append(row_sums(w.square()))
     q_end = torch.cat(parts)[row_end].sqrt()
     return F / q_end[: ch.hidden], torch.reciprocal(q_end[ch.hidden :]), b_ent
+
+
+def row_sums(x: Tensor) -> Tensor:
+    """``x.sum(1)`` of an ``[n, K]`` product inside the compiled graph. On the CPU, with ``K`` a multiple
+    of 8, the rows are summed as ``[n, K / 8, 8]``: Inductor then keeps eight partial sums a row
+    instead of one vector accumulator, whose dependency chain bounded the loop (measured on
+    1024 x 1024: 0.36 ms against 0.65 ms; torch's own ``sum`` 0.87 ms). Same sum, other rounding."""
+    n, k = x.shape
+    if x.device.type != "cpu" or k % 8 or k < 64:
+        return x.sum(1)
+    return x.view(n, k // 8, 8).sum(1).sum(1)
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
