@@ -55,13 +55,22 @@ class Bottleneck(nn.Module):
 
 
 class ResNetBasic(nn.Module):
-    """Stem, a BasicBlock with identity shortcut, one with a projection shortcut, pool, fc."""
+    """Stem, a BasicBlock with identity shortcut, one with a projection shortcut, pool, fc. Two residual
+    streams (docs/math.md, "Residual streams"): the stem's ``bn1`` with ``layer.0.bn2`` (read by the
+    first block's conv1 and the second block's convs), ``layer.1.down.1`` with ``layer.1.bn2`` (read
+    by ``fc``)."""
 
     CHAINS = [
+        (
+            ("bn1", "layer.0.conv1", "layer.1.down.0", "layer.1.conv1"),
+            ("layer.0.conv1", "layer.1.down.0", "layer.1.conv1"),
+        ),
         (("layer.0.bn1", "layer.0.conv2"), ("layer.0.conv2",)),
+        (("layer.1.down.1", "fc"), ()),
         (("layer.1.bn1", "layer.1.conv2"), ("layer.1.conv2",)),
     ]
-    ALONE = ("conv1", "layer.0.conv1", "layer.1.down.0", "layer.1.conv1")
+    ALONE = ("conv1",)
+    TIED = {"bn1": ("layer.0.bn2",), "layer.1.down.1": ("layer.1.bn2",)}
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,16 +86,20 @@ class ResNetBasic(nn.Module):
 class ResNetBottleneck(nn.Module):
     """Stem, two Bottleneck blocks (the first with a projection shortcut), pool, fc. The stem's channels
     reach only the first block's conv1 and projection conv: its BatchNorm is a unit, and both convs
-    are S2 output layers of its chain."""
+    are S2 output layers of its chain. The stream after the first block is one unit per channel,
+    written by ``layer.0.down.1``, ``layer.0.bn3`` and ``layer.1.bn3``, read by ``layer.1.conv1`` and
+    ``fc``."""
 
     CHAINS = [
         (("bn1", "layer.0.down.0", "layer.0.conv1"), ("layer.0.down.0", "layer.0.conv1")),
+        (("layer.0.down.1", "layer.1.conv1", "fc"), ("layer.1.conv1",)),
         (("layer.0.bn1", "layer.0.conv2"), ("layer.0.conv2",)),
         (("layer.0.bn2", "layer.0.conv3"), ("layer.0.conv3",)),
         (("layer.1.bn1", "layer.1.conv2"), ("layer.1.conv2",)),
         (("layer.1.bn2", "layer.1.conv3"), ("layer.1.conv3",)),
     ]
-    ALONE = ("conv1", "layer.1.conv1")
+    ALONE = ("conv1",)
+    TIED = {"layer.0.down.1": ("layer.0.bn3", "layer.1.bn3")}
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,8 +10,8 @@ spec. A :class:`BnSpec` holds
 * ``s2``: every weight layer whose output rows go only into a training-mode BatchNorm (S2 rows), in a
   chain (always an output layer there) or alone (a layer reading from outside any chain).
 
-BatchNorm channels that feed an identity skip (the stem's, the second BN of a residual branch) are
-no units and stay with plain SGD, as does everything the spec does not name.
+The BatchNorms that add into a residual stream are one unit per channel (``ChainLayer.tied``, docs/math.md,
+"Residual streams"); ``basic_skip`` leaves them to plain SGD, as everything the spec does not name.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _seq(layers: list[ChainLayer]) -> Chain:
 
 
 def _spec(model: nn.Module, chains: list[Chain], s2_names: list[str]) -> BnSpec:
-    ids = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
+    ids = {id(p) for c in chains for layer in c.layers for p in layer.params()}
     excluded = tuple(
         Excluded(n, p.numel(), "outside the hand-written chains")
         for n, p in model.named_parameters()
@@ -100,8 +100,20 @@ class Stack(nn.Module):
         return _spec(self, chains, ["c0", "c1", "c2"])
 
 
+def tied_bn_layer(name: str, bn: nn.BatchNorm2d, writers: dict[str, nn.BatchNorm2d]) -> ChainLayer:
+    """The first BatchNorm that writes a residual stream's channels, as a chain layer, with the
+    ``gamma``/``beta`` of the others that add into the same channels (``writers``) tied to it."""
+    tied = tuple(p for bn_k in writers.values() for p in (bn_k.weight, bn_k.bias))
+    names = tuple(f"{n}.{w}" for n in writers for w in ("weight", "bias"))
+    return ChainLayer(name, bn.weight, bn.bias, bn.num_features, 1, 1, 0, tied, names)
+
+
 class Basic(nn.Module):
-    """A stem, a BasicBlock with identity shortcut, one with a projection shortcut, a conv head."""
+    """A stem, a BasicBlock with identity shortcut, one with a projection shortcut, a conv head.
+
+    Its residual streams are units (docs/math.md, "Residual streams"): a channel of the stem's stream
+    is written by ``bn_s`` and ``abn2`` (one unit, read by ``a1``, ``b1`` and ``proj``), a channel of
+    the second block's by ``pbn`` and ``bbn2`` (read by ``head``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,6 +131,26 @@ class Basic(nn.Module):
         h = F.relu(h + self.abn2(self.a2(F.relu(self.abn1(self.a1(h))))))
         h = F.relu(self.pbn(self.proj(h)) + self.bbn2(self.b2(F.relu(self.bbn1(self.b1(h))))))
         return self.fc(F.relu(self.hbn(self.head(h))).mean((2, 3)))
+
+    def spec(self) -> BnSpec:
+        s1 = tied_bn_layer("bn_s", self.bn_s, {"abn2": self.abn2})
+        s2 = tied_bn_layer("pbn", self.pbn, {"bbn2": self.bbn2})
+        a1, b1, proj, head = (chain_layer(n, getattr(self, n), None, None) for n in ("a1", "b1", "proj", "head"))
+        chains = [
+            _chain([s1, a1, proj, b1], [[(-1, range(1))], [(0, range(4))], [(0, range(4))], [(0, range(4))]]),
+            _seq([bn_layer("abn1", self.abn1), chain_layer("a2", self.a2, None, None)]),
+            _chain([s2, head], [[(-1, range(1))], [(0, range(6))]]),
+            _seq([bn_layer("bbn1", self.bbn1), chain_layer("b2", self.b2, None, None)]),
+            _seq([bn_layer("hbn", self.hbn), chain_layer("fc", self.fc, None, None)]),
+        ]
+        return _spec(self, chains, ["stem", "a1", "a2", "b1", "b2", "proj", "head"])
+
+
+class BasicSkip(Basic):
+    """:class:`Basic` with a coarser topology: the BatchNorm channels that feed an identity skip or a
+    residual sum (``bn_s``, ``abn2``, ``pbn``, ``bbn2``) are no units and stay with plain SGD, and the
+    layers that read the streams are S2 layers alone (what ``bn_mode="exact"`` found before residual
+    streams)."""
 
     def spec(self) -> BnSpec:
         chains = [
@@ -160,9 +192,10 @@ BN_MODELS: dict[str, Callable[[], nn.Module]] = {
     "stack": lambda: Stack(deep=False),
     "stack_deep": lambda: Stack(deep=True),
     "basic": Basic,
+    "basic_skip": BasicSkip,
     "vgg_bn": VggBn,
 }
-BN_INPUTS = {"stack": (6, 6), "stack_deep": (6, 6), "basic": (6, 6), "vgg_bn": (6, 6)}
+BN_INPUTS = {"stack": (6, 6), "stack_deep": (6, 6), "basic": (6, 6), "basic_skip": (6, 6), "vgg_bn": (6, 6)}
 
 
 def make_bn(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

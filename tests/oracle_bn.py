@@ -53,7 +53,7 @@ class BnOracle:
         # per S2 row: (norm leaf, row) and the (leaf, index) of every coordinate of its block
         self.blocks: list[tuple[Tensor, int, list[tuple[Tensor, tuple]]]] = []
         in_chain = set()
-        for basis, vw, vb, _, _ in self.pp.chains:
+        for basis, vw, vb, _, _, vt in self.pp.chains:
             ends = _ends(basis)
             for l, layer in enumerate(basis.chain.layers):
                 in_chain.add(id(layer.weight))
@@ -66,6 +66,7 @@ class BnOracle:
                             members.append((vw[m], (b,)))  # sigma entries are no coordinates: never moved
                             if vb[m] is not None:
                                 members.append((vb[m], (b,)))
+                            members += [(v, (b,)) for v in vt[m]]
                     self.blocks.append((vw[l], k, members))
         for layer in spec.s2:
             if id(layer.weight) not in in_chain:  # a layer alone: its path values are its weights

@@ -65,10 +65,12 @@ class DagBasis:
         return ws[k][r, c, self.chain.layers[k].centre] * self.F(ws, k, r)
 
 
-def _path_values(basis: DagBasis) -> tuple[list[Tensor], list[Tensor | None]]:
+def _path_values(basis: DagBasis) -> tuple[list[Tensor], list[Tensor | None], list[list[Tensor]]]:
+    """Path values of every weight, hidden bias and tied parameter (one edge per node from outside:
+    ``v = x F(b)``, as a hidden bias)."""
     chain = basis.chain
     ws = [layer.weight3d().detach() for layer in chain.layers]
-    vw, vb = [], []
+    vw, vb, vt = [], [], []
     for l, layer in enumerate(chain.layers):
         v = torch.empty_like(ws[l])
         for i in range(layer.n_out):
@@ -80,15 +82,19 @@ def _path_values(basis: DagBasis) -> tuple[list[Tensor], list[Tensor | None]]:
             vb.append(torch.stack([layer.bias.detach()[i] * basis.F(ws, l, i) for i in range(layer.n_out)]))
         else:
             vb.append(None)
-    return vw, vb
+        f_rows = [basis.F(ws, l, i) for i in range(layer.n_out)]
+        vt.append([torch.stack([t.detach()[i] * f_rows[i] for i in range(layer.n_out)]) for t in layer.tied])
+    return vw, vb, vt
 
 
-def _weights(basis: DagBasis, vw: list[Tensor], vb: list[Tensor | None], sigma_w: list[Tensor]):
-    """Weights from path values (sigma gauge), differentiably, from the last layer back."""
+def _weights(basis: DagBasis, vw: list[Tensor], vb: list[Tensor | None], vt: list[list[Tensor]], sigma_w: list[Tensor]):
+    """Weights, biases and tied parameters from path values (sigma gauge), differentiably, from the
+    last layer back."""
     chain = basis.chain
     L = len(chain.layers)
     ws: list[Tensor] = list(sigma_w)
     bs: list[Tensor | None] = [None] * L
+    ts: list[list[Tensor]] = [[] for _ in range(L)]
     for l in range(L - 1, -1, -1):
         layer = chain.layers[l]
         mask = torch.zeros(layer.n_out, layer.n_in, layer.taps, dtype=torch.bool)
@@ -101,7 +107,8 @@ def _weights(basis: DagBasis, vw: list[Tensor], vb: list[Tensor | None], sigma_w
         ws[l] = torch.where(mask, sigma_w[l], vw[l] / (b_in * f_new))
         if vb[l] is not None:
             bs[l] = vb[l] / f_new.view(-1)
-    return ws, bs
+        ts[l] = [v / f_new.view(-1) for v in vt[l]]
+    return ws, bs, ts
 
 
 class DagPathParameterization:
@@ -115,20 +122,20 @@ class DagPathParameterization:
         chain_ids = set()
         for chain in topology.chains:
             basis = DagBasis(chain)
-            vw, vb = _path_values(basis)
+            vw, vb, vt = _path_values(basis)
             vw = [v.clone().requires_grad_(True) for v in vw]
             vb = [None if v is None else v.clone().requires_grad_(True) for v in vb]
+            vt = [[v.clone().requires_grad_(True) for v in vs] for vs in vt]
             sigma_w = [layer.weight3d().detach().clone() for layer in chain.layers]
             out_b = [
                 None if layer.bias is None or basis.hidden[l] else layer.bias.detach().clone().requires_grad_(True)
                 for l, layer in enumerate(chain.layers)
             ]
-            self.chains.append((basis, vw, vb, sigma_w, out_b))
+            self.chains.append((basis, vw, vb, sigma_w, out_b, vt))
             self.leaves += vw + [v for v in vb if v is not None] + [b for b in out_b if b is not None]
+            self.leaves += [v for vs in vt for v in vs]
             for layer in chain.layers:
-                chain_ids.add(id(layer.weight))
-                if layer.bias is not None:
-                    chain_ids.add(id(layer.bias))
+                chain_ids.update(id(p) for p in layer.params())
         self.plain = {
             n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if id(p) not in chain_ids
         }
@@ -137,21 +144,23 @@ class DagPathParameterization:
     def named_leaves(self) -> dict[str, Tensor]:
         """The leaf that stands for each model parameter (for param groups)."""
         out = dict(self.plain)
-        for basis, vw, vb, _, out_b in self.chains:
+        for basis, vw, vb, _, out_b, vt in self.chains:
             for l, layer in enumerate(basis.chain.layers):
                 out[self.names[id(layer.weight)]] = vw[l]
                 if layer.bias is not None:
                     out[self.names[id(layer.bias)]] = vb[l] if basis.hidden[l] else out_b[l]
+                out.update({self.names[id(t)]: v for t, v in zip(layer.tied, vt[l])})
         return out
 
     def weights(self) -> dict[str, Tensor]:
         out = dict(self.plain)
-        for basis, vw, vb, sigma_w, out_b in self.chains:
-            ws, bs = _weights(basis, vw, vb, sigma_w)
+        for basis, vw, vb, sigma_w, out_b, vt in self.chains:
+            ws, bs, ts = _weights(basis, vw, vb, vt, sigma_w)
             for l, layer in enumerate(basis.chain.layers):
                 out[self.names[id(layer.weight)]] = ws[l].reshape(layer.weight.shape)
                 if layer.bias is not None:
                     out[self.names[id(layer.bias)]] = bs[l] if basis.hidden[l] else out_b[l]
+                out.update({self.names[id(t)]: v for t, v in zip(layer.tied, ts[l])})
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -187,6 +196,8 @@ def rescale_dag_units_(topology: Topology, spread: float, seed: int) -> None:
                 w3.mul_(factors[l].to(w3).view(-1, 1, 1))
                 if layer.bias is not None:
                     layer.bias.mul_(factors[l].to(w3))
+                for t in layer.tied:  # the BatchNorms that add into the same channels scale with them
+                    t.mul_(factors[l].to(w3))
             for c, src in enumerate(basis.cols[l]):
                 if src is not None:
                     w3[:, c, :] /= factors[src[0]][src[1]].to(w3)

@@ -68,16 +68,21 @@ def chain_factors(weights: list[Tensor], B: list[Tensor], index: list[LayerIndex
     return n_rows[row_ends(index)]
 
 
-def bn_chain_step(weights, grads, biases, bias_grads, wbufs, bbufs, index, hp, s2: set[int], min_ratio, buffer):
+def bn_chain_step(
+    weights, grads, biases, bias_grads, wbufs, bbufs, index, hp, s2: set[int], min_ratio, buffer, tied=()
+):
     """One step on a chain (lists per layer, as ``gsgd_chain_step``); returns new weights, biases,
-    buffers and the guard's hits."""
+    buffers and the guard's hits. ``tied``: ``(layer, value, gradient, buffer)`` of each tied
+    parameter, a hidden bias of that layer: its new value and buffer are appended to ``new_b`` and
+    ``new_bbuf`` (after the ``L`` layers' entries)."""
     L = len(weights)
     B, F = chain_backbone(weights, index)
-    gamma = chain_gamma(weights, grads, biases, bias_grads, index)
+    gamma = chain_gamma(weights, grads, biases, bias_grads, index, [(k, t, gt) for k, t, gt, _ in tied])
     n_all = chain_factors(weights, B, index, s2)
     R = n_all.numel()
     F_new = torch.ones(R, dtype=weights[0].dtype)
     new_w, new_b, new_wbuf, new_bbuf = [None] * L, [None] * L, [None] * L, [None] * L
+    tied_new, tied_buf = [None] * len(tied), [None] * len(tied)
     hits = 0
     for l in range(L - 1, -1, -1):
         w, g, idx = weights[l], grads[l], index[l]
@@ -106,9 +111,13 @@ def bn_chain_step(weights, grads, biases, bias_grads, wbufs, bbufs, index, hp, s
             vb = biases[l] * F[l]
             delta, new_bbuf[l] = _move(vb, bias_grads[l] / F[l], n, bbufs[l], hp, buffer)
             new_b[l] = (biases[l] - delta / F[l]) * (F[l] / f_new.view(-1))
+        for i, (k, t, gt, tb) in enumerate(tied):
+            if k == l:
+                delta, tied_buf[i] = _move(t * F[l], gt / F[l], n, tb, hp, buffer)
+                tied_new[i] = (t - delta / F[l]) * (F[l] / f_new.view(-1))
         if idx.tau_rows is not None:
             F_new[idx.tau_nodes] = tau_entries(w_new, idx) * F_new[idx.row_off + idx.tau_rows]
-    return new_w, new_b, new_wbuf, new_bbuf, hits
+    return new_w, new_b + tied_new, new_wbuf, new_bbuf + tied_buf, hits
 
 
 class ReferenceBnSGD:
@@ -143,8 +152,13 @@ class ReferenceBnSGD:
             s2 = {l for l, layer in enumerate(ls) if id(layer.weight) in self.s2_ids}
             wb = [self.bufs.get(id(layer.weight)) for layer in ls]
             bb = [None if b is None else self.bufs.get(id(b)) for b in bs]
-            out = bn_chain_step(ws, gs, bs, gbs, wb, bb, index, self.hp, s2, self.min_ratio, self.buffer)
+            tied = [(l, t, t.grad, self.bufs.get(id(t))) for l, layer in enumerate(ls) for t in layer.tied]
+            out = bn_chain_step(ws, gs, bs, gbs, wb, bb, index, self.hp, s2, self.min_ratio, self.buffer, tied)
             new_w, new_b, new_wbuf, new_bbuf, hits = out
+            for (_, t, _, _), nt, ntb in zip(tied, new_b[len(ls) :], new_bbuf[len(ls) :]):
+                t.copy_(nt)
+                self.bufs[id(t)] = ntb
+                done.add(id(t))
             self.guard_hits += hits
             for l, layer in enumerate(ls):
                 ws[l].copy_(new_w[l])

@@ -41,6 +41,7 @@ def _engine(compiled: bool = False, **hp):
 
 CASES = [(n, h, False) for n in NAMES for h in (HYPERS[1], HYPERS[3])]
 CASES += [("basic", h, False) for h in (HYPERS[0], HYPERS[2])] + [("basic", HYPERS[1], True)]
+CASES += [("basic_skip", HYPERS[0], False), ("basic_skip", HYPERS[2], True)]
 CASES += [pytest.param("vgg_bn", HYPERS[1], True, marks=pytest.mark.slow)]  # compiled cases cost seconds each
 
 
@@ -75,8 +76,8 @@ def test_engine_matches_reference_step(name):
 @pytest.mark.parametrize(
     "name,compiled",
     [(n, False) for n in NAMES]
-    + [("basic", True)]
-    + [pytest.param(n, True, marks=pytest.mark.slow) for n in NAMES if n != "basic"],
+    + [("basic", True), ("basic_skip", True)]
+    + [pytest.param(n, True, marks=pytest.mark.slow) for n in NAMES if n not in ("basic", "basic_skip")],
 )
 def test_equivariance_s1_s2(name, compiled):
     """From a copy rescaled by random S1 and S2 factors (spread exp(U(-1, 1))), five steps with momentum
@@ -103,6 +104,7 @@ ADAM_CASES = [
 ]
 ADAM_CASES += [("basic", "GAdam", dict(lr=0.01, amsgrad=True), False)]
 ADAM_CASES += [("basic", "GAdamW", dict(lr=0.01, weight_decay=0.1), True)]
+ADAM_CASES += [("basic_skip", "GAdamW", dict(lr=0.01, weight_decay=0.1), True)]
 ADAM_CASES += [pytest.param("vgg_bn", "GAdamW", dict(lr=0.01, weight_decay=0.1), True, marks=pytest.mark.slow)]
 
 

@@ -216,7 +216,7 @@ def test_diagnostics_path_gradient_on_dags(name):
     pp = DagPathParameterization(model, topo)
     ((pp.forward(x) - y) ** 2).mean().backward()
     sq = torch.zeros((), dtype=torch.float64)
-    for basis, vw, vb, _, _ in pp.chains:
+    for basis, vw, vb, _, _, _ in pp.chains:
         for l, v in enumerate(vw):
             g = v.grad.clone()
             layer = basis.chain.layers[l]

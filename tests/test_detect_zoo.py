@@ -30,13 +30,15 @@ def test_zoo_chains_and_coverage(name, method):
     got = [tuple(layer.name for layer in chain.layers) for chain in topo.chains]
     assert got == entry.chains
     assert sorted(layer.name for layer in topo.normalized) == sorted(entry.alone)
-    assert topo.coverage == pytest.approx(_coverage(model, entry.chains + [entry.alone]), abs=1e-12)
+    assert topo.coverage == pytest.approx(_coverage(model, entry.chains + [entry.alone, entry.tied]), abs=1e-12)
+    tied = [n.rsplit(".", 1)[0] for c in topo.chains for layer in c.layers for n in layer.tied_names]
+    assert sorted(set(tied)) == sorted(entry.tied)
     # the detector restores everything it touched
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     excluded = {e.name: e.reason for e in topo.excluded}
-    inside = sum(got, ()) + entry.alone
+    inside = sum(got, ()) + entry.alone + entry.tied
     assert set(excluded) == {n for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in inside}
     for pname, fragment in entry.notes.items():
         assert fragment in excluded[pname], (pname, excluded[pname])

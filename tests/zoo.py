@@ -272,6 +272,7 @@ class ZooModel:
     chains: list[tuple[str, ...]]
     notes: dict[str, str] = field(default_factory=dict)  # parameter name -> substring of its reason
     alone: tuple[str, ...] = ()  # layers with S2 rows in no chain (bn_mode="exact")
+    tied: tuple[str, ...] = ()  # BatchNorms tied to a chain layer's units (residual streams)
 
 
 def _t(*shape: int) -> torch.Tensor:
@@ -298,17 +299,19 @@ ZOO: dict[str, ZooModel] = {
         [("body.1", "body.3"), ("body.4", "body.6"), ("body.7", "body.9"), ("body.10", "body.12"), ("body.13", "fc")],
         alone=("body.0",),
     ),
-    "resnet_bn": ZooModel(  # the BNs before a sum stay outside; each branch's BN1 -> conv2 is a chain
+    "resnet_bn": ZooModel(  # each branch's BN1 -> conv2 is a chain; each stage's stream is one (tied BNs)
         lambda: ResNet(bn=True),
         lambda: _t(4, 3, 8, 8),
-        [(f"layer{s}.{b}.bn1", f"layer{s}.{b}.conv2") for s in (1, 2) for b in (0, 1)],
-        {
-            "bn1.weight": "'bn1' (BatchNorm): its channels are no hidden units",
-            "layer1.0.bn2.weight": "add sums it with another tensor",
-            "layer2.0.shortcut.1.bias": "add sums it with another tensor",
-            "fc.weight": "model output",
-        },
-        alone=("conv1", "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.shortcut.0", "layer2.1.conv1"),
+        [
+            ("bn1", "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.shortcut.0"),
+            ("layer1.0.bn1", "layer1.0.conv2"),
+            ("layer1.1.bn1", "layer1.1.conv2"),
+            ("layer2.0.bn1", "layer2.0.conv2"),
+            ("layer2.0.bn2", "layer2.1.conv1", "fc"),
+            ("layer2.1.bn1", "layer2.1.conv2"),
+        ],
+        alone=("conv1",),
+        tied=("layer1.0.bn2", "layer1.1.bn2", "layer2.0.shortcut.1", "layer2.1.bn2"),
     ),
     "gelu_mlp": ZooModel(GeluMLP, lambda: _t(4, 5), [], {"fc1.weight": "gelu"}),
     "layernorm_mlp": ZooModel(

@@ -9,6 +9,7 @@ index pairs (:class:`FlatIndex`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from lightning_gsgd.step.slots import ChainReading
 from lightning_gsgd.topology.index import LayerIndex, chain_backbone, chain_gamma, chain_index
-from lightning_gsgd.topology.types import Chain
+from lightning_gsgd.topology.types import Chain, ChainLayer
 
 
 def free_tau_cols(chain: Chain, device: torch.device) -> list[Tensor | None]:
@@ -40,20 +41,33 @@ def _work(t: Tensor) -> Tensor:
 def chain_tensors(
     chain: Chain, grads: bool = True
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], list[Tensor | None]]:
-    """3-D weights, their gradients (zeros where missing; empty if ``grads`` is false), biases, bias gradients."""
+    """3-D weights, their gradients (zeros where missing; empty if ``grads`` is false), biases, bias gradients.
+
+    A layer with tied parameters (``ChainLayer.tied``: hidden biases of its nodes too) has its bias and
+    them stacked as ``[1 + T, n_out]``; the readings treat every row of that stack as a hidden bias.
+    """
     weights = [_work(layer.weight3d().detach()) for layer in chain.layers]
-    biases = [None if layer.bias is None else _work(layer.bias.detach()) for layer in chain.layers]
+    biases = [None if layer.bias is None else _work(_stacked(layer, lambda p: p.detach())) for layer in chain.layers]
     if not grads:
         return weights, [], biases, []
     wgrads = [
         torch.zeros_like(w) if layer.weight.grad is None else _work(layer.weight3d(layer.weight.grad.detach()))
         for layer, w in zip(chain.layers, weights)
     ]
-    bgrads: list[Tensor | None] = []
-    for layer, b in zip(chain.layers, biases):
-        g = None if layer.bias is None else layer.bias.grad
-        bgrads.append(None if b is None else torch.zeros_like(b) if g is None else _work(g.detach()))
+
+    def grad(p: Tensor) -> Tensor:
+        return torch.zeros_like(p) if p.grad is None else p.grad
+
+    bgrads = [None if b is None else _work(_stacked(layer, grad)) for layer, b in zip(chain.layers, biases)]
     return weights, wgrads, biases, bgrads
+
+
+def _stacked(layer: ChainLayer, part: Callable[[Tensor], Tensor]) -> Tensor:
+    """``part`` of the layer's bias (which it has), or of the bias and the tied parameters, stacked."""
+    assert layer.bias is not None
+    if not layer.tied:
+        return part(layer.bias).detach()
+    return torch.stack([part(p).detach() for p in (layer.bias, *layer.tied)])
 
 
 @dataclass(frozen=True)
@@ -174,7 +188,7 @@ def read_chain(
         if idx.hidden:
             inc = w2.sum(1)
             if bias is not None:
-                inc = inc + bias.square()
+                inc = inc + (bias.square() if bias.dim() == 1 else bias.square().sum(0))  # tied: stacked
                 value_sq = value_sq + _norm_sq(bias * f)
             if gb is not None:
                 grad_sq = grad_sq + _norm_sq(gb / f)

@@ -51,7 +51,9 @@ def check_chain_params(topology: Topology, param_groups: list[dict[str, Any]], n
     owned = {id(p) for group in param_groups for p in group["params"]}
     layers = [layer for chain in topology.chains for layer in chain.layers] + list(topology.normalized)
     for layer in layers:
-        for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
+        named = [("weight", layer.weight), ("bias", layer.bias)]
+        named += [(f"tied parameter '{n}'", t) for n, t in zip(layer.tied_names, layer.tied)]
+        for kind, p in named:
             if p is None:
                 continue
             if id(p) not in owned:
@@ -70,7 +72,7 @@ def check_chain_params(topology: Topology, param_groups: list[dict[str, Any]], n
 
 
 def chain_owned_ids(topology: Topology) -> set[int]:
-    """Ids of the parameters a chain step owns: every chain weight and every hidden bias (a chain's output
+    """Ids of the parameters a chain step owns: every chain weight, hidden bias and tied parameter (a chain's output
     bias is no path value and takes the plain rule, like every parameter outside chains), and the
     weights of BN-heuristic layers and of S2 layers outside chains (their biases take the plain rule)."""
     owned = {id(layer.weight) for layer in (*topology.bn_layers, *topology.normalized)}
@@ -79,6 +81,7 @@ def chain_owned_ids(topology: Topology) -> set[int]:
             owned.add(id(layer.weight))
             if layer.bias is not None and hidden:
                 owned.add(id(layer.bias))
+            owned.update(id(t) for t in layer.tied)  # hidden biases too (tied residual-stream BatchNorms)
     return owned
 
 

@@ -369,7 +369,7 @@ class GSGD(Optimizer):
         self._readings_request = False
         if self.topology is None or self._sharded is not None:  # sharded: no readings yet
             return False
-        if any(chain.normalized for chain in self.topology.chains):  # read directly: normalized path values
+        if any(c.normalized or any(x.tied for x in c.layers) for c in self.topology.chains):  # read directly
             return False
         hp_of = {id(p): hyper(g) for g in self.param_groups for p in g["params"]}
         for chain in self.topology.chains:

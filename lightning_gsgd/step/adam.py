@@ -92,6 +92,8 @@ def adam_step(args: AdamStepArgs) -> None:
                 biases.append(None)
             else:
                 biases.append(AdamSlot(b, b, b.grad, args.hp_of[id(b)][0]))
+        # tied parameters: hidden biases of their layer (AdamChainPlan.tied_layer), after the L layers'
+        biases += [AdamSlot(t, t, t.grad, args.hp_of[id(t)][0]) for layer in layers for t in layer.tied]
         min_ratio = args.hp_of[id(layers[0].weight)][1]["min_ratio"]
         prep = prepare_adam_chain(args.plans.plan(ci, chain), weights, biases, state, min_ratio, host_reads=host_reads)
         prepared.append(prep)

@@ -45,7 +45,8 @@ class PreparedAdam:
     Attributes:
         plan: The chain's index plan.
         weights: Per layer, the weight slot.
-        biases: Per layer, the hidden bias slot (``None``: no bias, or the output layer).
+        biases: Per layer, the hidden bias slot (``None``: no bias, or the output layer); then one
+            per tied parameter, in the order of ``AdamChainPlan.tied_layer``.
         s: Per layer, ``1 / (B F)`` as ``[n_out, n_in, 1]`` (``[n_out, 1, 1]`` when every ``B`` is 1).
         s_bias: Per layer, ``1 / F`` of its output nodes.
         rhoinv: Per layer, ``1 / rho`` of its output nodes (``None`` on the output layer).
@@ -148,9 +149,9 @@ def prepare_adam_chain(
             row = row_sums[l]
         else:
             row = torch.linalg.vecdot(ws[l].flatten(1), gs[l].flatten(1))  # type: ignore[union-attr]
-        b = biases[l]
-        if b is not None and b.grad is not None:
-            row = row + b.param * b.grad
+        for b in [biases[l]] + [t for k, t in zip(plan.tied_layer, biases[L:]) if k == l]:
+            if b is not None and b.grad is not None:
+                row = row + b.param * b.grad
         gam = row - ws[l].reshape(-1).take(sig) * gs[l].reshape(-1).take(sig)  # type: ignore[union-attr]
         ist, src = idx[l].sig_is_tau, idx[l].sig_src
         assert ist is not None and src is not None
@@ -253,8 +254,11 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
             tau=None if plan.tau_flat[l] is None else (plan.tau_flat[l], prep.tau_new[l]),
             sig=None if plan.sig_flat[l] is None else (plan.sig_flat[l], prep.sig_w[l]),
         )
-        b = prep.biases[l]
-        if b is not None and plan.index[l].hidden:
+        L = len(prep.weights)
+        own = [prep.biases[l]] + [t for k, t in zip(plan.tied_layer, prep.biases[L:]) if k == l]
+        for b in own:  # the hidden bias, then the tied parameters of this layer
+            if b is None or not plan.index[l].hidden:
+                continue
             rinv = prep.rhoinv[l]
             assert rinv is not None
             if b.grad is None:  # no gradient: keep its path value, follow the row's rescale

@@ -180,6 +180,14 @@ class CompiledAdamStep:
                     hpb = hp_of[id(b)][0]
                     cb.append(_slot(state, b, b.grad, hpb, made))
                     bias_rows.append(_hp_row(hpb, min_ratio))
+            for t in (t for layer in layers for t in layer.tied):  # GraphChain.tied_layer: hidden biases too
+                if t.grad is None:
+                    cb.append((t, None, None, None, None, None))
+                    bias_rows.append(_NO_ROW)
+                else:
+                    hpt = hp_of[id(t)][0]
+                    cb.append(_slot(state, t, t.grad, hpt, made))
+                    bias_rows.append(_hp_row(hpt, min_ratio))
             ws.append(cw)
             bs.append(cb)
             hps.append(self._tables.get(ci, rows + bias_rows, device))

@@ -17,7 +17,8 @@ path space") written as plain tensor expressions over every chain, in the layout
 * the parameters outside chains (torch's Adam/AdamW rule), every tensor's ``step`` counter and the
   optimizer's counters are updated in the graph too.
 
-Hyper-parameters enter as a float64 table with one row per chain tensor (weights, then hidden biases),
+Hyper-parameters enter as a float64 table with one row per chain tensor (weights, then hidden biases,
+then tied parameters),
 ``[lr, wd (L2), wd (decoupled), beta1, beta2, eps, min_ratio]``; the bias corrections are computed in
 the graph from each tensor's ``step`` tensor, so neither a scheduler nor the step count changes the graph.
 """
@@ -116,10 +117,11 @@ def _prepare(
             if not ch.is_hidden[l]:
                 continue
             r = row_sums(w2[l] * g2[l])
-            b = bs[c][l]
-            if b is not None and b[1] is not None:
-                r = r + b[0] * b[1]
-                checks.append(torch.stack(torch.aminmax(b[1])))
+            for t in [l] + [L + i for i, k in enumerate(ch.tied_layer) if k == l]:  # bias, tied parameters
+                b = bs[c][t]
+                if b is not None and b[1] is not None:
+                    r = r + b[0] * b[1]
+                    checks.append(torch.stack(torch.aminmax(b[1])))
             rows.append(r)
         n_last = ch.n_rows - H  # the output layers' rows
         w_sig, g_sig = skel[sig_take].unbind(0)
@@ -259,13 +261,17 @@ def _update(
                 if x1 is not None and x_tau is not None:
                     x1 = torch.where(tau, x_tau[ks].view(ent_shape), x1)
             _write(slot, new, m1, q1, x1, ok)
-            b = bs[c][l] if ch.is_hidden[l] else None
-            if b is None:
+            if not ch.is_hidden[l]:
                 continue
-            if b[1] is None:  # no gradient: the path value is kept, the row's rescale followed
-                b[0].copy_(torch.where(ok, b[0] * rhoinv[rs], b[0]))
-                continue
-            _write(b, *_new_values(b, r_rows[rs], F_rows[rs], rhoinv[rs], hp[L + l], sc[L + l]), ok)
+            # the hidden bias (row L + l), then the tied parameters (rows 2L + i)
+            for t, row in [(l, L + l)] + [(L + i, 2 * L + i) for i, k in enumerate(ch.tied_layer) if k == l]:
+                b = bs[c][t]
+                if b is None:
+                    continue
+                if b[1] is None:  # no gradient: the path value is kept, the row's rescale followed
+                    b[0].copy_(torch.where(ok, b[0] * rhoinv[rs], b[0]))
+                    continue
+                _write(b, *_new_values(b, r_rows[rs], F_rows[rs], rhoinv[rs], hp[row], sc[row]), ok)
 
 
 def _step(

@@ -26,6 +26,8 @@ class AdamChainPlan:
         tau_flat: Per layer, flat positions of the tau entries it holds (``LayerIndex.tau_nodes``
             order; ``None`` where it holds none).
         normalized: The chain's S2 layers (``Chain.normalized``).
+        tied_layer: Per tied parameter (``ChainLayer.tied``, layer by layer), the layer it is a hidden
+            bias of.
     """
 
     device: torch.device
@@ -33,6 +35,7 @@ class AdamChainPlan:
     sig_flat: list[Tensor | None]
     tau_flat: list[Tensor | None]
     normalized: tuple[int, ...] = ()
+    tied_layer: tuple[int, ...] = ()
 
 
 def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
@@ -52,7 +55,8 @@ def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
             tau_flat.append(idx.tau_rows * row + idx.tau_cols * layer.taps + layer.centre)
         else:
             tau_flat.append(None)
-    return AdamChainPlan(device, index, sig_flat, tau_flat, tuple(chain.normalized))
+    tied_layer = tuple(l for l, layer in enumerate(chain.layers) for _ in layer.tied)
+    return AdamChainPlan(device, index, sig_flat, tau_flat, tuple(chain.normalized), tied_layer)
 
 
 class AdamPlans:

@@ -88,6 +88,9 @@ def prepare_chain(
         b = biases[l]
         if b is not None and plan.is_hidden[l]:
             work.base_rows[l].addcmul_(b.param, b.grad)
+    for l, t in zip(plan.tied_layer, biases[L:]):  # tied parameters: hidden biases of layer l
+        if t is not None:
+            work.base_rows[l].addcmul_(t.param, t.grad)
     # the output layers' gradients are checked directly (the row sums check the hidden layers')
     outs = [torch.stack(torch.aminmax(s.grad)) for s, h in zip(weights, plan.is_hidden) if not h]
     last = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -326,4 +329,7 @@ def _items(prep: Prepared, B: Tensor | None) -> list[Item]:
         bs = prep.biases[l]
         if bs is not None:
             items.append(Item(bs, row1["r"][l], row1["F"][l], row1["rhoinv"][l], q=row1["q"][l], q2=row1["q2"][l]))
+    for l, ts in zip(plan.tied_layer, prep.biases[L:]):
+        if ts is not None:
+            items.append(Item(ts, row1["r"][l], row1["F"][l], row1["rhoinv"][l], q=row1["q"][l], q2=row1["q2"][l]))
     return items

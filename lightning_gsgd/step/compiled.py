@@ -211,6 +211,13 @@ class CompiledStep:
                 cbg.append(b.grad)
                 cbb.append(bbuf)
                 bias_rows.append(_hp_row(hpb, had, min_ratio))
+            for t in (t for layer in layers for t in layer.tied):  # GraphChain.tied_layer
+                hpt = hp_of[id(t)][0]
+                tbuf, had = _buffer(state, t, hpt, made) if t.grad is not None else (None, False)
+                cbw.append(None if t.grad is None else t)
+                cbg.append(t.grad)
+                cbb.append(tbuf)
+                bias_rows.append(_hp_row(hpt, had, min_ratio) if t.grad is not None else _NO_ROW)
             ws.append(cw)
             gs.append(cg)
             bufs.append(cb)

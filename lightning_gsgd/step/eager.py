@@ -130,6 +130,10 @@ def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:
             st = state.get(b)
             bbuf = None if st is None else st.get("momentum_buffer")
             biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
+    for t in (t for layer in layers for t in layer.tied):  # hidden biases too (ChainPlan.tied_layer)
+        st = state.get(t)
+        tbuf = None if st is None else st.get("momentum_buffer")
+        biases.append(None if t.grad is None else Slot(t, t.grad, hp_of[id(t)][0], tbuf, t, owner=t))
     min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
     work = args.caches.chain_work(ci, chain)
     bias_params = None

@@ -71,8 +71,9 @@ def _prepare(
 
     Per chain ``c``: ``ws[c][l]``, ``gs[c][l]``, ``bufs[c][l]`` are layer ``l``'s weight, gradient and
     momentum buffer (``None``: no momentum), ``bws``/``bgs`` the hidden biases and their gradients
-    (``None``: no bias, or one without gradient, and always for output layers), ``hps[c]`` the ``[2L,
-    7]`` hyper-parameter table (weights, then biases). ``extra`` are the gradients of the parameters
+    (``None``: no bias, or one without gradient, and always for output layers), then the tied
+    parameters (``GraphChain.tied_layer``), ``hps[c]`` the ``[2L + T, 7]`` hyper-parameter table
+    (weights, then biases, then the ``T`` tied parameters). ``extra`` are the gradients of the parameters
     outside chains: ``ok`` needs them finite too, and ``extra_factors`` (the row norms of the S2
     layers outside chains). ``inputs_ok`` says whether the gradients checked
     directly (those outside chains, each chain's output layers) were finite: a step that is not ``ok``
@@ -107,9 +108,10 @@ def _prepare(
             if not ch.is_hidden[l]:
                 continue
             r = row_sums(w2[l] * g2[l])
-            bw, bg = bws[c][l], bgs[c][l]
-            if bw is not None and bg is not None:
-                r = r + bw * bg
+            for t in [l] + [L + i for i, k in enumerate(ch.tied_layer) if k == l]:  # bias, tied parameters
+                bw, bg = bws[c][t], bgs[c][t]
+                if bw is not None and bg is not None:
+                    r = r + bw * bg
             rows.append(r)
         n_last = ch.n_rows - H  # the output layers' rows
         w_sig, g_sig = skel[sig_take].unbind(0)
@@ -220,10 +222,13 @@ def _update(
             w.copy_(torch.where(ok, new, w))
             if nb is not None and buf is not None:
                 buf.copy_(torch.where(ok, nb, buf))
-            if ch.is_hidden[l]:
-                bw, bg, bb = bws[c][l], bgs[c][l], bbufs[c][l]
+            if not ch.is_hidden[l]:
+                continue
+            # the hidden bias (table row L + l), then the tied parameters (rows 2L + i)
+            for t, row in [(l, L + l)] + [(L + i, 2 * L + i) for i, k in enumerate(ch.tied_layer) if k == l]:
+                bw, bg, bb = bws[c][t], bgs[c][t], bbufs[c][t]
                 if bw is not None and bg is not None:
-                    new_b, nb_b = _new_values(bw, bg, bb, r_rows[rs], F_rows[rs], rhoinv[rs], hp[L + l])
+                    new_b, nb_b = _new_values(bw, bg, bb, r_rows[rs], F_rows[rs], rhoinv[rs], hp[row])
                     bw.copy_(torch.where(ok, new_b, bw))
                     if nb_b is not None and bb is not None:
                         bb.copy_(torch.where(ok, nb_b, bb))

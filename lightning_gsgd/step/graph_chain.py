@@ -59,6 +59,8 @@ class GraphChain:
             ``k`` of row ``b``'s sigma weight (``[n_out]``, hidden layers), and the row whose free
             tau weight is entry ``k``, else -1 (``[K]``, layers that hold free tau edges).
         normalized: The chain's S2 layers (``ChainPlan.normalized``).
+        tied_layer: Per tied parameter, the layer it is a hidden bias of (``ChainPlan.tied_layer``);
+            the graph receives the tied tensors after the layers' biases.
         ints: The int64 index tensors, flattened and concatenated.
         floats: float32: ``0, 1, 2, ...`` (``max K, n_out`` entries), then the ``fspec`` vectors.
     """
@@ -76,6 +78,7 @@ class GraphChain:
     normalized: tuple[int, ...]
     ints: Tensor
     floats: Tensor
+    tied_layer: tuple[int, ...] = ()
 
 
 def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
@@ -145,6 +148,7 @@ def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
         plan.normalized,
         ints,
         torch.cat(floats).to(plan.device),
+        plan.tied_layer,
     )
 
 

@@ -72,6 +72,8 @@ class ChainPlan:
         normalized: The chain's S2 layers (output layers whose rows BatchNorm normalizes).
         row_end: ``[R]`` per row, the output row where its tau chain ends (the S2 factor of a row is
             that of its end row: docs/math.md, "BatchNorm segments: S1 and S2").
+        tied_layer: Per tied parameter (``ChainLayer.tied``, layer by layer), the layer whose nodes it
+            adds into: the step treats it as another hidden bias of that layer.
     """
 
     n_layers: int
@@ -101,6 +103,7 @@ class ChainPlan:
     sig_take: Tensor
     normalized: tuple[int, ...]
     row_end: Tensor
+    tied_layer: tuple[int, ...] = ()
 
     @property
     def one(self) -> int:
@@ -271,4 +274,5 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
         sig_take=dev(sig_take),
         normalized=tuple(chain.normalized),
         row_end=dev(row_ends(index)),
+        tied_layer=tuple(l for l, layer in enumerate(layers) for _ in layer.tied),
     )

@@ -67,7 +67,8 @@ class Prepared:
     Attributes:
         work: The chain's work area (holds the gathered values and the per-row factors).
         weights: One :class:`Slot` per layer weight.
-        biases: One :class:`Slot` (or ``None``) per layer; the last layer's bias is never here.
+        biases: One :class:`Slot` (or ``None``) per layer; the last layer's bias is never here. Then
+            one per tied parameter, in the order of ``ChainPlan.tied_layer`` (``None``: no gradient).
         momentum: Whether any weight has momentum (the buffer block was gathered).
         last_check: ``[min, max]`` of the last layer's weight gradient (its rows need no sums).
         unit_b: Whether every ``B`` is 1 (row-only scaling); ``False`` also when not known.

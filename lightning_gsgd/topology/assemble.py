@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable
+from dataclasses import replace
 
 from torch import nn
 
@@ -19,6 +20,7 @@ from lightning_gsgd.topology.bn import bn_chain_layer
 from lightning_gsgd.topology.dag import Flow, decode
 from lightning_gsgd.topology.graph import OpGraph
 from lightning_gsgd.topology.rules import BATCHNORM, CONVS, conv_centre
+from lightning_gsgd.topology.streams import tie_root, tied_members
 from lightning_gsgd.topology.types import Chain, ChainLayer, Source
 
 
@@ -36,6 +38,17 @@ def chain_layer(name: str, mod: nn.Module, n_in: int | None, taps: int | None) -
     n = mod.in_features if n_in is None else n_in
     t = 1 if taps is None else taps
     return ChainLayer(name, mod.weight, mod.bias, mod.out_features, n, t, t // 2)
+
+
+def tie(layer: ChainLayer, writers: list[tuple[str, nn.Module | None]]) -> ChainLayer:
+    """``layer`` (a BatchNorm affine) with the ``weight`` and ``bias`` of the BatchNorms that add into the
+    same channels (``writers``: name and module) as its tied parameters (``ChainLayer.tied``)."""
+    tied, names = [], []
+    for name, mod in writers:
+        assert isinstance(mod, BATCHNORM) and mod.weight is not None and mod.bias is not None
+        tied += [mod.weight, mod.bias]
+        names += [f"{name}.weight", f"{name}.bias"]
+    return replace(layer, tied=tuple(tied), tied_names=tuple(names))
 
 
 def runs(reads: Iterable[tuple[int, int]]) -> tuple[Source, ...]:
@@ -89,9 +102,10 @@ def assemble(graph: OpGraph, flow: Flow, hidden: set[int], s2: Collection[int] =
     """The chains: each hidden layer with the layers that read it, by connected component, in execution order;
     the output layers among ``s2`` (layers with S2 rows) are listed in ``Chain.normalized``."""
     ops = graph.ops
+    members = tied_members(flow.ties)
     readers: dict[int, set[int]] = {}
     for b, read in flow.reads.items():
-        prods = read.units.producers() & hidden
+        prods = {tie_root(flow.ties, p) for p in read.units.producers()} & hidden
         if prods:
             readers[b] = prods
     edges = [(p, b) for b, prods in readers.items() for p in prods]
@@ -105,11 +119,13 @@ def assemble(graph: OpGraph, flow: Flow, hidden: set[int], s2: Collection[int] =
             if o in readers:
                 read = flow.reads[o]
                 layers.append(chain_layer(ops[o].qualname, mod, read.n_in, read.taps))
-                pairs = decode(read.units.ids.tolist())
+                pairs = [(tie_root(flow.ties, p) if p >= 0 else p, node) for p, node in decode(read.units.ids.tolist())]
                 sources.append(runs((pos[p], node) if p in hidden else (-1, -1) for p, node in pairs))
             else:
                 layers.append(chain_layer(ops[o].qualname, mod, None, None))
                 sources.append((Source(-1, range(layers[-1].n_in)),))
+                if members.get(o):  # the BatchNorms of its residual stream: hidden biases of its units
+                    layers[-1] = tie(layers[-1], [(ops[m].qualname, ops[m].module) for m in members[o]])
         chains.append(_make(layers, sources, tuple(pos[o] for o in comp if o in s2)))
     return chains
 
@@ -130,6 +146,8 @@ def demote(chain: Chain, drop: set[int], modules: dict[str, nn.Module]) -> tuple
         layers, sources = [], []
         for l in comp:
             layer, srcs = chain.layers[l], chain.sources[l]
+            if layer.tied and l not in keep:  # an output layer now: its stream's BatchNorms leave with it
+                layer = replace(layer, tied=(), tied_names=())
             if not any(s.layer in keep for s in srcs):
                 if any(s.layer >= 0 for s in srcs):  # it read only dropped layers: a first layer now
                     layer = chain_layer(layer.name, modules[layer.name], None, None)

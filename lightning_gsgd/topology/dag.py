@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from lightning_gsgd.topology.graph import JOINS, METADATA, Op, OpGraph
 from lightning_gsgd.topology.reasons import CONCAT, Why, combines, group_of
 from lightning_gsgd.topology.rules import BATCHNORM, Layout, accepts, is_batchnorm, is_weight_layer, output_layout
+from lightning_gsgd.topology.streams import tie_sum, tied_members
 from lightning_gsgd.topology.units import SHIFT, SPLITS, Transition, Units, fresh, join, split, step
 
 _NODE = (1 << SHIFT) - 1
@@ -60,6 +61,8 @@ class Flow:
         spoils: Per labelled layer, every op (in execution order) its units may not pass.
         norm_nodes: Per labelled layer, its nodes that reach a training-mode BatchNorm per channel
             (exact mode only).
+        ties: Per BatchNorm whose channels were added elementwise to another BatchNorm's (a residual
+            stream, exact mode only), a BatchNorm of the same stream (:mod:`lightning_gsgd.topology.streams`).
     """
 
     labelled: dict[int, int] = field(default_factory=dict)
@@ -68,6 +71,7 @@ class Flow:
     read_nodes: dict[int, set[int]] = field(default_factory=dict)
     spoils: dict[int, list[Spoil]] = field(default_factory=dict)
     norm_nodes: dict[int, set[int]] = field(default_factory=dict)
+    ties: dict[int, int] = field(default_factory=dict)
 
 
 def decode(ids: list[int]) -> list[tuple[int, int]]:
@@ -119,6 +123,11 @@ class _Walk:
             else:
                 self.spoil(held, op.index, res)
             return
+        if self.normalizer is not None:  # exact mode: a sum of two BatchNorms' channels (a residual stream)
+            tied = tie_sum(op, self.units, self.ops, self.flow.ties)
+            if tied is not None:
+                self.units[op.index] = tied
+                return
         src = mine[0]
         others = [s for s in op.inputs if s != src and s >= 0 and self.ops[s].shape is not None]
         if len(mine) > 1 or others or op.data_input != src or op.name in CONCAT:
@@ -319,12 +328,21 @@ def verdicts(
     hidden: set[int] = set()
     ends: dict[int, Why] = {}
     normalized: dict[int, Op] = {}
+    members = tied_members(flow.ties)
+    tied = {m for ms in members.values() for m in ms}
     for a, n in flow.labelled.items():
-        if a not in never_hidden and not flow.spoils.get(a) and len(flow.read_nodes.get(a, ())) == n:
+        if a in tied:
+            continue  # decided with its root below
+        group = [a, *members.get(a, [])]
+        read = set().union(*(flow.read_nodes.get(m, set()) for m in group))
+        if a not in never_hidden and not any(flow.spoils.get(m) for m in group) and len(read) == n:
             hidden.add(a)
             continue
-        why, norm = _why(graph, a, flow, exact)
-        ends[a] = why
+        # a stream fails where one of its BatchNorms' routes fails (or, none failing, as its root)
+        culprit = next((m for m in group if flow.spoils.get(m)), a)
+        why, norm = _why(graph, culprit, flow, exact)
+        for m in group:
+            ends[m] = why
         if norm is not None:
             normalized[a] = norm
     for a in flow.unlocated:

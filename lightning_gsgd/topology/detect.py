@@ -197,12 +197,7 @@ def find_chains(
     chains = assemble(graph, flow, hidden, s2)
     in_chain = {layer.name for c in chains for layer in c.layers}
     alone = [alone_layer(ops[i].qualname, ops[i].module) for i in sorted(s2) if ops[i].qualname not in in_chain]
-    covered = {
-        id(p)
-        for layer in [*(layer for c in chains for layer in c.layers), *alone]
-        for p in (layer.weight, layer.bias)
-        if p is not None
-    }
+    covered = {id(p) for layer in [*(layer for c in chains for layer in c.layers), *alone] for p in layer.params()}
     reasons = param_reasons(graph, problems, ends)
     reasons.update(bn_param_reasons(graph, bns, ends))
     bn_layers: list[ChainLayer] = []

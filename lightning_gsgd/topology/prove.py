@@ -129,12 +129,11 @@ def prove_topology(
         for chain in topo.chains:
             for layer in chain.layers:
                 if layer.name in gone:
-                    for p in (layer.weight, layer.bias):
-                        if p is not None:
-                            param_reason[id(p)] = f"'{layer.name}': {gone[layer.name]}"
+                    for p in layer.params():
+                        param_reason[id(p)] = f"'{layer.name}': {gone[layer.name]}"
         old = {e.name: e for e in topo.excluded}
         group = "the self-check found that rescaling its units changed the output"
-        covered = {id(p) for c in chains for layer in c.layers for p in (layer.weight, layer.bias) if p is not None}
+        covered = {id(p) for c in chains for layer in c.layers for p in layer.params()}
         covered |= {id(layer.weight) for layer in topo.bn_layers}
         covered |= {id(p) for layer in normalized for p in (layer.weight, layer.bias) if p is not None}
         left = []

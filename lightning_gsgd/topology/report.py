@@ -154,8 +154,14 @@ def _source_text(chain: Any, src: Any) -> str:
 
 
 def _s2(chain: Any, l: int) -> str:
-    """The mark of a chain layer whose rows BatchNorm normalizes."""
-    return ", rows normalized by BatchNorm (S2)" if l in chain.normalized else ""
+    """The marks of a chain layer whose rows BatchNorm normalizes, or whose units are a residual
+    stream's channels (the other BatchNorms that add into them)."""
+    mark = ", rows normalized by BatchNorm (S2)" if l in chain.normalized else ""
+    writers = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in chain.layers[l].tied_names))
+    if writers:
+        shown = ", ".join(writers[:3]) + (f", ... ({len(writers)} in all)" if len(writers) > 3 else "")
+        mark += f", residual stream with {shown}"
+    return mark
 
 
 def chain_lines(chain: Any, i: int, verbose: bool) -> list[str]:
@@ -205,6 +211,14 @@ def summary_text(topo: Any, verbose: bool) -> str:
             f"  BatchNorm segments: {topo.s1_units} BatchNorm channels as units (S1), {topo.s2_rows} rows "
             f"normalized by BatchNorm (S2; {alone} of them in {len(topo.normalized)} layer(s) outside chains)"
         )
+        streams = [layer for c in topo.chains for layer in c.layers if layer.tied]
+        if streams:
+            tied_bns = sum(len(layer.tied) // 2 for layer in streams)
+            channels, bns = sum(layer.n_out for layer in streams), len(streams) + tied_bns
+            lines.append(
+                f"  residual streams: {channels} of those channels are written by {bns} BatchNorms together "
+                f'({len(streams)} stream(s); docs/math.md, "Residual streams")'
+            )
         shown_alone = topo.normalized if verbose else topo.normalized[:_SHORT_CHAINS]
         if shown_alone:
             names = ", ".join(layer.name for layer in shown_alone)

@@ -44,7 +44,7 @@ def layer_device(chain: Chain) -> torch.device:
 def rescale_hidden_units_(topology: Topology, factors: list[list[Tensor]]) -> None:
     """Apply the positive scaling ``g_c`` to every hidden node (in place; the function is unchanged).
 
-    Hidden node ``j`` of hidden layer ``l`` gets its incoming weights and bias multiplied by its
+    Hidden node ``j`` of hidden layer ``l`` gets its incoming weights, bias and tied parameters multiplied by its
     factor, and every input column that reads it, in every layer of the chain that reads it (a DAG
     chain: fan-out to several layers, or several columns of one), divided by it.
 
@@ -65,6 +65,8 @@ def rescale_hidden_units_(topology: Topology, factors: list[list[Tensor]]) -> No
             layer.weight3d().mul_(c.view(-1, 1, 1))
             if layer.bias is not None:
                 layer.bias.mul_(c)
+            for t in layer.tied:  # the BatchNorms that add into the same channels scale with them
+                t.mul_(c)
             for m, col, nodes in chain.readers(l):
                 if nodes.step == 1:
                     cols = c[nodes.start : nodes.stop]

@@ -50,6 +50,10 @@ class ChainLayer:
         n_in: Number of input nodes (features or channels of the previous layer or input).
         taps: Weights per (output node, input node) pair.
         centre: Index in ``[0, taps)`` of the tap that carries the sigma/tau edges.
+        tied: ``[n_out]`` parameters of other modules that add into this layer's nodes from outside the
+            chain: the ``gamma``/``beta`` of the other BatchNorms of a residual stream (docs/math.md,
+            "Residual streams"); each is a hidden bias, ``v = x F(b)``. Hidden layers only.
+        tied_names: Qualified names of the ``tied`` parameters (``"layer1.1.bn2.weight"``).
     """
 
     name: str
@@ -59,6 +63,8 @@ class ChainLayer:
     n_in: int
     taps: int
     centre: int
+    tied: tuple[nn.Parameter, ...] = ()
+    tied_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.weight.numel() != self.n_out * self.n_in * self.taps:
@@ -70,6 +76,8 @@ class ChainLayer:
             raise TopologyError(f"layer '{self.name}': centre tap {self.centre} outside [0, {self.taps})")
         if self.bias is not None and self.bias.numel() != self.n_out:
             raise TopologyError(f"layer '{self.name}': bias has {self.bias.numel()} entries, expected {self.n_out}")
+        if len(self.tied_names) != len(self.tied) or any(t.numel() != self.n_out for t in self.tied):
+            raise TopologyError(f"layer '{self.name}': tied {self.tied_names} do not fit its {self.n_out} nodes")
 
     def weight3d(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """A ``[n_out, n_in, taps]`` view of ``tensor`` (default: the weight); never a copy."""
@@ -78,8 +86,12 @@ class ChainLayer:
 
     @property
     def num_params(self) -> int:
-        """Number of scalar parameters in the layer (weight and bias)."""
-        return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
+        """Number of scalar parameters in the layer (weight, bias and tied parameters)."""
+        return self.weight.numel() + (0 if self.bias is None else self.bias.numel()) + self.n_out * len(self.tied)
+
+    def params(self) -> list[nn.Parameter]:
+        """The weight, the bias (if any), the tied parameters."""
+        return [self.weight, *([] if self.bias is None else [self.bias]), *self.tied]
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,9 @@ class Chain:
             object.__setattr__(self, "sources", seq)
         hidden = self._check_sources()
         object.__setattr__(self, "hidden", hidden)
+        for layer, h in zip(self.layers, hidden):
+            if layer.tied and not h:
+                raise TopologyError(f"layer '{layer.name}' has tied parameters but is an output layer of its chain")
         for l in self.normalized:
             if not 0 <= l < len(self.layers) or hidden[l]:
                 raise TopologyError(
@@ -231,7 +246,8 @@ class Chain:
 
         An output layer's bias is not a path value (it is already invariant) and is not counted.
         """
-        hidden_bias = sum(0 if layer.bias is None else layer.n_out for layer, h in zip(self.layers, self.hidden) if h)
+        hidden = [layer for layer, h in zip(self.layers, self.hidden) if h]
+        hidden_bias = sum((len(layer.tied) + (layer.bias is not None)) * layer.n_out for layer in hidden)
         weights = sum(layer.weight.numel() for layer in self.layers)
         return weights + hidden_bias - self.hidden_units
 
@@ -344,13 +360,7 @@ class Topology:
 
     def chain_params(self) -> list[nn.Parameter]:
         """Every parameter that belongs to a chain."""
-        out: list[nn.Parameter] = []
-        for chain in self.chains:
-            for layer in chain.layers:
-                out.append(layer.weight)
-                if layer.bias is not None:
-                    out.append(layer.bias)
-        return out
+        return [p for chain in self.chains for layer in chain.layers for p in layer.params()]
 
     def normalized_params(self) -> list[nn.Parameter]:
         """Weights and biases of the :attr:`normalized` layers (S2 rows in no chain)."""
@@ -364,6 +374,7 @@ class Topology:
                 fp.append((layer.name + ".weight", tuple(layer.weight.shape)))
                 if layer.bias is not None:
                     fp.append((layer.name + ".bias", tuple(layer.bias.shape)))
+                fp += [(n + " (tied)", tuple(t.shape)) for n, t in zip(layer.tied_names, layer.tied)]
         for chain in self.chains:
             if chain.normalized:
                 fp.append((chain.name + " (S2 layers)", tuple(chain.normalized)))

@@ -28,14 +28,17 @@ def _unit_directions(n: int, spread: float, generator: torch.Generator) -> Tenso
 
 @torch.no_grad()
 def _scaled_alone_output(model: nn.Module, layer: Any, c: Tensor, example_input: Any) -> Any:
-    """The model's output with ``layer``'s incoming weights and bias times ``c`` per unit, nothing compensated."""
-    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    """The model's output with ``layer``'s incoming weights, bias and tied parameters times ``c`` per unit,
+    nothing compensated."""
+    params = layer.params()
     saved = [p.detach().clone() for p in params]
     try:
         c = c.to(layer.weight)
         layer.weight3d().mul_(c.view(-1, 1, 1))
         if layer.bias is not None:
             layer.bias.mul_(c)
+        for t in layer.tied:
+            t.mul_(c)
         return call_model(model, example_input)
     finally:
         for p, v in zip(params, saved):
