@@ -112,17 +112,37 @@ class MLPModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class ResidualBN(nn.Module):
+    """Linear-BN-ReLU, then a residual block ``relu(h + bn(fc(relu(bn(fc(h))))))``, then a Linear: the
+    stream's two BatchNorms are one unit per channel (docs/math.md, "Residual streams")."""
+
+    def __init__(self, hidden: int, norm: type[nn.Module]) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Linear(N_IN, hidden), norm(hidden)
+        self.fc1, self.bn1 = nn.Linear(hidden, hidden), norm(hidden)
+        self.fc2, self.bn2 = nn.Linear(hidden, hidden), norm(hidden)
+        self.head = nn.Linear(hidden, N_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(h + self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(h))))))
+        return self.head(h)
+
+
 class BNModule(MLPModule):
     """The MLP with BatchNorm after each hidden Linear (``sync``: SyncBatchNorm): the first Linear is an
     S2 layer alone, each BatchNorm's channels are units (S1) of a chain whose next Linear is S2, or
-    (the last) ends at the model output."""
+    (the last) ends at the model output. ``residual``: :class:`ResidualBN` instead."""
 
-    def __init__(self, sync: bool = False, **kwargs: Any) -> None:
+    def __init__(self, sync: bool = False, residual: bool = False, **kwargs: Any) -> None:
         self.sync = sync
+        self.residual = residual
         super().__init__(**kwargs)
 
     def build_net(self, hidden: int) -> nn.Module:
         norm = nn.SyncBatchNorm if self.sync else nn.BatchNorm1d
+        if self.residual:
+            return ResidualBN(hidden, norm)
         return nn.Sequential(
             nn.Linear(N_IN, hidden),
             norm(hidden),

@@ -29,23 +29,28 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def test_callback_detects_segments_and_fit_equals_by_hand():
-    """The default callback finds the BatchNorm channels (S1: both BatchNorms feed a Linear through ReLU)
-    and the normalized rows (S2: the first two Linears), covers every parameter, and a 4-step fit
-    equals GSGD driven by hand."""
+@pytest.mark.parametrize("residual", [False, True], ids=["mlp", "residual"])
+def test_callback_detects_segments_and_fit_equals_by_hand(residual):
+    """The default callback finds the BatchNorm channels (S1: both BatchNorms feed a Linear through ReLU;
+    with a residual block, the stream's two BatchNorms are one unit per channel) and the normalized
+    rows (S2: the Linears before BatchNorms), covers every parameter, and a 4-step fit equals GSGD
+    driven by hand."""
     torch.manual_seed(0)
-    model = BNModule(**HP)
+    model = BNModule(residual=residual, **HP)
     ref = clone(model)
     cb = GSGDCallback()
     trainer = cpu_trainer(max_steps=4, callbacks=[cb])
     trainer.fit(model, make_loader(make_dataset(), 8))
     topo = cb.topology
-    assert topo.s1_units == 16 and topo.s2_rows == 16
+    s2 = 24 if residual else 16
+    assert topo.s1_units == 16 and topo.s2_rows == s2
+    tied = [n for c in topo.chains for layer in c.layers for n in layer.tied_names]
+    assert tied == (["net.bn2.weight", "net.bn2.bias"] if residual else [])
     assert topo.coverage == 1.0
     assert isinstance(trainer.optimizers[0], GSGD)
     loader = make_loader(make_dataset(), 8)
     opt = train_by_hand(ref, list(loader)[:4], **HP)
-    assert opt.topology.s2_rows == 16
+    assert opt.topology.s2_rows == s2
     for name, p in _params(model).items():
         torch.testing.assert_close(p, dict(ref.named_parameters())[name].detach(), rtol=1e-6, atol=1e-7)
 
@@ -75,12 +80,13 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path, compiled):
     assert int(trainer.optimizers[0].steps) == 8
 
 
-def test_ddp_replicas_identical(tmp_path, clean_distributed):  # noqa: F811
+@pytest.mark.parametrize("residual", [False, True], ids=["mlp", "residual"])
+def test_ddp_replicas_identical(tmp_path, clean_distributed, residual):  # noqa: F811
     """Under DDP the replicas stay bit-identical (their BatchNorm statistics are per rank; DDP
-    broadcasts the buffers) and the step adds no collective."""
+    broadcasts the buffers) and the step adds no collective; with a residual stream too."""
     strategy = "ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork"
     torch.manual_seed(ddp_script.SEED)
-    model = BNModule(**HP)
+    model = BNModule(residual=residual, **HP)
     names = [n for n, _ in model.named_parameters()]
     callbacks = [GSGDCallback(), NoCollectivesInStep(), SaveParams(str(tmp_path))]
     trainer = cpu_trainer(strategy=strategy, devices=2, max_steps=ddp_script.STEPS, callbacks=callbacks)
@@ -105,10 +111,11 @@ def test_syncbatchnorm_is_a_batchnorm():
         assert torch.equal(p, q), n
 
 
-def test_bf16_mixed_fit_runs():
+@pytest.mark.parametrize("residual", [False, True], ids=["mlp", "residual"])
+def test_bf16_mixed_fit_runs(residual):
     """bf16-mixed: the fit takes every step (none skipped) and changes the weights."""
     torch.manual_seed(0)
-    model = BNModule(**HP)
+    model = BNModule(residual=residual, **HP)
     start = _params(model)
     trainer = cpu_trainer(max_steps=4, precision="bf16-mixed", callbacks=[GSGDCallback()])
     trainer.fit(model, make_loader(make_dataset(), 8))

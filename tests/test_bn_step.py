@@ -179,9 +179,16 @@ def test_diagnostics_read_normalized_path_values(name):
 
 
 @pytest.mark.parametrize(
-    "kind,compiled", [("GSGD", False), pytest.param("GSGD", True, marks=pytest.mark.slow), ("GAdamW", False)]
+    "kind,compiled,name",
+    [
+        ("GSGD", False, "stack_deep"),
+        pytest.param("GSGD", True, "stack_deep", marks=pytest.mark.slow),
+        ("GAdamW", False, "stack_deep"),
+        ("GSGD", False, "basic"),  # residual streams: the tied BatchNorms' buffers and moments
+        ("GAdamW", False, "basic"),
+    ],
 )
-def test_resume_is_bit_identical(kind, compiled):
+def test_resume_is_bit_identical(kind, compiled, name):
     """Six steps straight equal three steps, a state_dict round trip into a new optimizer, and three
     more, bit for bit (the momentum buffers and moments of S2 rows in normalized coordinates, the
     counters); a state saved without the S2 marks does not load."""
@@ -196,7 +203,7 @@ def test_resume_is_bit_identical(kind, compiled):
             return opt
         return GAdamW(m.parameters(), topology=topo, compiled=compiled, lr=0.01, weight_decay=0.1)
 
-    model, x, y = setup_bn("stack_deep", rescaled=True)
+    model, x, y = setup_bn(name, rescaled=True)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     train(a, x, y, make, steps=6)
     opt = train(b, x, y, make, steps=3)
