@@ -117,7 +117,7 @@ def _prepare(
             if not ch.is_hidden[l]:
                 continue
             r = row_sums(w2[l] * g2[l])
-            for t in [l] + [L + i for i, k in enumerate(ch.tied_layer) if k == l]:  # bias, tied parameters
+            for t, _ in ch.row_inputs(l):  # the hidden bias, the tied parameters
                 b = bs[c][t]
                 if b is not None and b[1] is not None:
                     r = r + b[0] * b[1]
@@ -264,7 +264,7 @@ def _update(
             if not ch.is_hidden[l]:
                 continue
             # the hidden bias (row L + l), then the tied parameters (rows 2L + i)
-            for t, row in [(l, L + l)] + [(L + i, 2 * L + i) for i, k in enumerate(ch.tied_layer) if k == l]:
+            for t, row in ch.row_inputs(l):
                 b = bs[c][t]
                 if b is None:
                     continue

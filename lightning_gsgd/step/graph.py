@@ -108,7 +108,7 @@ def _prepare(
             if not ch.is_hidden[l]:
                 continue
             r = row_sums(w2[l] * g2[l])
-            for t in [l] + [L + i for i, k in enumerate(ch.tied_layer) if k == l]:  # bias, tied parameters
+            for t, _ in ch.row_inputs(l):  # the hidden bias, the tied parameters
                 bw, bg = bws[c][t], bgs[c][t]
                 if bw is not None and bg is not None:
                     r = r + bw * bg
@@ -225,7 +225,7 @@ def _update(
             if not ch.is_hidden[l]:
                 continue
             # the hidden bias (table row L + l), then the tied parameters (rows 2L + i)
-            for t, row in [(l, L + l)] + [(L + i, 2 * L + i) for i, k in enumerate(ch.tied_layer) if k == l]:
+            for t, row in ch.row_inputs(l):
                 bw, bg, bb = bws[c][t], bgs[c][t], bbufs[c][t]
                 if bw is not None and bg is not None:
                     new_b, nb_b = _new_values(bw, bg, bb, r_rows[rs], F_rows[rs], rhoinv[rs], hp[row])

@@ -80,6 +80,13 @@ class GraphChain:
     floats: Tensor
     tied_layer: tuple[int, ...] = ()
 
+    def row_inputs(self, l: int) -> list[tuple[int, int]]:
+        """Layer ``l``'s hidden bias and tied parameters: per one, ``(its index in the chain's bias
+        lists, its row in the hyper-parameter table)``; the tied ones follow the ``L`` layers' biases
+        in both (rows ``L + l``, then ``2L + i``)."""
+        L = self.n_layers
+        return [(l, L + l)] + [(L + i, 2 * L + i) for i, k in enumerate(self.tied_layer) if k == l]
+
 
 def graph_chain(plan: ChainPlan, centre: tuple[int, ...]) -> GraphChain:
     """The :class:`GraphChain` of a chain from its plan (tensors on the plan's device).
