@@ -77,7 +77,12 @@ def bn_chain_step(
     ``new_bbuf`` (after the ``L`` layers' entries)."""
     L = len(weights)
     B, F = chain_backbone(weights, index)
-    gamma = chain_gamma(weights, grads, biases, bias_grads, index, [(k, t, gt) for k, t, gt, _ in tied])
+    # the tied parameters are hidden biases of their layer: stacked with its bias for the row sums
+    stack_b, stack_g = list(biases), list(bias_grads)
+    for k, t, gt, _ in tied:
+        stack_b[k] = torch.cat([stack_b[k].view(-1, t.numel()), t.view(1, -1)])
+        stack_g[k] = torch.cat([stack_g[k].view(-1, t.numel()), gt.view(1, -1)])
+    gamma = chain_gamma(weights, grads, stack_b, stack_g, index)
     n_all = chain_factors(weights, B, index, s2)
     R = n_all.numel()
     F_new = torch.ones(R, dtype=weights[0].dtype)

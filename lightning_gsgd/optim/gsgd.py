@@ -363,7 +363,8 @@ class GSGD(Optimizer):
         Returns:
             Whether the request was taken: ``False`` (and nothing requested) unless the step can read
             every chain (float32 or float64 parameters, and hyper-parameters that
-            :func:`lightning_gsgd.step.readings.supported` covers, no S2 layers) or when no topology is bound.
+            :func:`lightning_gsgd.step.readings.supported` covers, no S2 layers, no tied parameters: those
+            chains are read directly) or when no topology is bound.
         """
         self._readings = None
         self._readings_request = False

@@ -48,6 +48,7 @@ from lightning_gsgd.step.adam_plan import AdamPlans
 from lightning_gsgd.step.adam_rule import AdamHyper, adam_hyper, plain_adam_step
 from lightning_gsgd.step.inputs import StepCounters
 from lightning_gsgd.step.normalized import adam_normalized_step
+from lightning_gsgd.step.plan import hidden_biases
 from lightning_gsgd.step.single import all_finite, minmax
 from lightning_gsgd.topology.types import Chain, ChainLayer
 
@@ -82,18 +83,13 @@ def adam_step(args: AdamStepArgs) -> None:
         layers = chain.layers
         if all(layer.weight.grad is None for layer in layers):
             continue
-        weights, biases = [], []
-        for l, layer in enumerate(layers):
+        weights = []
+        for layer in layers:
             w = layer.weight
             grad = w.grad if w.grad is not None else torch.zeros_like(w)
             weights.append(AdamSlot(layer.weight3d(), w, layer.weight3d(grad), args.hp_of[id(w)][0]))
-            b = layer.bias
-            if b is None or not chain.hidden[l]:
-                biases.append(None)
-            else:
-                biases.append(AdamSlot(b, b, b.grad, args.hp_of[id(b)][0]))
-        # tied parameters: hidden biases of their layer (AdamChainPlan.tied_layer), after the L layers'
-        biases += [AdamSlot(t, t, t.grad, args.hp_of[id(t)][0]) for layer in layers for t in layer.tied]
+        # the layers' hidden biases, then the tied parameters (AdamChainPlan.tied_layer)
+        biases = [None if b is None else AdamSlot(b, b, b.grad, args.hp_of[id(b)][0]) for b in hidden_biases(chain)]
         min_ratio = args.hp_of[id(layers[0].weight)][1]["min_ratio"]
         prep = prepare_adam_chain(args.plans.plan(ci, chain), weights, biases, state, min_ratio, host_reads=host_reads)
         prepared.append(prep)

@@ -149,7 +149,7 @@ def prepare_adam_chain(
             row = row_sums[l]
         else:
             row = torch.linalg.vecdot(ws[l].flatten(1), gs[l].flatten(1))  # type: ignore[union-attr]
-        for b in [biases[l]] + [t for k, t in zip(plan.tied_layer, biases[L:]) if k == l]:
+        for b in _row_inputs(biases, plan, l, L):
             if b is not None and b.grad is not None:
                 row = row + b.param * b.grad
         gam = row - ws[l].reshape(-1).take(sig) * gs[l].reshape(-1).take(sig)  # type: ignore[union-attr]
@@ -242,7 +242,7 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
         0-d int64 tensor: the number of free tau path values the guard clamped.
     """
     plan = prep.plan
-    len(prep.weights)
+    L = len(prep.weights)
     for l, slot in enumerate(prep.weights):
         apply_adam_tensor(
             slot,
@@ -254,10 +254,10 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
             tau=None if plan.tau_flat[l] is None else (plan.tau_flat[l], prep.tau_new[l]),
             sig=None if plan.sig_flat[l] is None else (plan.sig_flat[l], prep.sig_w[l]),
         )
-        L = len(prep.weights)
-        own = [prep.biases[l]] + [t for k, t in zip(plan.tied_layer, prep.biases[L:]) if k == l]
-        for b in own:  # the hidden bias, then the tied parameters of this layer
-            if b is None or not plan.index[l].hidden:
+        if not plan.index[l].hidden:
+            continue
+        for b in _row_inputs(prep.biases, plan, l, L):
+            if b is None:
                 continue
             rinv = prep.rhoinv[l]
             assert rinv is not None
@@ -267,6 +267,12 @@ def apply_adam_chain(prep: PreparedAdam, state: Any, host_reads: bool, ok: Tenso
                 apply_adam_tensor(b, prep.s_bias[l], rinv, state, host_reads, ok, tau=None, sig=None)
     assert prep.hits is not None
     return prep.hits
+
+
+def _row_inputs(biases: list[AdamSlot | None], plan: AdamChainPlan, l: int, L: int) -> list[AdamSlot | None]:
+    """Layer ``l``'s hidden bias slot, then its tied parameters' (``biases`` holds the ``L`` layers'
+    bias slots, then one per ``plan.tied_layer``)."""
+    return [biases[l]] + [t for k, t in zip(plan.tied_layer, biases[L:]) if k == l]
 
 
 def apply_adam_tensor(

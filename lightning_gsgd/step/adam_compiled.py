@@ -24,7 +24,7 @@ from lightning_gsgd.step.adam_graph import BETA1, BETA2, EPS, LR, MIN_RATIO, N_H
 from lightning_gsgd.step.adam_rule import AdamHyper, ensure_state
 from lightning_gsgd.step.compiled import HpTables, hp_table
 from lightning_gsgd.step.graph_chain import GraphChain, graph_chain
-from lightning_gsgd.step.plan import ChainPlan, build_chain_plan
+from lightning_gsgd.step.plan import ChainPlan, build_chain_plan, hidden_biases
 from lightning_gsgd.topology.types import Chain, Topology
 
 _NO_ROW: list[float | Tensor] = [0.0] * N_HP
@@ -164,13 +164,13 @@ class CompiledAdamStep:
             cb: list[Slot | None] = []
             rows: list[list[float | Tensor]] = []
             bias_rows: list[list[float | Tensor]] = []
-            for l, layer in enumerate(layers):
+            for layer in layers:
                 w = layer.weight
                 hp = hp_of[id(w)][0]
                 cw.append(_slot(state, w, w.grad if w.grad is not None else torch.zeros_like(w), hp, made))
                 rows.append(_hp_row(hp, min_ratio))
-                b = layer.bias
-                if b is None or not chain.hidden[l]:
+            for b in hidden_biases(chain):  # the layers' hidden biases, then the tied parameters
+                if b is None:
                     cb.append(None)
                     bias_rows.append(_NO_ROW)
                 elif b.grad is None:
@@ -180,14 +180,6 @@ class CompiledAdamStep:
                     hpb = hp_of[id(b)][0]
                     cb.append(_slot(state, b, b.grad, hpb, made))
                     bias_rows.append(_hp_row(hpb, min_ratio))
-            for t in (t for layer in layers for t in layer.tied):  # GraphChain.tied_layer: hidden biases too
-                if t.grad is None:
-                    cb.append((t, None, None, None, None, None))
-                    bias_rows.append(_NO_ROW)
-                else:
-                    hpt = hp_of[id(t)][0]
-                    cb.append(_slot(state, t, t.grad, hpt, made))
-                    bias_rows.append(_hp_row(hpt, min_ratio))
             ws.append(cw)
             bs.append(cb)
             hps.append(self._tables.get(ci, rows + bias_rows, device))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_gsgd.step.plan import tied_layers
 from lightning_gsgd.topology.index import LayerIndex, chain_index
 from lightning_gsgd.topology.types import Chain, Topology
 
@@ -55,8 +56,7 @@ def build_adam_plan(chain: Chain, device: torch.device) -> AdamChainPlan:
             tau_flat.append(idx.tau_rows * row + idx.tau_cols * layer.taps + layer.centre)
         else:
             tau_flat.append(None)
-    tied_layer = tuple(l for l, layer in enumerate(chain.layers) for _ in layer.tied)
-    return AdamChainPlan(device, index, sig_flat, tau_flat, tuple(chain.normalized), tied_layer)
+    return AdamChainPlan(device, index, sig_flat, tau_flat, tuple(chain.normalized), tied_layers(chain))
 
 
 class AdamPlans:

@@ -23,6 +23,7 @@ from lightning_gsgd.step.graph import ChainGraphs
 from lightning_gsgd.step.graph_chain import A_BUF, A_D, K_BUF, K_D, LR, MIN_RATIO, N_HP, WD, GraphChain, graph_chain
 from lightning_gsgd.step.hyper import Hyper, step_coefficients
 from lightning_gsgd.step.inputs import ChainCaches, StepArgs, StepCounters
+from lightning_gsgd.step.plan import hidden_biases
 from lightning_gsgd.step.slots import ChainReading
 from lightning_gsgd.topology.types import Chain
 
@@ -190,7 +191,7 @@ class CompiledStep:
             cbb: list[Tensor | None] = []
             rows: list[list[float | Tensor]] = []
             bias_rows: list[list[float | Tensor]] = []
-            for l, layer in enumerate(layers):
+            for layer in layers:
                 w = layer.weight
                 hp = hp_of[id(w)][0]
                 cw.append(w)
@@ -198,8 +199,8 @@ class CompiledStep:
                 buf, had = _buffer(state, w, hp, made)
                 cb.append(buf)
                 rows.append(_hp_row(hp, had, min_ratio))
-                b = layer.bias
-                if b is None or b.grad is None or not chain.hidden[l]:
+            for b in hidden_biases(chain):  # the layers' hidden biases, then the tied parameters
+                if b is None or b.grad is None:
                     cbw.append(None)
                     cbg.append(None)
                     cbb.append(None)
@@ -211,13 +212,6 @@ class CompiledStep:
                 cbg.append(b.grad)
                 cbb.append(bbuf)
                 bias_rows.append(_hp_row(hpb, had, min_ratio))
-            for t in (t for layer in layers for t in layer.tied):  # GraphChain.tied_layer
-                hpt = hp_of[id(t)][0]
-                tbuf, had = _buffer(state, t, hpt, made) if t.grad is not None else (None, False)
-                cbw.append(None if t.grad is None else t)
-                cbg.append(t.grad)
-                cbb.append(tbuf)
-                bias_rows.append(_hp_row(hpt, had, min_ratio) if t.grad is not None else _NO_ROW)
             ws.append(cw)
             gs.append(cg)
             bufs.append(cb)

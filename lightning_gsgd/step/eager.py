@@ -18,6 +18,7 @@ from lightning_gsgd.step.chain_step import apply_chain, prepare_chain
 from lightning_gsgd.step.inputs import StepArgs
 from lightning_gsgd.step.normalized import normalized_items
 from lightning_gsgd.step.passes import bulk
+from lightning_gsgd.step.plan import hidden_biases
 from lightning_gsgd.step.readings import collect_readings, update_after
 from lightning_gsgd.step.readings import supported as readings_supported
 from lightning_gsgd.step.single import all_finite, bn_heuristic_layer_step, keep, minmax, plain_sgd_step, write
@@ -114,7 +115,7 @@ def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:
     state, hp_of = args.state, args.hp_of
     weights: list[Slot] = []
     biases: list[Slot | None] = []
-    for l, layer in enumerate(layers):
+    for layer in layers:
         w = layer.weight
         grad = w.grad if w.grad is not None else torch.zeros_like(w)
         st = state.get(w)
@@ -123,17 +124,13 @@ def _prepare(args: StepArgs, ci: int, chain: Chain) -> Prepared | None:
         if buf is not None and buf.shape != w3.shape:
             buf = buf.view_as(w3)
         weights.append(Slot(w3, layer.weight3d(grad), hp_of[id(w)][0], buf, w3, owner=w))
-        b = layer.bias
-        if b is None or b.grad is None or not chain.hidden[l]:
+    for b in hidden_biases(chain):  # the layers' hidden biases, then the tied parameters
+        if b is None or b.grad is None:
             biases.append(None)
-        else:
-            st = state.get(b)
-            bbuf = None if st is None else st.get("momentum_buffer")
-            biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
-    for t in (t for layer in layers for t in layer.tied):  # hidden biases too (ChainPlan.tied_layer)
-        st = state.get(t)
-        tbuf = None if st is None else st.get("momentum_buffer")
-        biases.append(None if t.grad is None else Slot(t, t.grad, hp_of[id(t)][0], tbuf, t, owner=t))
+            continue
+        st = state.get(b)
+        bbuf = None if st is None else st.get("momentum_buffer")
+        biases.append(Slot(b, b.grad, hp_of[id(b)][0], bbuf, b, owner=b))
     min_ratio = hp_of[id(layers[0].weight)][1]["min_ratio"]
     work = args.caches.chain_work(ci, chain)
     bias_params = None

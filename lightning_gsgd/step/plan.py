@@ -140,6 +140,19 @@ class ChainPlan:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def hidden_biases(chain: Chain) -> list[Tensor | None]:
+    """What every form of the step treats as hidden biases, in the order it lays them out: per layer its
+    bias when the layer is hidden (else ``None``), then the tied parameters (``ChainLayer.tied``) layer
+    by layer, whose layers :func:`tied_layers` lists."""
+    layers = chain.layers
+    return [layer.bias if h else None for layer, h in zip(layers, chain.hidden)] + [t for x in layers for t in x.tied]
+
+
+def tied_layers(chain: Chain) -> tuple[int, ...]:
+    """Per tied parameter of ``chain`` (layer by layer), the layer whose hidden bias it is alongside."""
+    return tuple(l for l, layer in enumerate(chain.layers) for _ in layer.tied)
+
+
 def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
     """Build the :class:`ChainPlan` of ``chain`` with its index tensors on ``device``.
 
@@ -274,5 +287,5 @@ def build_chain_plan(chain: Chain, device: torch.device) -> ChainPlan:
         sig_take=dev(sig_take),
         normalized=tuple(chain.normalized),
         row_end=dev(row_ends(index)),
-        tied_layer=tuple(l for l, layer in enumerate(layers) for _ in layer.tied),
+        tied_layer=tied_layers(chain),
     )

@@ -227,7 +227,6 @@ def chain_gamma(
     biases: list[Tensor | None],
     bias_grads: list[Tensor | None],
     index: list[LayerIndex],
-    tied: list[tuple[int, Tensor, Tensor]] = (),  # type: ignore[assignment]
 ) -> Tensor:
     """``Gamma`` of every hidden node: the sum of ``v * dL/dv`` over basis paths that reach it.
 
@@ -235,23 +234,21 @@ def chain_gamma(
     the closed form of the inverse chain rule of docs/math.md, "The inverse chain rule" (one row
     reduction per hidden layer, in chain order).
 
-    ``tied`` lists ``(layer, value, gradient)`` of the tied parameters (``ChainLayer.tied``): hidden
-    biases of that layer's nodes, whose ``x * dL/dx`` adds to the row sums.
+    A layer's bias may be ``[1 + T, n_out]``: its bias and its tied parameters (``ChainLayer.tied``,
+    hidden biases of the same nodes) stacked, as :func:`lightning_gsgd.diagnostics.chain.chain_tensors`
+    gives them; every row's ``x * dL/dx`` adds to the row sums.
 
     Returns:
         ``[H + 1]``: Gamma of every hidden node, then a 0 (nodes outside the chain).
     """
     w0 = weights[0]
     gamma = torch.zeros(index[0].n_hidden + 1, dtype=w0.dtype, device=w0.device)
-    for l, (w, g, b, gb, idx) in enumerate(zip(weights, grads, biases, bias_grads, index)):
+    for w, g, b, gb, idx in zip(weights, grads, biases, bias_grads, index):
         if not idx.hidden:
             continue
         row = torch.linalg.vecdot(w.flatten(1), g.flatten(1))
         if b is not None and gb is not None:
             row = row + (b * gb if b.dim() == 1 else (b * gb).sum(0))  # 2-D: a bias and tied ones, stacked
-        for k, t, gt in tied:
-            if k == l and gt is not None:
-                row = row + t * gt
         gam = row - sigma_entries(w, idx) * sigma_entries(g, idx)
         assert idx.sig_is_tau is not None and idx.sig_src is not None
         gamma[idx.rows] = gam + torch.where(idx.sig_is_tau, gamma[idx.sig_src], 0.0)
