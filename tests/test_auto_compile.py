@@ -144,3 +144,24 @@ def test_the_first_compiled_step_logs_its_compile_time(caplog):
     assert len(lines) == 1 and lines[0].startswith("GSGD: the compiled step took "), lines
     (first,) = opt._graphs.compiled.values()
     assert first[0].compile_seconds is not None and first[0].compile_seconds > 0
+
+
+def test_small_cpu_steps_use_inductors_cpp_wrapper_when_pythons_headers_are_there(monkeypatch):
+    below = [torch.zeros(auto.CPP_WRAPPER_MAX_PARAMS - 1)]
+    at_max = [torch.zeros(auto.CPP_WRAPPER_MAX_PARAMS // 2), torch.zeros(auto.CPP_WRAPPER_MAX_PARAMS // 2)]
+    assert auto.use_cpp_wrapper(below) is True
+    assert auto.use_cpp_wrapper(at_max) is False  # the whole step's parameters count
+    assert auto.use_cpp_wrapper([torch.zeros(10, device="meta")]) is False  # CPU only
+    assert auto.use_cpp_wrapper([]) is False
+    monkeypatch.setattr(auto.os.path, "exists", lambda path: False)  # no Python.h: it cannot build
+    assert auto.use_cpp_wrapper(below) is False
+
+
+def test_the_compile_log_line_names_the_cpp_wrapper(caplog):
+    model, x = _model(16)
+    opt = GSGD(model.parameters(), lr=1e-3, momentum=0.9, topology=detect_topology(model, x), compiled=True)
+    init_skeleton_(opt.topology)
+    _grads(model, x)
+    with caplog.at_level(logging.INFO, logger="lightning_gsgd"):
+        opt.step()
+    assert "GSGD (Inductor's C++ wrapper): the compiled step took" in caplog.text

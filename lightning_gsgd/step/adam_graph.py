@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gsgd.step.auto_compile import use_cpp_wrapper
 from lightning_gsgd.step.graph_chain import GraphChain, compile_step, math_dtype, normalized_f, piece, row_sums
 from lightning_gsgd.step.normalized import row_scale
 
@@ -336,6 +337,7 @@ class AdamGraphs:
         """The compiled :func:`_step` for this structure (compiled on first use, then reused)."""
         key = (
             tuple(id(ch) for ch in chains),
+            ws[0][0][0].device.type,  # which Inductor wrapper (use_cpp_wrapper)
             tuple(s[4] is None for chain in ws for s in chain),
             tuple(b is None or b[1] is None for chain in bs for b in chain),
             tuple(b is not None and b[1] is not None and b[4] is None for chain in bs for b in chain),
@@ -344,6 +346,7 @@ class AdamGraphs:
         )
         entry = self.compiled.get(key)
         if entry is None:
-            entry = (compile_step(_step, self.options, "GAdam"), chains)
+            small = use_cpp_wrapper([s[0] for chain in ws for s in chain])
+            entry = (compile_step(_step, self.options, "GAdam", small), chains)
             self.compiled[key] = entry
         return entry[0]

@@ -6,6 +6,15 @@ needs a working compiler: a C++ compiler on the CPU, Triton on CUDA. So the defa
 the chains hold at least :data:`AUTO_MIN_PARAMS` parameters (below that, the step costs little next to
 the forward and backward passes and the compile time would not be earned back in a short fit) and
 the compiler is there; otherwise it runs the eager step, and says why in the log.
+
+On the CPU a small step is mostly the cost of calling the graph, not its arithmetic: Inductor's
+Python wrapper makes a view or a buffer per tensor on every call. Below
+:data:`CPP_WRAPPER_MAX_PARAMS` chain parameters the graph is therefore compiled with Inductor's C++
+wrapper (``cpp_wrapper``), which does that in C++ (the 4-conv CNN's step with momentum: 0.59 ms
+against 0.52 ms, ``benchmarks/README.md``); it needs Python's C headers and costs a few seconds more
+at the first compile. Above it the gain is a few percent of the step and the C++ wrapper of a large
+model takes long to compile (ResNet-18: 201 s against 128 s with an empty Inductor cache), so the
+Python wrapper stays.
 """
 
 from __future__ import annotations
@@ -13,11 +22,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sysconfig
+
+import torch
 
 from lightning_gsgd.topology.types import Topology
 
 #: Chain parameters from which the default compiles the step (the 4-conv CNN of the benchmarks has 0.11 M).
 AUTO_MIN_PARAMS = 100_000
+
+#: Chain parameters below which a CPU step is compiled with Inductor's C++ wrapper (see the module docstring).
+CPP_WRAPPER_MAX_PARAMS = 1_000_000
 
 
 def auto_compile(topology: Topology) -> tuple[bool, str]:
@@ -44,3 +59,13 @@ def _cpp_compiler() -> str | None:
         if name and shutil.which(name):
             return name
     return None
+
+
+def use_cpp_wrapper(weights: list[torch.Tensor]) -> bool:
+    """Whether the compiled step of these chain weights uses Inductor's C++ wrapper: on the CPU, below
+    :data:`CPP_WRAPPER_MAX_PARAMS` parameters, with Python's C headers installed (it builds an extension)."""
+    if not weights or weights[0].device.type != "cpu":
+        return False
+    if sum(w.numel() for w in weights) >= CPP_WRAPPER_MAX_PARAMS:
+        return False
+    return os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gsgd.step.auto_compile import use_cpp_wrapper
 from lightning_gsgd.step.graph_chain import (
     A_BUF,
     A_D,
@@ -297,6 +298,38 @@ def _step(
     return ok, vecs + stored  # returned so that Inductor stores them (see the module docstring)
 
 
+def flat_args(
+    chains: list[GraphChain],
+    ws: list[list[Any]],
+    gs: list[list[Any]],
+    bufs: list[list[Any]],
+    bws: list[list[Any]],
+    bgs: list[list[Any]],
+    bbufs: list[list[Any]],
+    hps: list[Tensor],
+    plain: tuple[list[Any], list[Any], list[Any], Tensor],
+    norm: tuple[list[Any], list[Any], list[Any], Tensor],
+    counters: list[Any],
+) -> list[Any]:
+    """The compiled step's arguments (:func:`_step`'s, and the chains' index tensors) as one flat list
+    in a fixed order: the positions that :meth:`~lightning_gsgd.step.direct_call.InductorCapture.bind`
+    maps the graph's inputs to."""
+    out: list[Any] = []
+    for ch in chains:
+        out += (ch.ints, ch.floats)
+    for nested in (ws, gs, bufs, bws, bgs, bbufs):
+        for part in nested:
+            out += part
+    out += hps
+    for ps, pgs, pbufs, tab in (plain, norm):
+        out += ps
+        out += pgs
+        out += pbufs
+        out.append(tab)
+    out += counters
+    return out
+
+
 class ChainGraphs:
     """The compiled step of one optimizer: one graph per step structure, compiled on first use.
 
@@ -319,6 +352,7 @@ class ChainGraphs:
     def compiled_for(
         self,
         chains: list[GraphChain],
+        ws: list[list[Tensor]],
         bufs: list[list[Tensor | None]],
         bws: list[list[Tensor | None]],
         bgs: list[list[Tensor | None]],
@@ -329,12 +363,14 @@ class ChainGraphs:
         """The compiled :func:`_step` for this structure (compiled on first use, then reused)."""
         key = (
             tuple(id(ch) for ch in chains),
+            ws[0][0].device.type,  # which Inductor wrapper (use_cpp_wrapper)
             tuple(b is None for lists in (bufs, bws, bgs, bbufs) for chain in lists for b in chain),
             tuple(b is None for b in pbufs),
             tuple(b is None for b in nbufs),
         )
         entry = self.compiled.get(key)
         if entry is None:
-            entry = (compile_step(_step, self.options, "GSGD"), chains)
+            small = use_cpp_wrapper([w for chain in ws for w in chain])
+            entry = (compile_step(_step, self.options, "GSGD", small), chains)
             self.compiled[key] = entry
         return entry[0]

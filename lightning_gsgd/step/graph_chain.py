@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gsgd.step.direct_call import InductorCapture
 from lightning_gsgd.step.plan import ChainPlan
 
 # Columns of the hyper-parameter table.
@@ -225,6 +226,7 @@ class TimedFirstCall:
     def __init__(self, fn: Any, what: str) -> None:
         self.fn, self.what = fn, what
         self.compile_seconds: float | None = None
+        self.capture: InductorCapture | None = None  # the Inductor graph, for calls without Dynamo
 
     def __call__(self, *args: Any) -> Any:
         if self.compile_seconds is not None:
@@ -241,15 +243,32 @@ class TimedFirstCall:
         return out
 
 
-def compile_step(fn: Any, options: dict[str, Any], what: str) -> TimedFirstCall:
+def compile_step(fn: Any, options: dict[str, Any], what: str, cpp_wrapper: bool = False) -> TimedFirstCall:
     """``torch.compile`` a copy of the step function ``fn`` for one step structure.
 
     Dynamo keeps only its tensor guards (shape, stride, dtype, device): the callers key the structure
     themselves. ``options`` are extra ``torch.compile`` arguments (tests pass ``backend="eager"``).
+    ``cpp_wrapper``: Inductor calls the kernels from C++, not Python
+    (:func:`~lightning_gsgd.step.auto_compile.use_cpp_wrapper`); ``options`` may override it. With
+    Inductor the graph is compiled by an :class:`~lightning_gsgd.step.direct_call.InductorCapture`
+    (``TimedFirstCall.capture``), so that the caller can later call it without Dynamo.
     """
     opts = {"dynamic": False, **options}
-    inductor = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+    guards = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+    capture = None
     if opts.get("backend", "inductor") == "inductor":
-        inductor["size_asserts"] = False  # input sizes are guarded by Dynamo already
-    opts["options"] = {**opts.get("options", {}), **inductor}
-    return TimedFirstCall(torch.compile(own_copy(fn), **opts), what)
+        # size_asserts: input sizes are guarded by Dynamo already. With the C++ wrapper, one planned pool
+        # instead of a malloc per intermediate buffer is faster too (with the Python wrapper it was slower:
+        # benchmarks/README.md).
+        config = {"size_asserts": False, "cpp_wrapper": cpp_wrapper, "memory_planning": cpp_wrapper}
+        config.update(opts.pop("options", {}))
+        capture = InductorCapture(config)
+        opts["backend"] = capture
+        opts["options"] = guards
+        wrapper = " (Inductor's C++ wrapper)" if config["cpp_wrapper"] else ""
+    else:
+        opts["options"] = {**guards, **opts.get("options", {})}
+        wrapper = ""
+    timed = TimedFirstCall(torch.compile(own_copy(fn), **opts), what + wrapper)
+    timed.capture = capture
+    return timed
