@@ -1,4 +1,4 @@
-"""The compiled step's graph called without Dynamo (:mod:`lightning_gsgd.step.direct_call`).
+"""The compiled step's graph called without Dynamo (:mod:`lightning_gsgd.step.direct_call`), GSGD and GAdamW.
 
 ``InductorCapture`` binds the graph Inductor compiled to the caller's tensors by identity, and then runs
 it only on inputs that pass Dynamo's tensor checks. The GSGD cases step two copies of a model with the
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from lightning_gsgd import GSGD, detect_topology
+from lightning_gsgd import GSGD, GAdamW, detect_topology
 from lightning_gsgd.step.direct_call import InductorCapture
 from tests.models import initialize, make
 
@@ -162,6 +162,55 @@ def test_the_step_without_dynamo_equals_the_step_through_torch_compile(case, mon
         for counter in ("steps", "skipped_steps", "guard_hits"):
             assert int(getattr(direct, counter)) == int(getattr(through, counter)), counter
     assert int(direct.skipped_steps) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2 * recompiles
+    assert used[:CHANGE_AT] == [False, False, True], "never without Dynamo before the change: the case proves nothing"
+    assert used[CHANGE_AT] is direct_at_change, f"step {CHANGE_AT}: without Dynamo {used[CHANGE_AT]}"
+    assert used[-1], "never without Dynamo after the change"
+
+
+# name -> (change before step CHANGE_AT, whether that step runs without Dynamo, graphs compiled for it)
+ADAM_CASES = {
+    "nothing": (lambda opt, model: None, True, 0),
+    "lr": (_lr, True, 0),  # GAdam's replay takes a scheduler's lr in new tables: same graph, same inputs
+    "gradient_strides": (_same_values_other_strides, False, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAM_CASES))
+def test_gadamw_without_dynamo_equals_gadamw_through_torch_compile(case, monkeypatch):
+    change, direct_at_change, recompiles = ADAM_CASES[case]
+    model, x = make("mlp_unequal", dtype=torch.float32)
+    initialize(model, detect_topology(model, x), "skeleton_rescaled")
+    twin = copy.deepcopy(model)
+    direct = GAdamW(model.parameters(), lr=1e-3, topology=detect_topology(model, x), compiled=True)
+    through = GAdamW(twin.parameters(), lr=1e-3, topology=detect_topology(twin, x), compiled=True)
+    through._compiled_step.replay = lambda *args: False  # type: ignore[method-assign]
+    calls: list[bool] = []
+    call = InductorCapture.call
+
+    def recording(self: InductorCapture, inputs: list[torch.Tensor]) -> bool:
+        calls.append(call(self, inputs))
+        return calls[-1]
+
+    monkeypatch.setattr(InductorCapture, "call", recording)
+    used: list[bool] = []
+    for k in range(STEPS):
+        for m, o in ((model, direct), (twin, through)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            if k == CHANGE_AT:
+                change(o, m)
+            o.step()
+            if o is direct:
+                used.append(any(calls))
+                calls.clear()
+        if k == 1:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(a, b), f"step {k}: {n}"
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(direct.state[a][key], through.state[b][key]), f"step {k}: {key} of {n}"
+    assert int(direct.skipped_steps) == 0 and int(direct.steps) == STEPS
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2 * recompiles
     assert used[:CHANGE_AT] == [False, False, True], "never without Dynamo before the change: the case proves nothing"
     assert used[CHANGE_AT] is direct_at_change, f"step {CHANGE_AT}: without Dynamo {used[CHANGE_AT]}"

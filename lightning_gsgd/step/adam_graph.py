@@ -313,6 +313,36 @@ def _step(
     return ok, vecs + stored  # returned so that Inductor stores them once (see graph.py)
 
 
+def flat_args(
+    chains: list[GraphChain],
+    ws: list[list[Slot]],
+    bs: list[list[Slot | None]],
+    hps: list[Tensor],
+    plain: list[Slot],
+    ptab: Tensor,
+    counters: list[Tensor],
+) -> list[Tensor | None]:
+    """:func:`_step`'s tensors (and the chains' index tensors) as one flat list in a fixed order for
+    one step structure: the positions that
+    :meth:`~lightning_gsgd.step.direct_call.InductorCapture.bind` maps the graph's inputs to."""
+    out: list[Tensor | None] = []
+    for ch in chains:
+        out += (ch.ints, ch.floats)
+    for part in ws:
+        for s in part:
+            out += s
+    for opt_part in bs:
+        for b in opt_part:
+            if b is not None:
+                out += b
+    out += hps
+    for s in plain:
+        out += s
+    out.append(ptab)
+    out += counters
+    return out
+
+
 class AdamGraphs:
     """The compiled G-Adam step of one optimizer: one graph per step structure, compiled on first use
     (the same scheme as :class:`lightning_gsgd.step.graph.ChainGraphs`: Dynamo keeps only tensor
