@@ -129,6 +129,9 @@ def sync_check() -> bool:
                         status = f"WRONG: steps/skipped {counts}, finite {finite}, moved {moved}"
                 except RuntimeError as err:
                     status = f"SYNCHRONIZED: {str(err).splitlines()[0]}"
+                capture = getattr(getattr(opt, "_replay", None), "fn", None)
+                if getattr(capture, "capture", None) is not None:  # the replays called the graph without Dynamo?
+                    status += f" (graph called without Dynamo: {capture.capture.picks is not None})"
                 ok_all &= status.startswith("ok")
                 print(f"{mname} | {str(dtype).replace('torch.', '')} | {cname}: {status}", flush=True)
     return ok_all

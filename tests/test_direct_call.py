@@ -125,16 +125,11 @@ CHANGE_AT = 3
 STEPS = 6
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_the_step_without_dynamo_equals_the_step_through_torch_compile(case, monkeypatch):
-    change, direct_at_change, recompiles = CASES[case]
-    model, x = make("mlp_unequal", dtype=torch.float32)
-    initialize(model, detect_topology(model, x), "skeleton_rescaled")
-    twin = copy.deepcopy(model)
-    h = dict(lr=1e-2, momentum=0.9, weight_decay=1e-3)
-    direct = GSGD(model.parameters(), topology=detect_topology(model, x), compiled=True, **h)
-    through = GSGD(twin.parameters(), topology=detect_topology(twin, x), compiled=True, **h)
-    through._graph_replay = lambda: False  # type: ignore[method-assign]  # rebuilt through torch.compile
+def _step_twins(direct, through, model, twin, x, change, state_keys, monkeypatch) -> tuple[list[bool], int]:
+    """Step ``direct`` (which may call the graph without Dynamo) and ``through`` (never) on the same
+    gradients, ``change`` made to both before step CHANGE_AT, checking after every step that the weights,
+    the state tensors ``state_keys`` and the counters agree bit for bit; counts the graphs compiled
+    after step 1; returns, per step, whether ``direct`` ran its graph without Dynamo, and those graphs."""
     calls: list[bool] = []
     call = InductorCapture.call
 
@@ -144,6 +139,7 @@ def test_the_step_without_dynamo_equals_the_step_through_torch_compile(case, mon
 
     monkeypatch.setattr(InductorCapture, "call", recording)
     used: list[bool] = []
+    graphs = 0
     for k in range(STEPS):
         for m, o in ((model, direct), (twin, through)):
             o.zero_grad()
@@ -154,18 +150,37 @@ def test_the_step_without_dynamo_equals_the_step_through_torch_compile(case, mon
             if o is direct:
                 used.append(any(calls))
                 calls.clear()
-        if k == 1:  # compiled at step 0 (zero buffers), rebuilt with the state's buffers at step 1
+        if k == 1:  # compiled at step 0 (new state), rebuilt with the state's tensors at step 1
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for (n, a), b in zip(model.named_parameters(), twin.parameters()):
             assert torch.equal(a, b), f"step {k}: {n}"
-            assert torch.equal(direct.state[a]["momentum_buffer"], through.state[b]["momentum_buffer"]), n
+            for key in state_keys:
+                assert torch.equal(direct.state[a][key], through.state[b][key]), f"step {k}: {key} of {n}"
         for counter in ("steps", "skipped_steps", "guard_hits"):
             assert int(getattr(direct, counter)) == int(getattr(through, counter)), counter
-    assert int(direct.skipped_steps) == 0
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2 * recompiles
+    assert int(direct.skipped_steps) == 0 and int(direct.steps) == STEPS
+    return used, torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+
+
+def _check_use(used: list[bool], direct_at_change: bool) -> None:
     assert used[:CHANGE_AT] == [False, False, True], "never without Dynamo before the change: the case proves nothing"
     assert used[CHANGE_AT] is direct_at_change, f"step {CHANGE_AT}: without Dynamo {used[CHANGE_AT]}"
     assert used[-1], "never without Dynamo after the change"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_step_without_dynamo_equals_the_step_through_torch_compile(case, monkeypatch):
+    change, direct_at_change, recompiles = CASES[case]
+    model, x = make("mlp_unequal", dtype=torch.float32)
+    initialize(model, detect_topology(model, x), "skeleton_rescaled")
+    twin = copy.deepcopy(model)
+    h = dict(lr=1e-2, momentum=0.9, weight_decay=1e-3)
+    direct = GSGD(model.parameters(), topology=detect_topology(model, x), compiled=True, **h)
+    through = GSGD(twin.parameters(), topology=detect_topology(twin, x), compiled=True, **h)
+    through._graph_replay = lambda: False  # type: ignore[method-assign]  # rebuilt through torch.compile
+    used, graphs = _step_twins(direct, through, model, twin, x, change, ("momentum_buffer",), monkeypatch)
+    assert graphs == 2 * recompiles  # each optimizer compiles its own
+    _check_use(used, direct_at_change)
 
 
 # name -> (change before step CHANGE_AT, whether that step runs without Dynamo, graphs compiled for it)
@@ -185,33 +200,6 @@ def test_gadamw_without_dynamo_equals_gadamw_through_torch_compile(case, monkeyp
     direct = GAdamW(model.parameters(), lr=1e-3, topology=detect_topology(model, x), compiled=True)
     through = GAdamW(twin.parameters(), lr=1e-3, topology=detect_topology(twin, x), compiled=True)
     through._compiled_step.replay = lambda *args: False  # type: ignore[method-assign]
-    calls: list[bool] = []
-    call = InductorCapture.call
-
-    def recording(self: InductorCapture, inputs: list[torch.Tensor]) -> bool:
-        calls.append(call(self, inputs))
-        return calls[-1]
-
-    monkeypatch.setattr(InductorCapture, "call", recording)
-    used: list[bool] = []
-    for k in range(STEPS):
-        for m, o in ((model, direct), (twin, through)):
-            o.zero_grad()
-            m(x).square().mean().backward()
-            if k == CHANGE_AT:
-                change(o, m)
-            o.step()
-            if o is direct:
-                used.append(any(calls))
-                calls.clear()
-        if k == 1:
-            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        for (n, a), b in zip(model.named_parameters(), twin.parameters()):
-            assert torch.equal(a, b), f"step {k}: {n}"
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(direct.state[a][key], through.state[b][key]), f"step {k}: {key} of {n}"
-    assert int(direct.skipped_steps) == 0 and int(direct.steps) == STEPS
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2 * recompiles
-    assert used[:CHANGE_AT] == [False, False, True], "never without Dynamo before the change: the case proves nothing"
-    assert used[CHANGE_AT] is direct_at_change, f"step {CHANGE_AT}: without Dynamo {used[CHANGE_AT]}"
-    assert used[-1], "never without Dynamo after the change"
+    used, graphs = _step_twins(direct, through, model, twin, x, change, ("exp_avg", "exp_avg_sq"), monkeypatch)
+    assert graphs == 2 * recompiles
+    _check_use(used, direct_at_change)

@@ -94,7 +94,8 @@ class GSGD(Optimizer):
             compiling then fails, the eager step runs instead, with a warning. ``True`` / ``False``
             force one form. The first compiled step compiles the graph (seconds; logged), and a new
             variant when which tensors have gradients or buffers changes; hyper-parameters enter as a
-            tensor, so LR schedulers do not recompile. The compiled step never reads a flag on the
+            tensor, so LR schedulers do not recompile. Once compiled, the graph is called without
+            Dynamo (:mod:`lightning_gsgd.step.direct_call`). The compiled step never reads a flag on the
             host, on any device. Steps that log path diagnostics and models with a BN-heuristic layer
             take the eager step. Results agree with the eager step to rounding, not bit for bit (also
             for parameters outside chains, which the eager step updates exactly like
