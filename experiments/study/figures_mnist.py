@@ -18,14 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.study.labels import COLOURS, LABELS
-from experiments.study.report import (
+from experiments.study.plots import (
     _figure,
-    _num,
-    _ordered,
     _save,
-    load_curves,
-    load_runs,
-    load_summary,
     plot_acc_vs_spread,
     plot_bars,
     plot_curves,
@@ -33,6 +28,7 @@ from experiments.study.report import (
     plot_loss_by_spread,
     plot_tuning,
 )
+from experiments.study.result_files import _num, _ordered, load_curves, load_runs, load_summary
 
 # experiment -> (file prefix, title)
 SINGLE = {

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.study.labels import LABELS
-from experiments.study.report import _num, _pm, invariance_table, load_curves, load_runs, load_summary
+from experiments.study.report import _pm, invariance_table
+from experiments.study.result_files import _num, load_curves, load_runs, load_summary
 
 SETTING_KEYS = ("model", "width", "rescale_spread")
 EXPERIMENTS = (
