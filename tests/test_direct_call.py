@@ -16,6 +16,7 @@ import torch
 import torch._dynamo
 
 from lightning_gsgd import GSGD, GAdamW, detect_topology
+from lightning_gsgd.step import direct_call
 from lightning_gsgd.step.direct_call import InductorCapture
 from tests.models import initialize, make
 
@@ -97,6 +98,17 @@ def test_an_aliased_or_foreign_input_leaves_it_unbound():
     _compiled(reads_a_global, capture)(a)
     capture.bind([a], 0)
     assert capture.picks is None
+
+
+def test_without_dynamos_tensor_check_the_graph_stays_unbound(monkeypatch):
+    # another torch build without torch._C._dynamo.guards.TensorGuards: every call goes through torch.compile
+    monkeypatch.setattr(direct_call, "TensorGuards", None)
+    capture = InductorCapture({})
+    a, b = torch.zeros(4), torch.ones(4)
+    _compiled(_add, capture)(a, b)
+    capture.bind([a, b], 0)
+    assert capture.picks is None and not capture.call([a, b])
+    assert torch.equal(a, 2 * b), "the call through torch.compile ran once, the refused call not at all"
 
 
 def _same_values_other_strides(opt: GSGD, model: torch.nn.Module) -> None:

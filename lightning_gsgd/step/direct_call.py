@@ -22,7 +22,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._C._dynamo.guards import TensorGuards
+
+try:  # Dynamo's own C++ tensor check (not a public API): without it, every call goes through torch.compile
+    from torch._C._dynamo.guards import TensorGuards
+except ImportError:  # pragma: no cover - another torch build
+    TensorGuards = None
 
 
 class InductorCapture:
@@ -72,11 +76,16 @@ class InductorCapture:
         if -1 in picks or len(set(picks)) != len(picks):
             return  # an input that is not one of the caller's tensors
         inputs = [tensors[i] for i in picks]
-        self.guards = TensorGuards(
-            *inputs,
-            dynamic_dims_sizes=[list(t.shape) for t in inputs],
-            dynamic_dims_strides=[list(t.stride()) for t in inputs],
-        )
+        if TensorGuards is None:
+            return
+        try:
+            self.guards = TensorGuards(
+                *inputs,
+                dynamic_dims_sizes=[list(t.shape) for t in inputs],
+                dynamic_dims_strides=[list(t.stride()) for t in inputs],
+            )
+        except (TypeError, RuntimeError, SystemError):  # another torch's signature: stay with torch.compile
+            return
         self.graph, self.picks = graph, picks
         self.version += 1
 
