@@ -31,7 +31,6 @@ from lightning_gsgd.step.adam_graph import (
     WD_DEC,
     AdamGraphs,
     Slot,
-    flat_args,
 )
 from lightning_gsgd.step.adam_rule import AdamHyper, ensure_state
 from lightning_gsgd.step.compiled import HpTables, hp_table
@@ -152,13 +151,7 @@ class CompiledAdamStep:
         ws = [[r.slot(s, grads) for s in cw] for cw in r.ws]
         bs = [[b if b is None or b[2] is None else r.slot(b, grads) for b in cb] for cb in r.bs]
         plain = [r.slot(s, grads) for s in r.plain]
-        tensors = counters.all_on(r.device)
-        capture = getattr(r.fn, "capture", None)
-        if capture is not None and capture.picks is not None:  # the graph without Dynamo (step/direct_call.py)
-            flat = flat_args(r.chains, ws, bs, r.hps, plain, r.ptab, tensors)
-            if capture.call([flat[i] for i in capture.picks]):  # type: ignore[misc]
-                return True
-        r.fn(r.chains, ws, bs, r.hps, plain, r.pnorm, r.ptab, tensors)
+        r.fn.replay(r.chains, ws, bs, r.hps, plain, r.pnorm, r.ptab, counters.all_on(r.device))
         return True
 
     def __call__(self, args: AdamStepArgs, param_groups: list[dict[str, Any]]) -> bool:
@@ -213,12 +206,7 @@ class CompiledAdamStep:
         prows = [_hp_row(hp, 0.0) for _, hp in outside]
         ptab = self._tables.get(-1, prows, device)
         fn = self.graphs.compiled_for(graph_chains, bs, ws, plain, pnorm)
-        counters = args.counters.all_on(device)
-        capture = getattr(fn, "capture", None)  # an InductorCapture (Inductor) or None
-        compiles = 0 if capture is None else capture.compiles
-        ok, _ = fn(graph_chains, ws, bs, hps, plain, pnorm, ptab, counters)
-        if capture is not None:
-            capture.bind(flat_args(graph_chains, ws, bs, hps, plain, ptab, counters), compiles)
+        ok, _ = fn(graph_chains, ws, bs, hps, plain, pnorm, ptab, args.counters.all_on(device))
         self.last = None
         if made:
             if args.host_reads and not bool(ok):  # skipped: keep no state made for it (as the eager step)

@@ -319,11 +319,12 @@ def flat_args(
     bs: list[list[Slot | None]],
     hps: list[Tensor],
     plain: list[Slot],
+    pnorm: tuple[bool, ...],
     ptab: Tensor,
     counters: list[Tensor],
 ) -> list[Tensor | None]:
-    """:func:`_step`'s tensors (and the chains' index tensors) as one flat list in a fixed order for
-    one step structure: the positions that
+    """:func:`_step`'s tensors (and the chains' index tensors; ``pnorm`` holds none) as one flat list in a
+    fixed order for one step structure: the positions that
     :meth:`~lightning_gsgd.step.direct_call.InductorCapture.bind` maps the graph's inputs to."""
     out: list[Tensor | None] = []
     for ch in chains:
@@ -377,6 +378,6 @@ class AdamGraphs:
         entry = self.compiled.get(key)
         if entry is None:
             small = use_cpp_wrapper([s[0] for chain in ws for s in chain])
-            entry = (compile_step(_step, self.options, "GAdam", small), chains)
+            entry = (compile_step(_step, self.options, "GAdam", small, flat_args), chains)
             self.compiled[key] = entry
         return entry[0]

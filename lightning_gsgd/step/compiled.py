@@ -12,15 +12,14 @@ later steps skip this per-tensor Python while nothing else changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_gsgd.step.direct_call import InductorCapture
 from lightning_gsgd.step.eager import eager_step
-from lightning_gsgd.step.graph import ChainGraphs, flat_args
+from lightning_gsgd.step.graph import ChainGraphs
 from lightning_gsgd.step.graph_chain import A_BUF, A_D, K_BUF, K_D, LR, MIN_RATIO, N_HP, WD, GraphChain, graph_chain
 from lightning_gsgd.step.hyper import Hyper, step_coefficients
 from lightning_gsgd.step.inputs import ChainCaches, StepArgs, StepCounters
@@ -77,12 +76,6 @@ class _Replay:
     bg_at: list[list[int]]  # per chain bias, its gradient's index (-1: None)
     pg_at: list[int]  # per parameter outside chains
     ng_at: list[int]  # per S2 layer outside chains
-    # The graph's arguments as flat_args lays them out, with each gradient as its index in ``params``
-    # and each counter as -1 - its index: what the call without Dynamo (InductorCapture) takes from.
-    template: list[Any] = field(default_factory=list)
-    direct_version: int = -1  # the InductorCapture.version that direct_static and direct_slots are for
-    direct_static: list[Any] = field(default_factory=list)  # per graph input, its tensor, or None
-    direct_slots: list[tuple[int, int]] = field(default_factory=list)  # (graph input, gradient or counter)
 
 
 def _hp_row(hp: Hyper, has_buf: bool, min_ratio: float) -> list[float | Tensor]:
@@ -250,12 +243,7 @@ class CompiledStep:
         fn = self.graphs.compiled_for(graph_chains, ws, bufs, bws, bgs, bbufs, pbufs, nbufs)
         plain_args = (ps, [p.grad for p in ps], pbufs, ptab)
         norm_args = (ns, [w.grad for w in ns], nbufs, ntab)
-        capture = getattr(fn, "capture", None)  # an InductorCapture (Inductor) or None
-        compiles = 0 if capture is None else capture.compiles
         ok, _ = fn(graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, plain_args, norm_args, counters)
-        if capture is not None:
-            flat = flat_args(graph_chains, ws, gs, bufs, bws, bgs, bbufs, hps, plain_args, norm_args, counters)
-            capture.bind(flat, compiles)
         self.last = None
         if made:
             if args.host_reads and not bool(ok):
@@ -268,10 +256,6 @@ class CompiledStep:
         if groups is not None and every_weight:  # (a BN-heuristic layer always takes the eager step)
             params = [p for g in args.param_groups for p in g["params"]]
             at = {id(p): i for i, p in enumerate(params)}
-            g_at = [[at[id(w)] for w in cw] for cw in ws]
-            bg_at = [[-1 if b is None else at[id(b)] for b in cbw] for cbw in bws]
-            pg_at = [at[id(p)] for p in ps]
-            ng_at = [at[id(w)] for w in ns]
             self.last = _Replay(
                 groups,
                 device,
@@ -296,23 +280,10 @@ class CompiledStep:
                 ns,
                 nbufs,
                 ntab,
-                g_at,
-                bg_at,
-                pg_at,
-                ng_at,
-                flat_args(
-                    graph_chains,
-                    ws,
-                    g_at,
-                    bufs,
-                    bws,
-                    [[None if i < 0 else i for i in at_] for at_ in bg_at],
-                    bbufs,
-                    hps,
-                    (ps, pg_at, pbufs, ptab),
-                    (ns, ng_at, nbufs, ntab),
-                    [-1 - k for k in range(len(counters))],
-                ),
+                [[at[id(w)] for w in cw] for cw in ws],
+                [[-1 if b is None else at[id(b)] for b in cbw] for cbw in bws],
+                [at[id(p)] for p in ps],
+                [at[id(w)] for w in ns],
             )
         return True
 
@@ -331,10 +302,6 @@ class CompiledStep:
             st = state.get(p)
             if st is None or st.get("momentum_buffer") is not buf:
                 return False
-        capture = getattr(r.fn, "capture", None)
-        if capture is not None and capture.picks is not None:
-            if self._direct(r, capture, grads, counters.all_on(r.device)):
-                return True
         gs = [[grads[i] for i in at] for at in r.g_at]
         bgs = [[None if i < 0 else grads[i] for i in at] for at in r.bg_at]
         pgs = [grads[i] for i in r.pg_at]
@@ -342,23 +309,8 @@ class CompiledStep:
         tensors = counters.all_on(r.device)
         plain_args = (r.ps, pgs, r.pbufs, r.ptab)
         norm_args = (r.ns, ngs, r.nbufs, r.ntab)
-        r.fn(r.chains, r.ws, gs, r.bufs, r.bws, bgs, r.bbufs, r.hps, plain_args, norm_args, tensors)
+        r.fn.replay(r.chains, r.ws, gs, r.bufs, r.bws, bgs, r.bbufs, r.hps, plain_args, norm_args, tensors)
         return True
-
-    @staticmethod
-    def _direct(r: _Replay, capture: InductorCapture, grads: list[Any], counters: list[Tensor]) -> bool:
-        """The replay without Dynamo (:mod:`lightning_gsgd.step.direct_call`): the bound graph's inputs
-        from the replay's template, the new gradients and the counters; ``False`` if its guards fail."""
-        if r.direct_version != capture.version:
-            assert capture.picks is not None
-            inputs = [r.template[i] for i in capture.picks]
-            r.direct_static = [None if isinstance(x, int) else x for x in inputs]
-            r.direct_slots = [(j, x) for j, x in enumerate(inputs) if isinstance(x, int)]
-            r.direct_version = capture.version
-        inputs = list(r.direct_static)
-        for j, x in r.direct_slots:
-            inputs[j] = grads[x] if x >= 0 else counters[-1 - x]
-        return capture.call(inputs)
 
 
 def _buffer(state: Any, p: Tensor, hp: Hyper, made: list[tuple[Tensor, Tensor]]) -> tuple[Tensor | None, bool]:

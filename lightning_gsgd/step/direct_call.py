@@ -43,7 +43,6 @@ class InductorCapture:
         self.graph: Any = None  # the bound graph (the last one compiled may be another: a recompile)
         self.picks: list[int] | None = None  # per graph input of the bound graph, its position in the caller's list
         self.guards: Any = None
-        self.version = 0  # changes at each bind, so that callers rebuild what they derived from picks
         self.broken = False  # a call compiled more than one graph: never bound again
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
@@ -87,7 +86,6 @@ class InductorCapture:
         except (TypeError, RuntimeError, SystemError):  # another torch's signature: stay with torch.compile
             return
         self.graph, self.picks = graph, picks
-        self.version += 1
 
     def call(self, inputs: list[Tensor]) -> bool:
         """Run the bound graph on ``inputs`` (the caller's tensors at :attr:`picks`); ``False`` (nothing

@@ -371,6 +371,6 @@ class ChainGraphs:
         entry = self.compiled.get(key)
         if entry is None:
             small = use_cpp_wrapper([w for chain in ws for w in chain])
-            entry = (compile_step(_step, self.options, "GSGD", small), chains)
+            entry = (compile_step(_step, self.options, "GSGD", small, flat_args), chains)
             self.compiled[key] = entry
         return entry[0]

@@ -218,32 +218,56 @@ class TimedFirstCall:
     """A compiled step that logs how long its first call took: that call compiles it (seconds on a
     CPU), once per step structure and process; later calls go straight to the compiled function.
 
+    With Inductor, every call through ``torch.compile`` that compiled a graph binds it
+    (:meth:`~lightning_gsgd.step.direct_call.InductorCapture.bind`, with ``flatten`` of the call's
+    arguments), and :meth:`replay` calls the bound graph without Dynamo.
+
     Args:
         fn: The ``torch.compile``-d step.
         what: Who compiles, for the log line (``"GSGD"``, ``"GAdam"``).
+        capture: The Inductor backend of ``fn`` (``None``: another backend, every call through ``fn``).
+        flatten: The step's arguments as one flat list in a fixed order (``graph.flat_args``).
     """
 
-    def __init__(self, fn: Any, what: str) -> None:
-        self.fn, self.what = fn, what
+    def __init__(self, fn: Any, what: str, capture: InductorCapture | None = None, flatten: Any = None) -> None:
+        self.fn, self.what, self.capture, self.flatten = fn, what, capture, flatten
         self.compile_seconds: float | None = None
-        self.capture: InductorCapture | None = None  # the Inductor graph, for calls without Dynamo
 
     def __call__(self, *args: Any) -> Any:
+        """The step through ``torch.compile`` (which compiles on the first call and on a new input layout)."""
+        compiles = 0 if self.capture is None else self.capture.compiles
         if self.compile_seconds is not None:
-            return self.fn(*args)
-        start = time.perf_counter()
-        out = self.fn(*args)
-        self.compile_seconds = time.perf_counter() - start
-        logging.getLogger("lightning_gsgd").info(
-            "%s: the compiled step took %.1f s to compile and run its first step (once per model structure "
-            "and process; compiled=False avoids it)",
-            self.what,
-            self.compile_seconds,
-        )
+            out = self.fn(*args)
+        else:
+            start = time.perf_counter()
+            out = self.fn(*args)
+            self.compile_seconds = time.perf_counter() - start
+            logging.getLogger("lightning_gsgd").info(
+                "%s: the compiled step took %.1f s to compile and run its first step (once per model structure "
+                "and process; compiled=False avoids it)",
+                self.what,
+                self.compile_seconds,
+            )
+        if self.capture is not None:
+            self.capture.bind(self.flatten(*args), compiles)
         return out
 
+    def replay(self, *args: Any) -> None:
+        """The step again, its output unused: the bound graph without Dynamo when its inputs pass the
+        guards (:mod:`lightning_gsgd.step.direct_call`), else through ``torch.compile`` without binding
+        what it compiles then (a one-off layout, such as a gradient with other strides, does not take
+        the binding from the usual one)."""
+        capture = self.capture
+        if capture is not None and capture.picks is not None:
+            flat = self.flatten(*args)
+            if capture.call([flat[i] for i in capture.picks]):
+                return
+        self.fn(*args)
 
-def compile_step(fn: Any, options: dict[str, Any], what: str, cpp_wrapper: bool = False) -> TimedFirstCall:
+
+def compile_step(
+    fn: Any, options: dict[str, Any], what: str, cpp_wrapper: bool = False, flatten: Any = None
+) -> TimedFirstCall:
     """``torch.compile`` a copy of the step function ``fn`` for one step structure.
 
     Dynamo keeps only its tensor guards (shape, stride, dtype, device): the callers key the structure
@@ -251,7 +275,8 @@ def compile_step(fn: Any, options: dict[str, Any], what: str, cpp_wrapper: bool 
     ``cpp_wrapper``: Inductor calls the kernels from C++, not Python
     (:func:`~lightning_gsgd.step.auto_compile.use_cpp_wrapper`); ``options`` may override it. With
     Inductor the graph is compiled by an :class:`~lightning_gsgd.step.direct_call.InductorCapture`
-    (``TimedFirstCall.capture``), so that the caller can later call it without Dynamo.
+    (``TimedFirstCall.capture``), so that :meth:`TimedFirstCall.replay` can call it without Dynamo;
+    ``flatten`` lays out ``fn``'s arguments for it (:func:`~lightning_gsgd.step.graph.flat_args`).
     """
     opts = {"dynamic": False, **options}
     guards = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
@@ -269,6 +294,4 @@ def compile_step(fn: Any, options: dict[str, Any], what: str, cpp_wrapper: bool 
     else:
         opts["options"] = {**guards, **opts.get("options", {})}
         wrapper = ""
-    timed = TimedFirstCall(torch.compile(own_copy(fn), **opts), what + wrapper)
-    timed.capture = capture
-    return timed
+    return TimedFirstCall(torch.compile(own_copy(fn), **opts), what + wrapper, capture, flatten)
