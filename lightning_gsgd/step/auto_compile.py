@@ -10,11 +10,11 @@ the compiler is there; otherwise it runs the eager step, and says why in the log
 On the CPU a small step is mostly the cost of calling the graph, not its arithmetic: Inductor's
 Python wrapper makes a view or a buffer per tensor on every call. Below
 :data:`CPP_WRAPPER_MAX_PARAMS` chain parameters the graph is therefore compiled with Inductor's C++
-wrapper (``cpp_wrapper``), which does that in C++ (the 4-conv CNN's step with momentum: 0.59 ms
-against 0.52 ms, ``benchmarks/README.md``); it needs Python's C headers and costs a few seconds more
-at the first compile. Above it the gain is a few percent of the step and the C++ wrapper of a large
-model takes long to compile (ResNet-18: 201 s against 128 s with an empty Inductor cache), so the
-Python wrapper stays.
+wrapper (``cpp_wrapper``), which does that in C++ (the 4-conv CNN's step with momentum, one thread:
+1.25x torch's SGD against 1.48x with the Python wrapper, ``benchmarks/README.md``); it needs
+Python's C headers and costs a few seconds more at the first compile. Above it the gain is a few
+percent of the step and the C++ wrapper of a large model takes long to compile (ResNet-18: 201 s
+against 128 s with an empty Inductor cache), so the Python wrapper stays.
 """
 
 from __future__ import annotations
